@@ -1,0 +1,331 @@
+"""`Worker`: takes run jobs from the consumer group and carries each run to exactly one end.
+
+The Postgres run row is the source of truth and the queue only delivers (at least once): a
+worker claims a run with a lease before doing anything, renews the lease while it works, and
+ends the run in Postgres before publishing the end, so a crash at any point leaves a run that
+another worker can claim (lease expired) or finish publishing (ended but unpublished).
+Pending jobs of dead workers are reclaimed (XAUTOCLAIM-style, via XPENDING idle times); a job
+delivered too often goes to the dead-letter stream and its run ends `run.failed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+from agent_worker.jobs import Job, clear_inflight, ensure_group, enqueue_run
+from agent_worker.settings import WorkerSettings
+from fanout.backoff import delays_s
+from fanout.keys import RUNS_GROUP, Keys
+from fanout.stream import TRANSIENT, Fenced, UserStream
+from persistence.store import RunClaim, Store, Unavailable
+
+log = logging.getLogger(__name__)
+
+# (history) -> the answer's text pieces as the model streams them
+AnswerStream = Callable[[Sequence[tuple[str, str]]], AsyncIterator[str]]
+
+END_EVENTS = {"completed": "run.completed", "cancelled": "run.cancelled", "failed": "run.failed"}
+STALE_SWEEP_S = 15.0
+
+
+@dataclass
+class Worker:
+    settings: WorkerSettings
+    redis: Redis
+    keys: Keys
+    store: Store
+    stream: UserStream
+    answer: AnswerStream
+    running: dict[str, Job] = field(default_factory=dict)  # entry id -> job in progress
+
+    @property
+    def consumer(self) -> str:
+        return self.settings.worker_id
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve jobs until `stop` is set, then let runs in progress finish for up to the drain
+        window; runs still going after it are abandoned to other workers via their lease."""
+        tasks: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(self.settings.concurrency)
+        maintenance = asyncio.create_task(self._maintain(slots, tasks, stop))
+        delays = delays_s(base_s=0.1, cap_s=2.0)
+        while not stop.is_set():
+            await slots.acquire()
+            try:
+                await ensure_group(self.redis, self.keys)
+                reply = await self.redis.xreadgroup(
+                    RUNS_GROUP, self.consumer, {self.keys.runs: ">"}, count=1, block=500
+                )
+                delays = delays_s(base_s=0.1, cap_s=2.0)
+            except TRANSIENT as exc:
+                slots.release()
+                log.warning("reading jobs failed: %r", exc)
+                await asyncio.sleep(next(delays))
+                continue
+            jobs = [Job.from_entry(entry, fields) for _, entries in reply or () for entry, fields in entries]
+            if not jobs:
+                slots.release()
+                continue
+            for job in jobs:
+                self._spawn(job, slots, tasks)
+        maintenance.cancel()
+        if tasks:
+            log.info("draining %d runs for up to %.1fs", len(tasks), self.settings.drain_s)
+            _, pending = await asyncio.wait(tasks, timeout=self.settings.drain_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(maintenance, return_exceptions=True)
+
+    def _spawn(self, job: Job, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> None:
+        async def process() -> None:
+            self.running[job.entry] = job
+            try:
+                await self.process(job)
+            finally:
+                self.running.pop(job.entry, None)
+                slots.release()
+
+        task = asyncio.create_task(process(), name=f"run-{job.run}")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def process(self, job: Job) -> None:
+        """Carry one job's run to its end, then ack the job. On an outage, leave it pending:
+        it is delivered again after its lease runs out."""
+        try:
+            await self._execute(job)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xack(self.keys.runs, RUNS_GROUP, job.entry)
+                pipe.xdel(self.keys.runs, job.entry)
+                await pipe.execute()
+        except (Unavailable, *TRANSIENT) as exc:
+            log.warning("run %s left for a retry: %r", job.run, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("run %s crashed the worker's handling; left for a retry", job.run)
+
+    async def _execute(self, job: Job) -> None:
+        claim = await self.store.claim_run(job.run, worker=self.consumer, lease_s=self.settings.lease_s)
+        if claim is None:
+            await self._publish_unpublished_end(job.run)
+            return
+        execution = RunExecution(self, claim)
+        await execution.go()
+
+    async def _publish_unpublished_end(self, run: str) -> None:
+        """A run that ended in Postgres but whose end event was never published (its worker died
+        in between) gets it published now; the end's producer id makes this idempotent."""
+        state = await self.store.run_state(run)
+        if state is None or state["status"] not in END_EVENTS or state["terminal_seq"] is not None:
+            return
+        await publish_end(self, state["user_id"], state["conversation_id"], run, state["status"],
+                          text=state["partial"], message=state["answer_message_id"],
+                          error=(state["error_code"], state["error_message"]) if state["error_code"] else None)
+
+    # Leases, reclaiming and lost jobs
+
+    async def _maintain(self, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]], stop: asyncio.Event) -> None:
+        interval_s = self.settings.lease_s / 3
+        since_sweep_s = 0.0
+        while not stop.is_set():
+            await asyncio.sleep(interval_s)
+            since_sweep_s += interval_s
+            try:
+                await self._renew_leases()
+                await self._reclaim(slots, tasks)
+                if since_sweep_s >= STALE_SWEEP_S:
+                    since_sweep_s = 0.0
+                    await self._requeue_lost()
+            except (Unavailable, *TRANSIENT) as exc:
+                log.warning("maintenance deferred: %r", exc)
+            except Exception:
+                log.exception("maintenance failed")
+
+    async def _renew_leases(self) -> None:
+        jobs = list(self.running.values())
+        for job in jobs:
+            await self.store.renew_lease(job.run, worker=self.consumer, lease_s=self.settings.lease_s)
+        if jobs:
+            # Reset the entries' idle time so no other worker reclaims a live run.
+            await self.redis.xclaim(self.keys.runs, RUNS_GROUP, self.consumer, 0,
+                                    [job.entry for job in jobs], justid=True)
+
+    async def _reclaim(self, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> None:
+        idle_ms = int(self.settings.lease_s * 1000)
+        pending = await self.redis.xpending_range(self.keys.runs, RUNS_GROUP, min="-", max="+", count=50,
+                                                  idle=idle_ms)
+        for entry in pending:
+            entry_id = entry["message_id"]
+            if entry_id in self.running or slots.locked():
+                continue
+            claimed = await self.redis.xclaim(self.keys.runs, RUNS_GROUP, self.consumer, idle_ms, [entry_id])
+            if not claimed or claimed[0][1] is None:
+                continue  # another worker was faster, or the entry is gone
+            job = Job.from_entry(claimed[0][0], claimed[0][1])
+            if entry["times_delivered"] >= self.settings.max_deliveries:
+                await self._dead_letter(job, entry["times_delivered"])
+                continue
+            log.info("reclaimed run %s from %s", job.run, entry["consumer"])
+            await slots.acquire()
+            self._spawn(job, slots, tasks)
+
+    async def _dead_letter(self, job: Job, deliveries: int) -> None:
+        await self.redis.xadd(self.keys.runs_dead, {"run": job.run, "user": job.user,
+                                                    "conversation": job.conversation,
+                                                    "deliveries": str(deliveries)})
+        message = f"the run failed {deliveries} times and was given up"
+        await self.store.finish_run(job.run, status="failed", text="", error_code="run_dead_lettered",
+                                    error_message=message)
+        await self._publish_unpublished_end(job.run)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.keys.runs, RUNS_GROUP, job.entry)
+            pipe.xdel(self.keys.runs, job.entry)
+            await pipe.execute()
+
+    async def _requeue_lost(self) -> None:
+        """Runs acked to a user whose job is gone (Redis lost its data) are queued again."""
+        for row in await self.store.stale_runs(queued_for_s=max(30.0, self.settings.lease_s)):
+            log.warning("requeueing run %s (job lost or lease expired)", row["id"])
+            await self.store.touch_run(row["id"])
+            await enqueue_run(self.redis, self.keys, run=row["id"], user=row["user_id"],
+                              conversation=row["conversation_id"])
+
+
+async def publish_end(
+    worker: Worker, user: str, conversation: str, run: str, status: str, *, text: str,
+    message: str | None, error: tuple[str, str] | None = None, stopped_at: int | None = None,
+) -> None:
+    """Publish a run's one end event. Its producer id is shared by every publisher of the run's
+    end (this worker, a later one, a node cancelling a queued run), so exactly one gets a seq."""
+    data: dict[str, Any] = {"message": message, "text": text}
+    if error is not None:
+        # run.failed: `message` is the readable reason, as in every error; the partial answer
+        # (if any was stored) is `answer_message`.
+        data = {"code": error[0], "message": error[1], "text": text, "answer_message": message}
+    if stopped_at is not None:
+        data["stopped_at"] = stopped_at
+    published = await worker.stream.publish(
+        user, conversation=conversation, run=run, event=END_EVENTS[status], data=data,
+        producer=f"run:{run}:end", pseq=1, fenced_run=run, pass_fence=True,
+    )
+    await worker.store.set_terminal_seq(run, published.seq)
+    await clear_inflight(worker.redis, worker.keys, user=user, conversation=conversation, run=run)
+
+
+class RunExecution:
+    """One attempt at one run: start, stream coalesced tokens, end."""
+
+    def __init__(self, worker: Worker, claim: RunClaim) -> None:
+        self.worker = worker
+        self.claim = claim
+        self.producer = f"run:{claim.run}:{claim.attempts}"
+        self.pseq = 0
+        self.text: list[str] = []
+        self.last_seq: int | None = None
+
+    async def publish(self, event: str, data: dict[str, Any]) -> int:
+        self.pseq += 1
+        c = self.claim
+        result = await self.worker.stream.publish(
+            c.user, conversation=c.conversation, run=c.run, event=event, data=data,
+            producer=self.producer, pseq=self.pseq, fenced_run=c.run,
+        )
+        self.last_seq = result.seq
+        return result.seq
+
+    async def go(self) -> None:
+        c, worker = self.claim, self.worker
+        history = await worker.store.history(c.conversation, c.message)
+        try:
+            await self.publish("run.started", {"message": c.message, "attempt": c.attempts})
+            await self._stream(history)
+            if await worker.stream.is_fenced(c.user, c.run):
+                raise Fenced(c.run)
+        except Fenced:
+            await self._end("cancelled")
+        except (Unavailable, *TRANSIENT):
+            raise  # infrastructure: leave the run to be retried under its lease
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("run %s failed: %r", c.run, exc)
+            await self._end("failed", error=_error_of(exc))
+        else:
+            await self._end("completed")
+
+    async def _end(self, status: str, error: tuple[str, str] | None = None) -> None:
+        c = self.claim
+        text = "".join(self.text)
+        message = await self.worker.store.finish_run(
+            c.run, status=status, text=text, error_code=error[0] if error else None,
+            error_message=error[1] if error else None,
+        )
+        state = await self.worker.store.run_state(c.run)
+        if state is None:
+            return  # the conversation was deleted meanwhile
+        if message is None and state["status"] != status:
+            # Someone else ended it first (a node cancelled it while queued): publish theirs.
+            await self.worker._publish_unpublished_end(c.run)
+            return
+        await publish_end(self.worker, c.user, c.conversation, c.run, state["status"], text=state["partial"],
+                          message=state["answer_message_id"], error=error,
+                          stopped_at=self.last_seq if status == "cancelled" else None)
+
+    async def _stream(self, history: Sequence[tuple[str, str]]) -> None:
+        """Forward the model's text as `token` events, coalesced over `coalesce_s` so a fast
+        model costs a few publishes a second per run, not one per token. A cancel fence stops
+        the model (its HTTP request is aborted with the task)."""
+        buffer: list[str] = []
+        arrived = asyncio.Event()
+
+        async def produce() -> None:
+            async for piece in self.worker.answer(history):
+                buffer.append(piece)
+                arrived.set()
+
+        model = asyncio.create_task(produce())
+        try:
+            while True:
+                waiter = asyncio.create_task(arrived.wait())
+                done, _ = await asyncio.wait({model, waiter}, timeout=0.5,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if not done and await self.worker.stream.is_fenced(self.claim.user, self.claim.run):
+                    raise Fenced(self.claim.run)
+                if buffer and not model.done():
+                    await asyncio.sleep(self.worker.settings.coalesce_s)
+                arrived.clear()
+                if buffer:
+                    chunk = "".join(buffer)
+                    buffer.clear()
+                    await self.publish("token", {"text": chunk})
+                    self.text.append(chunk)
+                if model.done() and not buffer:
+                    model.result()
+                    return
+        finally:
+            if not model.done():
+                model.cancel()
+                await asyncio.gather(model, return_exceptions=True)
+
+
+def _error_of(exc: BaseException) -> tuple[str, str]:
+    """A user-readable failure code and message for a model error."""
+    name = type(exc).__name__
+    if "RateLimit" in name:
+        return "llm_rate_limited", "the model is rate limited; try again shortly"
+    if "Timeout" in name:
+        return "llm_timeout", "the model did not answer in time"
+    if "Connection" in name:
+        return "llm_unreachable", "the model endpoint could not be reached"
+    if "APIError" in name or "Status" in name:
+        return "llm_error", f"the model endpoint returned an error ({name})"
+    return "internal", f"the run failed ({name})"

@@ -1,0 +1,189 @@
+"""`Hub`: one Redis Pub/Sub connection per node process, fanning users' frames out to local sockets.
+
+Design (after centrifuge's hub/node, avoiding encode/broadcaster's race): the local registry is
+mutated before the first await; the broker is touched only on a user's 0->1 and 1->0 transitions,
+serialised per user, and a subscribe counts only once Redis confirms it, so a history read that
+follows can never miss an event published in between. Delivery into a subscriber never awaits.
+After the Pub/Sub connection is lost, every channel held is subscribed again and, as each is
+confirmed, its subscribers are told to `resume()` (catch up from history): Pub/Sub is at-most-once,
+the history is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from fanout.backoff import delays_s
+from fanout.keys import Keys
+from fanout.recovery import frame_seq
+from fanout.stream import TRANSIENT
+
+log = logging.getLogger(__name__)
+
+
+class Subscriber(Protocol):
+    """A local receiver of one user's frames (a WebSocket connection)."""
+
+    user: str
+
+    def deliver(self, seq: int, frame: str) -> None:
+        """Take one published frame; must not block or await."""
+
+    def resume(self) -> None:
+        """Pub/Sub delivery may have missed frames: catch up from history."""
+
+
+class Unavailable(Exception):
+    """The hub could not subscribe (Redis unreachable)."""
+
+
+class Hub:
+    """Per-user Pub/Sub fan-out for one node process."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, subscribe_timeout_s: float = 5.0) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._subscribe_timeout_s = subscribe_timeout_s
+        self._subs: dict[str, set[Subscriber]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users_by_channel: dict[str, str] = {}
+        self._confirmations: dict[str, asyncio.Future[None]] = {}
+        self._pubsub: PubSub | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.connected = False
+        self.last_message_at = time.monotonic()
+        self.on_message: Callable[[str, str], None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="hub-pubsub")
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+
+    @property
+    def users(self) -> int:
+        return len(self._users_by_channel)
+
+    def subscribers(self, user: str) -> set[Subscriber]:
+        return self._subs.get(user, set())
+
+    async def attach(self, sub: Subscriber) -> None:
+        """Register `sub`; subscribe the user's channel if it is the user's first local socket.
+        Raises `Unavailable` (and leaves nothing registered) when Redis does not confirm in time."""
+        user = sub.user
+        self._subs.setdefault(user, set()).add(sub)
+        channel = self._keys.channel(user)
+        async with self._lock(user):
+            if channel in self._users_by_channel or sub not in self._subs.get(user, ()):
+                return
+            confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._confirmations[channel] = confirmed
+            self._users_by_channel[channel] = user
+            try:
+                if self._pubsub is not None and self.connected:
+                    try:
+                        await self._pubsub.subscribe(channel)
+                    except TRANSIENT:
+                        pass  # the reconnect loop subscribes every channel held, and confirms it
+                await asyncio.wait_for(asyncio.shield(confirmed), self._subscribe_timeout_s)
+            except (TimeoutError, *TRANSIENT) as exc:
+                self._users_by_channel.pop(channel, None)
+                self._subs.get(user, set()).discard(sub)
+                raise Unavailable(f"subscribe {channel}: {exc!r}") from exc
+            finally:
+                self._confirmations.pop(channel, None)
+
+    async def detach(self, sub: Subscriber) -> None:
+        """Unregister `sub`; unsubscribe the user's channel after their last local socket."""
+        user = sub.user
+        subs = self._subs.get(user)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if subs:
+            return
+        lock = self._lock(user)
+        async with lock:
+            if self._subs.get(user):
+                return  # a socket of the user attached meanwhile
+            self._subs.pop(user, None)
+            channel = self._keys.channel(user)
+            if self._users_by_channel.pop(channel, None) and self._pubsub is not None and self.connected:
+                try:
+                    await self._pubsub.unsubscribe(channel)
+                except TRANSIENT:
+                    pass  # the reconnect loop only resubscribes channels still held
+        if not lock.locked() and user not in self._subs:
+            self._locks.pop(user, None)
+
+    def _lock(self, user: str) -> asyncio.Lock:
+        lock = self._locks.get(user)
+        if lock is None:
+            lock = self._locks[user] = asyncio.Lock()
+        return lock
+
+    async def _run(self) -> None:
+        delays = delays_s(base_s=0.1, cap_s=2.0)
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.ping()  # connects: a dead Redis fails here, not in the loop below
+                self._pubsub = pubsub
+                self.connected = True
+                channels = list(self._users_by_channel)
+                if channels:
+                    await pubsub.subscribe(*channels)
+                delays = delays_s(base_s=0.1, cap_s=2.0)
+                log.info("pubsub connected; %d channels subscribed again", len(channels))
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self._handle(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the hub must outlive any Redis failure
+                log.warning("pubsub connection lost: %r", exc)
+            finally:
+                self.connected = False
+                self._pubsub = None
+                await asyncio.gather(pubsub.aclose(), return_exceptions=True)
+            await asyncio.sleep(next(delays))
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        channel = _text(message["channel"])
+        self.last_message_at = time.monotonic()
+        if kind == "message":
+            data = _text(message["data"])
+            if self.on_message is not None:
+                self.on_message(channel, data)
+            user = self._users_by_channel.get(channel)
+            if user is None:
+                return
+            seq = frame_seq(data)
+            for sub in list(self._subs.get(user, ())):
+                sub.deliver(seq, data)
+        elif kind == "subscribe":
+            confirmed = self._confirmations.get(channel)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+                return
+            # A subscription renewed after a reconnect: frames published meanwhile were lost here.
+            user = self._users_by_channel.get(channel)
+            for sub in list(self._subs.get(user, ())) if user else ():
+                sub.resume()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

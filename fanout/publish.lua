@@ -1,0 +1,40 @@
+-- Assign the user's next seq, append the frame to the capped history and publish it, atomically.
+-- KEYS[1] meta hash, KEYS[2] history stream, KEYS[3] producers hash, KEYS[4] fences hash
+-- ARGV[1] channel, ARGV[2] frame tail (JSON after '{"seq":N'), ARGV[3] history max length,
+-- ARGV[4] ttl seconds, ARGV[5] epoch to use if the history is new, ARGV[6] producer ('' = none),
+-- ARGV[7] producer seq, ARGV[8] run to check against fences ('' = none), ARGV[9] '1' to pass a fence
+-- Returns {status, seq, epoch}: status 1 published, 0 duplicate of an earlier publish (seq is the
+-- earlier one), -1 refused because the run is fenced (cancelled).
+local meta, history, producers, fences = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local producer, pseq = ARGV[6], tonumber(ARGV[7])
+local epoch = redis.call('HGET', meta, 'epoch')
+if producer ~= '' then
+  local last = redis.call('HGET', producers, producer)
+  if last then
+    local sep = string.find(last, ':', 1, true)
+    if pseq <= tonumber(string.sub(last, 1, sep - 1)) then
+      return {0, tonumber(string.sub(last, sep + 1)), epoch or ''}
+    end
+  end
+end
+if ARGV[8] ~= '' and ARGV[9] ~= '1' and redis.call('HEXISTS', fences, ARGV[8]) == 1 then
+  return {-1, 0, epoch or ''}
+end
+if not epoch then
+  -- A new epoch: whatever history is left belongs to a lost sequence, so it must go.
+  epoch = ARGV[5]
+  redis.call('DEL', history)
+  redis.call('HSET', meta, 'epoch', epoch)
+end
+local seq = redis.call('HINCRBY', meta, 'seq', 1)
+local frame = '{"seq":' .. seq .. ARGV[2]
+redis.call('XADD', history, 'MAXLEN', '~', ARGV[3], seq .. '-0', 'f', frame)
+redis.call('PUBLISH', ARGV[1], frame)
+local ttl = tonumber(ARGV[4])
+redis.call('EXPIRE', meta, ttl)
+redis.call('EXPIRE', history, ttl)
+if producer ~= '' then
+  redis.call('HSET', producers, producer, pseq .. ':' .. seq)
+  redis.call('EXPIRE', producers, ttl)
+end
+return {1, seq, epoch}

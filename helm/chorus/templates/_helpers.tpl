@@ -1,0 +1,120 @@
+{{/*
+Chart name, truncated to the 63 characters a DNS label allows.
+*/}}
+{{- define "chorus.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name; the release name alone when it already contains the chart name.
+Truncated to 45 characters so the longest suffix ("-ws-node-internal", 17) still fits in 63.
+*/}}
+{{- define "chorus.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 45 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 45 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 45 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"chorus-0.1.0", for the helm.sh/chart label.
+*/}}
+{{- define "chorus.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every object. Call with (dict "ctx" $ "component" "ws-node").
+*/}}
+{{- define "chorus.labels" -}}
+helm.sh/chart: {{ include "chorus.chart" .ctx }}
+{{ include "chorus.selectorLabels" . }}
+{{- if .ctx.Chart.AppVersion }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/part-of: chorus
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end }}
+
+{{/*
+Selector labels: immutable on a Deployment, so nothing here may ever change between upgrades.
+Call with (dict "ctx" $ "component" "ws-node").
+*/}}
+{{- define "chorus.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "chorus.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+{{- if .component }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end }}
+
+{{- define "chorus.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "chorus.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "chorus.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+The Secret holding the four credentials: the user's existingSecret, or the one this chart creates.
+*/}}
+{{- define "chorus.secretName" -}}
+{{- default (include "chorus.fullname" .) .Values.secrets.existingSecret }}
+{{- end }}
+
+{{/*
+One env entry read from the credentials Secret. Call with (dict "ctx" $ "env" "REDIS_URL" "key" "redisUrl").
+*/}}
+{{- define "chorus.secretEnv" -}}
+- name: {{ .env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "chorus.secretName" .ctx }}
+      key: {{ get .ctx.Values.secrets.keys .key }}
+{{- end }}
+
+{{/*
+The Pod-level fields shared by every Chorus pod (ws-node, agent-worker, migration).
+*/}}
+{{- define "chorus.podCommon" -}}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Fail rendering, with a message a user can act on, when the shutdown timings cannot work:
+Kubernetes sends SIGKILL once terminationGracePeriodSeconds have passed since the pod started
+terminating, and that clock includes the preStop sleep.
+*/}}
+{{- define "chorus.validateValues" -}}
+{{- $node := .Values.node }}
+{{- $nodeNeeds := add $node.preStopSleepSeconds $node.drainSeconds }}
+{{- if le (int $node.terminationGracePeriodSeconds) (int $nodeNeeds) }}
+{{- fail (printf "node.terminationGracePeriodSeconds (%d) must be greater than node.preStopSleepSeconds (%d) + node.drainSeconds (%d) = %d, or ws-node pods are killed before their sockets finish draining; set it to at least %d" (int $node.terminationGracePeriodSeconds) (int $node.preStopSleepSeconds) (int $node.drainSeconds) (int $nodeNeeds) (add $nodeNeeds 5)) }}
+{{- end }}
+{{- $worker := .Values.worker }}
+{{- if le (int $worker.terminationGracePeriodSeconds) (int $worker.drainSeconds) }}
+{{- fail (printf "worker.terminationGracePeriodSeconds (%d) must be greater than worker.drainSeconds (%d), or agent-worker pods are killed with runs still in flight; set it to at least %d" (int $worker.terminationGracePeriodSeconds) (int $worker.drainSeconds) (add $worker.drainSeconds 10)) }}
+{{- end }}
+{{- range $component := list "node" "worker" }}
+{{- $pdb := (get $.Values $component).podDisruptionBudget }}
+{{- if and $pdb.enabled (eq (kindIs "invalid" $pdb.minAvailable) (kindIs "invalid" $pdb.maxUnavailable)) }}
+{{- fail (printf "%s.podDisruptionBudget: set exactly one of minAvailable and maxUnavailable (the other to null)" $component) }}
+{{- end }}
+{{- end }}
+{{- end }}

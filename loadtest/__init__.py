@@ -1,0 +1,1 @@
+"""Local clusters and load tools: real Redis, Postgres, nginx and Chorus processes on loopback."""

@@ -1,0 +1,220 @@
+"""The reference Chorus client: connects, resumes with its last seq and epoch, drops duplicates.
+
+Used by the tests and by loadtest/. It keeps every event it accepted in order (`events`), so a
+test can compare devices, and counts what a correct server never sends (`gaps`, `duplicates`).
+On an unexpected close it reconnects with jittered exponential backoff, as any client should.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+# Close codes after which reconnecting makes sense (see docs/protocol.md).
+RECONNECT_CODES = {1001, 1006, 1011, 1012, 1013, 4008}
+
+
+class ClientError(Exception):
+    """An `error` frame in reply to a command."""
+
+    def __init__(self, frame: dict[str, Any]) -> None:
+        super().__init__(f"{frame.get('code')}: {frame.get('message')}")
+        self.frame = frame
+        self.code = frame.get("code")
+
+
+class ChorusClient:
+    """One device of one user."""
+
+    def __init__(
+        self, url: str, token: str, *, device: str | None = None, auto_reconnect: bool = True,
+        max_backoff_s: float = 2.0, session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.device = device
+        self.auto_reconnect = auto_reconnect
+        self.max_backoff_s = max_backoff_s
+        self.epoch: str | None = None
+        self.last_seq: int | None = None
+        self.hello: dict[str, Any] | None = None
+        self.events: list[dict[str, Any]] = []
+        self.frames: list[dict[str, Any]] = []
+        self.gaps: list[tuple[int, int]] = []
+        self.duplicates = 0
+        self.connects = 0
+        self.close_codes: list[int | None] = []
+        self._session = session
+        self._own_session = session is None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._changed = asyncio.Condition()
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._connected = asyncio.Event()
+
+    # Connection
+
+    def _connect_url(self) -> str:
+        params = {"access_token": self.token}
+        if self.device:
+            params["device"] = self.device
+        if self.last_seq is not None:
+            params["after"] = str(self.last_seq)
+            if self.epoch:
+                params["epoch"] = self.epoch
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return f"{self.url}{'&' if '?' in self.url else '?'}{query}"
+
+    async def connect(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Open the socket (resuming if this client saw events before); returns the hello."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        self._connected.clear()
+        self.hello = None
+        ws = await self._session.ws_connect(self._connect_url(), timeout=aiohttp.ClientWSTimeout(ws_close=5),
+                                            heartbeat=None, autoping=True, max_msg_size=0)
+        self._ws = ws
+        self.connects += 1
+        self._reader = asyncio.create_task(self._read(ws))
+        await asyncio.wait_for(self._connected.wait(), timeout_s)
+        assert self.hello is not None
+        return self.hello
+
+    async def close(self) -> None:
+        """Close for good (no reconnect)."""
+        self._closed = True
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._reader, 5)
+        if self._own_session and self._session is not None:
+            await self._session.close()
+
+    async def drop(self) -> None:
+        """Close the socket without reconnecting, keeping the position (to resume later)."""
+        auto, self.auto_reconnect = self.auto_reconnect, False
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader, 5)
+        self.auto_reconnect = auto
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await self._on_frame(json.loads(msg.data))
+        self.close_codes.append(ws.close_code)
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(ConnectionError(f"socket closed ({ws.close_code})"))
+        self._replies.clear()
+        async with self._changed:
+            self._changed.notify_all()
+        if self.auto_reconnect and not self._closed and ws.close_code in RECONNECT_CODES | {None}:
+            asyncio.create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        for attempt in itertools.count():
+            if self._closed:
+                return
+            await asyncio.sleep(random.uniform(0, min(self.max_backoff_s, 0.05 * 2**attempt)))
+            try:
+                await self.connect()
+                return
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                log.debug("reconnect attempt %d failed: %r", attempt, exc)
+
+    async def _on_frame(self, frame: dict[str, Any]) -> None:
+        self.frames.append(frame)
+        kind = frame.get("type")
+        if kind == "hello":
+            self.hello = frame
+            if self.last_seq is None or self.epoch is None:
+                self.last_seq = frame["seq"] if self.last_seq is None else self.last_seq
+            self.epoch = frame["epoch"] if self.epoch is None else self.epoch
+            self._connected.set()
+        elif kind == "event":
+            seq = frame["seq"]
+            if self.last_seq is not None and seq <= self.last_seq:
+                self.duplicates += 1
+            else:
+                if self.last_seq is not None and seq != self.last_seq + 1:
+                    self.gaps.append((self.last_seq, seq))
+                self.last_seq = seq
+                self.events.append(frame)
+        elif kind == "resync":
+            self.last_seq, self.epoch = frame["seq"], frame["epoch"]
+        if kind in ("ack", "error", "pong") and frame.get("id") in self._replies:
+            future = self._replies.pop(frame["id"])
+            if not future.done():
+                future.set_result(frame)
+        async with self._changed:
+            self._changed.notify_all()
+
+    # Commands
+
+    async def request(self, frame: dict[str, Any], timeout_s: float = 10.0) -> dict[str, Any]:
+        """Send a command and wait for its one reply; raises ClientError on an error reply."""
+        if "id" not in frame:
+            frame = {**frame, "id": f"c{next(self._ids)}-{random.getrandbits(32):x}"}
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[frame["id"]] = future
+        assert self._ws is not None
+        await self._ws.send_str(json.dumps(frame))
+        reply = await asyncio.wait_for(future, timeout_s)
+        if reply["type"] == "error":
+            raise ClientError(reply)
+        return reply
+
+    async def send(self, text: str, *, conversation: str | None = None, id: str | None = None,
+                   timeout_s: float = 10.0, **extra: Any) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": "send", "text": text, **extra}
+        if conversation:
+            frame["conversation"] = conversation
+        if id:
+            frame["id"] = id
+        return await self.request(frame, timeout_s)
+
+    async def cancel(self, run: str, timeout_s: float = 10.0) -> dict[str, Any]:
+        return await self.request({"type": "cancel", "run": run}, timeout_s)
+
+    async def ping(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        return await self.request({"type": "ping"}, timeout_s)
+
+    # Waiting and reading
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), timeout_s)
+
+    async def wait_run_end(self, run: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        await self.wait_for(lambda: self.run_end(run) is not None, timeout_s)
+        end = self.run_end(run)
+        assert end is not None
+        return end
+
+    def run_end(self, run: str) -> dict[str, Any] | None:
+        for event in self.events:
+            if event["run"] == run and event["event"] in ("run.completed", "run.cancelled", "run.failed"):
+                return event
+        return None
+
+    def run_text(self, run: str) -> str:
+        return "".join(e["data"]["text"] for e in self.events if e["run"] == run and e["event"] == "token")
+
+    def seqs(self) -> list[int]:
+        return [e["seq"] for e in self.events]

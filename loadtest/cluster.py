@@ -1,0 +1,306 @@
+"""The one-command local cluster: ``python -m loadtest.cluster``.
+
+Redis, Postgres (migrated), N ws nodes, M agent workers and nginx in front, all on 127.0.0.1 in one
+workdir (every process logs to ``<workdir>/<name>.log``). ``LocalCluster`` is the same thing as a
+context manager for functional tests and the soak tool; ``main`` adds the banner with ready-made JWTs
+and stays in the foreground until Ctrl-C / SIGTERM, then stops everything in reverse order.
+
+Environment read by ``main`` only (``LocalCluster`` takes everything from ``ClusterConfig``):
+``REDIS_URL`` / ``DATABASE_URL`` (use these instead of starting servers), ``AUTH_JWT_SECRET``
+(else random), ``LLM_BASE_URL`` / ``LLM_API_KEY`` / ``LLM_MODEL`` (passed to workers when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import NoReturn
+
+import jwt
+
+from loadtest.procs import (
+    REPO_ROOT,
+    NginxServer,
+    PostgresServer,
+    Proc,
+    RedisServer,
+    free_port,
+    nginx_binary,
+    wait_http_ok,
+)
+
+_LLM_VARS = ("LLM_BASE_URL", "LLM_API_KEY", "LLM_MODEL")
+_STOP_TIMEOUT_S = 15
+_MIGRATE_TIMEOUT_S = 120
+
+
+@dataclass
+class ClusterConfig:
+    """What to run. ``env`` is extra environment for nodes and workers (e.g. ``LLM_BASE_URL``)."""
+
+    nodes: int = 2
+    workers: int = 1
+    nginx: bool = True
+    jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    env: dict[str, str] = field(default_factory=dict)
+    redis_url: str | None = None  # an existing Redis; None starts one in the workdir
+    database_url: str | None = None  # an existing, reachable database; None starts Postgres
+    ready_timeout_s: float = 60
+
+
+class LocalCluster:
+    """A whole Chorus deployment on loopback. Ports are fixed at construction, so a node restarted
+    with ``start_node`` comes back where nginx and clients expect it.
+
+    ``start`` raises (after stopping whatever it started) if any part fails to come up, with that
+    process's log tail in the message.
+    """
+
+    def __init__(self, workdir: Path, config: ClusterConfig) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.redis: RedisServer | None = None
+        self.postgres: PostgresServer | None = None
+        if config.redis_url:
+            self.redis_url = config.redis_url
+        else:
+            self.redis = RedisServer(workdir)
+            self.redis_url = self.redis.url
+        if config.database_url:
+            self.database_url = config.database_url
+        else:
+            self.postgres = PostgresServer(workdir)
+            self.database_url = self.postgres.url
+        self.node_ports: list[int] = [free_port() for _ in range(config.nodes)]
+        self.nodes: list[Proc] = [self._node_proc(i) for i in range(config.nodes)]
+        self.workers: list[Proc] = [self._worker_proc(i + 1) for i in range(config.workers)]
+        self.nginx: NginxServer | None = None
+        if config.nginx and nginx_binary() is not None and self.node_ports:
+            self.nginx = NginxServer(workdir, self.node_ports)
+
+    @property
+    def ws_url(self) -> str:
+        """WebSocket URL clients should use: nginx when running, else node 0 directly."""
+        return self.nginx.ws_url if self.nginx else f"ws://127.0.0.1:{self.node_ports[0]}/ws"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL for REST (``/v1/...``): nginx when running, else node 0 directly."""
+        return self.nginx.url if self.nginx else f"http://127.0.0.1:{self.node_ports[0]}"
+
+    def start(self) -> None:
+        """Start everything and return once every node's /readyz answers 200."""
+        try:
+            if self.redis:
+                self.redis.start()
+            if self.postgres:
+                self.postgres.start()
+            self._migrate()
+            for node in self.nodes:
+                node.start()
+            for worker in self.workers:
+                worker.start()
+            for index in range(len(self.nodes)):
+                self._wait_ready(index)
+            for worker in self.workers:
+                if not worker.alive:
+                    raise RuntimeError(f"{worker.name} exited on start:\n{_tail(worker.log_text())}")
+            if self.nginx:
+                self.nginx.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop everything in reverse order of start; each tier is SIGTERMed at once, then awaited."""
+        if self.nginx:
+            self.nginx.stop()
+        _stop_all(self.workers)
+        _stop_all(self.nodes)
+        if self.postgres:
+            self.postgres.stop()
+        if self.redis:
+            self.redis.stop()
+
+    def start_node(self, index: int) -> None:
+        """(Re)start node ``index`` on its own port and wait for its /readyz."""
+        node = self.nodes[index]
+        if node.alive:
+            node.stop(timeout_s=_STOP_TIMEOUT_S)
+        node.start()
+        self._wait_ready(index)
+
+    def start_worker(self) -> Proc:
+        """Add and start one more agent worker (``worker-<n>``)."""
+        worker = self._worker_proc(len(self.workers) + 1)
+        self.workers.append(worker)
+        worker.start()
+        return worker
+
+    def token(self, user: str, ttl_s: int = 3600) -> str:
+        """An HS256 JWT for ``user`` (``sub``) signed with the cluster's secret."""
+        return jwt.encode({"sub": user, "exp": int(time.time()) + ttl_s}, self.config.jwt_secret, "HS256")
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _base_env(self) -> dict[str, str]:
+        # The repo is run from a checkout, not necessarily pip-installed; unbuffered so logs are live.
+        pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        return {
+            "PYTHONPATH": pythonpath,
+            "PYTHONUNBUFFERED": "1",
+            "REDIS_URL": self.redis_url,
+            "DATABASE_URL": self.database_url,
+        }
+
+    def _node_proc(self, index: int) -> Proc:
+        env = {
+            **self._base_env(),
+            "AUTH_JWT_SECRET": self.config.jwt_secret,
+            "CHORUS_DEV": "1",
+            **self.config.env,
+            "PORT": str(self.node_ports[index]),
+            "NODE_ID": f"node-{chr(ord('a') + index)}",
+        }
+        return Proc(env["NODE_ID"], [sys.executable, "-m", "ws_node"], env=env, workdir=self.workdir)
+
+    def _worker_proc(self, number: int) -> Proc:
+        env = {**self._base_env(), **self.config.env, "NODE_ID": f"worker-{number}"}
+        return Proc(env["NODE_ID"], [sys.executable, "-m", "agent_worker"], env=env, workdir=self.workdir)
+
+    def _migrate(self) -> None:
+        migrate = Proc(
+            "migrate",
+            [sys.executable, "-m", "persistence", "migrate"],
+            env=self._base_env(),
+            workdir=self.workdir,
+        )
+        migrate.start()
+        try:
+            code = migrate.wait(_MIGRATE_TIMEOUT_S)
+        except TimeoutError:
+            migrate.kill()
+            raise
+        if code != 0:
+            raise RuntimeError(f"migrations failed (exit {code}):\n{_tail(migrate.log_text())}")
+
+    def _wait_ready(self, index: int) -> None:
+        url = f"http://127.0.0.1:{self.node_ports[index]}/readyz"
+        wait_http_ok(url, self.config.ready_timeout_s, proc=self.nodes[index])
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _stop_all(procs: list[Proc]) -> None:
+    # SIGTERM all first so nodes drain in parallel: the total wait is one drain, not N of them.
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.stop(timeout_s=_STOP_TIMEOUT_S)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def _banner(cluster: LocalCluster) -> str:
+    alice, bob = cluster.token("alice", 24 * 3600), cluster.token("bob", 24 * 3600)
+    nodes = ", ".join(f"{p.name} :{port}" for p, port in zip(cluster.nodes, cluster.node_ports, strict=True))
+    front = (
+        f"nginx :{cluster.nginx.port} in front of {nodes}"
+        if cluster.nginx
+        else f"no nginx (not installed or --no-nginx): clients connect to node A directly; nodes {nodes}"
+    )
+    return f"""
+Chorus local cluster is up. {front}
+  workdir    {cluster.workdir}  (one <name>.log per process)
+  WebSocket  {cluster.ws_url}
+  REST       {cluster.http_url}/v1/
+  Redis      {cluster.redis_url}
+  Postgres   {cluster.database_url}
+  workers    {", ".join(w.name for w in cluster.workers) or "none"}
+  JWT alice  {alice}
+  JWT bob    {bob}
+             (HS256, valid 24 h; the WebSocket takes it as ?access_token=, REST as a Bearer header)
+
+Try:
+  websocat "{cluster.ws_url}?access_token={alice}"
+  curl -H "Authorization: Bearer {alice}" {cluster.http_url}/v1/conversations
+
+Ctrl-C stops everything.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the cluster in the foreground until Ctrl-C or SIGTERM."""
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.cluster", description="Run a local Chorus cluster."
+    )
+    parser.add_argument("--workdir", type=Path, help="keep data and logs here (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="do not delete the temp workdir on exit")
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--no-nginx", action="store_true", help="no nginx; clients use node A directly")
+    args = parser.parse_args(argv)
+
+    env = os.environ
+    config = ClusterConfig(
+        nodes=args.nodes,
+        workers=args.workers,
+        nginx=not args.no_nginx,
+        env={name: env[name] for name in _LLM_VARS if env.get(name)},
+        redis_url=env.get("REDIS_URL") or None,
+        database_url=env.get("DATABASE_URL") or None,
+    )
+    if env.get("AUTH_JWT_SECRET"):
+        config.jwt_secret = env["AUTH_JWT_SECRET"]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="chorus-cluster-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    # Children run in their own sessions, so Ctrl-C reaches only us; SIGTERM takes the same path.
+    signal.signal(signal.SIGTERM, _interrupt)
+    cluster = LocalCluster(workdir, config)
+    try:
+        print(f"starting in {workdir} ...", flush=True)
+        cluster.start()
+        print(_banner(cluster), flush=True)
+        reported: set[str] = set()
+        while True:
+            time.sleep(1)
+            for proc in [*cluster.nodes, *cluster.workers]:
+                if not proc.alive and proc.name not in reported:
+                    reported.add(proc.name)
+                    print(f"!! {proc.name} exited; see {proc.log_path}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # A second Ctrl-C must not abandon half-stopped children; the stop is bounded anyway.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("stopping ...", flush=True)
+        cluster.stop()
+        if args.workdir is None and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

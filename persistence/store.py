@@ -1,0 +1,277 @@
+"""`Store`: the asyncpg data layer. Postgres errors that mean "not reachable" become `Unavailable`."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from persistence import sql
+
+# asyncpg raises these when Postgres is down, restarting or unreachable.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+)
+
+
+class Unavailable(Exception):
+    """Postgres cannot be reached right now; nothing was stored."""
+
+
+class NotFound(Exception):
+    """No such object for this user (whether it does not exist or belongs to someone else)."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat()
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: str
+    title: str
+    agent: str
+    created_at: datetime
+    updated_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "agent": self.agent,
+                "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at)}
+
+
+@dataclass(frozen=True)
+class Message:
+    n: int
+    id: str
+    role: str
+    content: str
+    device: str | None
+    run: str | None
+    seq: int | None
+    created_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "role": self.role, "content": self.content, "device": self.device,
+                "run": self.run, "seq": self.seq, "created_at": _iso(self.created_at)}
+
+
+@dataclass(frozen=True)
+class SendRecord:
+    """What a send stored: `created` is False when the client id was seen before (a retry);
+    `seq` is the seq of its `message.created` once acked."""
+
+    conversation: str
+    message: str
+    run: str
+    seq: int | None
+    created: bool
+    agent: str = "default"
+
+
+@dataclass(frozen=True)
+class RunClaim:
+    run: str
+    user: str
+    conversation: str
+    message: str
+    attempts: int
+
+
+class Store:
+    """Conversations, messages and runs. Methods taking `user` only ever touch that user's rows."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, database_url: str, *, min_size: int = 1, max_size: int = 10) -> Store:
+        pool = await asyncpg.create_pool(
+            database_url, min_size=min_size, max_size=max_size, command_timeout=10, timeout=5
+        )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self.pool.acquire() as conn:
+                yield conn
+        except _UNAVAILABLE as exc:
+            raise Unavailable(f"postgres: {type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> None:
+        async with self._conn() as conn:
+            await conn.fetchval("SELECT 1")
+
+    # Sends and runs
+
+    async def accept_send(
+        self, user: str, *, client_id: str, conversation: str | None, text: str, device: str, agent: str
+    ) -> SendRecord:
+        """Store a user message and its queued run in one transaction, or return what an earlier
+        send with the same `client_id` stored. Raises NotFound for a conversation not the user's."""
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.FIND_SEND, user, client_id)
+            if row is None:
+                try:
+                    return await self._insert_send(conn, user, client_id, conversation, text, device, agent)
+                except asyncpg.UniqueViolationError:
+                    row = await conn.fetchrow(sql.FIND_SEND, user, client_id)  # a concurrent twin won
+            if row is None:
+                raise Unavailable("send vanished after a unique violation")
+            agent_row = await conn.fetchval(sql.OWNS_CONVERSATION, user, row["conversation_id"])
+            return SendRecord(
+                conversation=row["conversation_id"], message=row["id"], run=row["run_id"],
+                seq=row["seq"], created=False, agent=agent_row or agent,
+            )
+
+    async def _insert_send(
+        self, conn: asyncpg.Connection, user: str, client_id: str, conversation: str | None,
+        text: str, device: str, agent: str,
+    ) -> SendRecord:
+        message, run = new_id("m"), new_id("r")
+        async with conn.transaction():
+            if conversation is None:
+                conversation = new_id("c")
+                await conn.execute(sql.INSERT_CONVERSATION, user, conversation, _title(text), agent)
+            else:
+                owned_agent = await conn.fetchval(sql.OWNS_CONVERSATION, user, conversation)
+                if owned_agent is None:
+                    raise NotFound(f"conversation {conversation}")
+                agent = owned_agent
+                await conn.execute(sql.TOUCH_CONVERSATION, user, conversation)
+            inserted = await conn.fetchval(
+                sql.INSERT_USER_MESSAGE, user, message, conversation, text, client_id, device, run
+            )
+            if inserted is None:
+                raise asyncpg.UniqueViolationError("duplicate client id")
+            await conn.execute(sql.INSERT_RUN, user, run, conversation, message)
+        return SendRecord(conversation=conversation, message=message, run=run, seq=None, created=True,
+                          agent=agent)
+
+    async def set_message_seq(self, user: str, message: str, seq: int) -> None:
+        async with self._conn() as conn:
+            await conn.execute(sql.SET_MESSAGE_SEQ, user, message, seq)
+
+    async def get_run(self, user: str, run: str) -> asyncpg.Record:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.GET_RUN, user, run)
+        if row is None:
+            raise NotFound(f"run {run}")
+        return row
+
+    async def cancel_queued_run(self, user: str, run: str) -> str | None:
+        """Cancel a run no worker has started; returns its conversation, or None if it had started."""
+        async with self._conn() as conn:
+            value: str | None = await conn.fetchval(sql.CANCEL_QUEUED_RUN, user, run)
+            return value
+
+    async def claim_run(self, run: str, *, worker: str, lease_s: float) -> RunClaim | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.CLAIM_RUN, run, worker, float(lease_s))
+        if row is None:
+            return None
+        return RunClaim(run=run, user=row["user_id"], conversation=row["conversation_id"],
+                        message=row["message_id"], attempts=row["attempts"])
+
+    async def renew_lease(self, run: str, *, worker: str, lease_s: float) -> bool:
+        async with self._conn() as conn:
+            return await conn.fetchval(sql.RENEW_LEASE, run, worker, float(lease_s)) is not None
+
+    async def run_state(self, run: str) -> asyncpg.Record | None:
+        async with self._conn() as conn:
+            return await conn.fetchrow(sql.RUN_STATE, run)
+
+    async def history(self, conversation: str, upto_message: str) -> list[tuple[str, str]]:
+        """The conversation's messages through `upto_message`, oldest first, as (role, text)."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql.HISTORY, conversation, upto_message)
+        return [(r["role"], r["content"]) for r in rows]
+
+    async def finish_run(
+        self, run: str, *, status: str, text: str, error_code: str | None = None,
+        error_message: str | None = None,
+    ) -> str | None:
+        """End a run (completed, cancelled or failed) and store its answer as the assistant
+        message when there is text. Returns the message id; None if the run had already ended."""
+        async with self._conn() as conn, conn.transaction():
+            state = await conn.fetchrow(sql.RUN_STATE, run)
+            if state is None or state["status"] not in ("queued", "running"):
+                return None
+            message = new_id("m") if text else None
+            if message:
+                await conn.execute(sql.INSERT_ASSISTANT_MESSAGE, message, state["conversation_id"],
+                                   state["user_id"], text, run)
+            await conn.execute(sql.FINISH_RUN, run, status, text, message, error_code, error_message)
+            return message
+
+    async def set_terminal_seq(self, run: str, seq: int) -> None:
+        async with self._conn() as conn:
+            await conn.execute(sql.SET_TERMINAL_SEQ, run, seq)
+
+    async def save_partial(self, run: str, text: str, seq: int) -> None:
+        async with self._conn() as conn:
+            await conn.execute(sql.SAVE_PARTIAL, run, text, seq)
+
+    async def stale_runs(self, *, queued_for_s: float, limit: int = 100) -> list[asyncpg.Record]:
+        async with self._conn() as conn:
+            return list(await conn.fetch(sql.STALE_RUNS, float(queued_for_s), limit))
+
+    async def touch_run(self, run: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute(sql.TOUCH_RUN, run)
+
+    # REST
+
+    async def list_conversations(self, user: str, *, limit: int, before: datetime | None) -> list[Conversation]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql.LIST_CONVERSATIONS, user, before, limit)
+        return [Conversation(**dict(r)) for r in rows]
+
+    async def create_conversation(self, user: str, *, title: str, agent: str) -> Conversation:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.INSERT_CONVERSATION, user, new_id("c"), title, agent)
+        return Conversation(**dict(row))
+
+    async def get_conversation(self, user: str, conversation: str) -> Conversation:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.GET_CONVERSATION, user, conversation)
+        if row is None:
+            raise NotFound(f"conversation {conversation}")
+        return Conversation(**dict(row))
+
+    async def delete_conversation(self, user: str, conversation: str) -> None:
+        async with self._conn() as conn:
+            if await conn.fetchval(sql.DELETE_CONVERSATION, user, conversation) is None:
+                raise NotFound(f"conversation {conversation}")
+
+    async def list_messages(
+        self, user: str, conversation: str, *, limit: int, before: int | None
+    ) -> list[Message]:
+        async with self._conn() as conn:
+            if await conn.fetchval(sql.OWNS_CONVERSATION, user, conversation) is None:
+                raise NotFound(f"conversation {conversation}")
+            rows = await conn.fetch(sql.LIST_MESSAGES, user, conversation, before, limit)
+        return [Message(n=r["n"], id=r["id"], role=r["role"], content=r["content"], device=r["device"],
+                        run=r["run_id"], seq=r["seq"], created_at=r["created_at"]) for r in rows]
+
+
+def _title(text: str) -> str:
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    return first_line[:80]

@@ -1,0 +1,643 @@
+"""The Helm chart in helm/chorus, checked offline.
+
+Lint and render go through helm-python-sdk (``helm_python``: Helm's own Go engine behind a C ABI,
+so no ``helm`` binary); every rendered object is validated with kubernetes-validate's strict
+schemas for several Kubernetes versions; then the properties the runtime contract depends on are
+asserted: probes on the internal port, the drain timings, secrets by name, the migration hook.
+
+Values come from tests/helm_values/*.yaml (parsed by Helm's own ``-f`` parser) plus the chart's
+defaults. Helm's lint runs templates in "lint mode", where ``fail`` only logs, so the checks made
+with ``fail`` (terminationGracePeriodSeconds) are exercised through render, as `helm template`
+and `helm install` would hit them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import latest_version, major_minor
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART_DIR = ROOT / "helm" / "chorus"
+VALUES_DIR = Path(__file__).resolve().parent / "helm_values"
+RELEASE = "rel"
+NAMESPACE = "chat"
+
+# Oldest and newer supported minors, plus the newest kubernetes-validate ships schemas for.
+KUBE_VERSIONS = ("1.29", "1.31", major_minor(latest_version()))
+# API groups of CRDs: no upstream schema, their shape is checked by hand below.
+CRD_GROUPS = ("monitoring.coreos.com/",)
+
+VALUES_FILES = sorted(VALUES_DIR.glob("*.yaml"))
+CASES = ["defaults", *(path.stem for path in VALUES_FILES)]
+
+Manifest = dict[str, Any]
+
+
+def load_values(case: str) -> dict[str, Any]:
+    """The values a case installs with: {} for the chart defaults, else the file, as `-f` reads it."""
+    if case == "defaults":
+        return {}
+    return helm.values_from_yaml((VALUES_DIR / f"{case}.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART_DIR) as loaded:
+        yield loaded
+
+
+def render_raw(chart: helm.Chart, values: dict[str, Any]) -> dict[str, str]:
+    return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def render(chart: helm.Chart, values: dict[str, Any]) -> list[Manifest]:
+    """Every object the chart renders for ``values`` (hooks included), as dicts."""
+    objects: list[Manifest] = []
+    for template, text in render_raw(chart, values).items():
+        if not template.endswith(".yaml"):
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+@pytest.fixture(scope="module")
+def rendered(chart: helm.Chart) -> dict[str, list[Manifest]]:
+    return {case: render(chart, load_values(case)) for case in CASES}
+
+
+def find(objects: list[Manifest], kind: str, name: str | None = None) -> list[Manifest]:
+    return [
+        obj for obj in objects if obj["kind"] == kind and (name is None or obj["metadata"]["name"] == name)
+    ]
+
+
+def one(objects: list[Manifest], kind: str, name: str) -> Manifest:
+    found = find(objects, kind, name)
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def node_deployment(objects: list[Manifest]) -> Manifest:
+    return one(objects, "Deployment", f"{RELEASE}-chorus-ws-node")
+
+
+def worker_deployment(objects: list[Manifest]) -> Manifest:
+    return one(objects, "Deployment", f"{RELEASE}-chorus-worker")
+
+
+def container(workload: Manifest) -> Manifest:
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    result: Manifest = containers[0]
+    return result
+
+
+def port_number(ctr: Manifest, name: str) -> int:
+    numbers = [p["containerPort"] for p in ctr["ports"] if p["name"] == name]
+    assert numbers, f"container {ctr['name']} has no port named {name!r}"
+    return int(numbers[0])
+
+
+def config_data(objects: list[Manifest], workload: Manifest) -> dict[str, str]:
+    """The ConfigMap a workload's envFrom points at."""
+    (source,) = container(workload)["envFrom"]
+    data: dict[str, str] = one(objects, "ConfigMap", source["configMapRef"]["name"])["data"]
+    return data
+
+
+def secret_refs(ctr: Manifest) -> dict[str, tuple[str, str]]:
+    """env name -> (Secret name, key) for every secretKeyRef of a container."""
+    return {
+        env["name"]: (env["valueFrom"]["secretKeyRef"]["name"], env["valueFrom"]["secretKeyRef"]["key"])
+        for env in ctr.get("env", [])
+        if "secretKeyRef" in env.get("valueFrom", {})
+    }
+
+
+def workloads(objects: list[Manifest]) -> list[Manifest]:
+    return find(objects, "Deployment") + find(objects, "Job")
+
+
+# --- lint -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_lint_strict_passes(case: str, kube_version: str) -> None:
+    report = helm.lint(CHART_DIR, load_values(case), strict=True, kube_version=f"v{kube_version}.0")
+    # Severity 2 is a warning, 3 an error; --strict fails on both. 1 ("icon is recommended") is info.
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == [], problems
+
+
+def test_values_files_exist() -> None:
+    assert {"minimal", "production"} <= {path.stem for path in VALUES_FILES}
+
+
+# --- Kubernetes schema validation ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("case", CASES)
+def test_rendered_objects_validate_strictly(
+    rendered: dict[str, list[Manifest]], case: str, kube_version: str
+) -> None:
+    objects = rendered[case]
+    assert objects
+    invalid: list[str] = []
+    for obj in objects:
+        if obj["apiVersion"].startswith(CRD_GROUPS):
+            continue
+        try:
+            # Raises SchemaNotFoundError for a kind/apiVersion this Kubernetes version does not serve.
+            kubernetes_validate.validate(obj, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(part) for part in exc.path)
+            invalid.append(f"{obj['kind']}/{obj['metadata']['name']}: {path}: {exc.message}")
+    assert invalid == []
+
+
+# The fields this chart sets on a ServiceMonitor, strictly: typos here would be silently ignored
+# by the operator (no scrape) rather than rejected, so they are checked like the built-in kinds.
+SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {
+            "type": "object",
+            "required": ["name", "labels"],
+            "properties": {
+                "name": {"type": "string"},
+                "namespace": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}
+                    },
+                },
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["port", "path"],
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def test_service_monitor_scrapes_internal_metrics(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["production"]
+    (monitor,) = find(objects, "ServiceMonitor")
+    jsonschema.Draft7Validator(SERVICE_MONITOR_SCHEMA).validate(monitor)
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    selected = [
+        svc for svc in find(objects, "Service") if selector.items() <= svc["metadata"]["labels"].items()
+    ]
+    # Exactly the two internal Services, and through them each component's internal container port.
+    assert sorted(svc["metadata"]["name"] for svc in selected) == [
+        f"{RELEASE}-chorus-worker-internal",
+        f"{RELEASE}-chorus-ws-node-internal",
+    ]
+    by_name = {svc["metadata"]["name"]: svc for svc in selected}
+    for svc, workload, internal_port in (
+        (by_name[f"{RELEASE}-chorus-ws-node-internal"], node_deployment(objects), 9090),
+        (by_name[f"{RELEASE}-chorus-worker-internal"], worker_deployment(objects), 9091),
+    ):
+        (svc_port,) = [p for p in svc["spec"]["ports"] if p["name"] == "metrics"]
+        assert svc_port["targetPort"] == "internal"
+        assert port_number(container(workload), "internal") == internal_port == svc_port["port"]
+        pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+
+
+# --- values schema --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values_yaml", "key"),
+    [
+        ("replicaCount: 3\n", "replicaCount"),
+        ("nodee:\n  replicas: 3\n", "nodee"),
+        ("node:\n  replicaCount: 3\n", "replicaCount"),
+        ("node:\n  resources:\n    request:\n      cpu: 1\n", "request"),
+        ("worker:\n  llm:\n    apiKey: sk-oops\n", "apiKey"),
+        ("secrets:\n  existingSecrets: mine\n", "existingSecrets"),
+        ("ingress:\n  annotation: {}\n", "annotation"),
+        ("networkPolicy:\n  egress:\n    reddis:\n      port: 6379\n", "reddis"),
+    ],
+)
+def test_schema_rejects_unknown_keys(chart: helm.Chart, values_yaml: str, key: str) -> None:
+    values = helm.values_from_yaml(values_yaml)
+    with pytest.raises(helm.HelmValuesError, match=rf"additional properties '{key}' not allowed"):
+        render_raw(chart, values)
+    report = helm.lint(CHART_DIR, values, strict=True)
+    assert any(f"'{key}'" in error for error in report["errors"]), report
+
+
+def test_schema_rejects_wrong_types(chart: helm.Chart) -> None:
+    with pytest.raises(helm.HelmValuesError, match="/node/replicas"):
+        render_raw(chart, {"node": {"replicas": "two"}})
+
+
+def _object_schemas(schema: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    if isinstance(schema, dict):
+        if "properties" in schema:
+            yield path, schema
+        for name, sub in schema.get("properties", {}).items():
+            yield from _object_schemas(sub, f"{path}.{name}")
+        if isinstance(schema.get("items"), dict):
+            yield from _object_schemas(schema["items"], f"{path}[]")
+
+
+def test_schema_closes_every_object_it_defines() -> None:
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    objects = list(_object_schemas(schema, "$"))
+    assert len(objects) > 30
+    open_objects = [path for path, sub in objects if sub.get("additionalProperties") is not False]
+    assert open_objects == []
+
+
+# --- shutdown timings ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"node": {"terminationGracePeriodSeconds": 15}},
+            r"node\.terminationGracePeriodSeconds \(15\) must be greater than "
+            r"node\.preStopSleepSeconds \(5\) \+ node\.drainSeconds \(10\) = 15",
+        ),
+        (
+            {"node": {"drainSeconds": 60}},
+            r"node\.terminationGracePeriodSeconds \(30\) must be greater than .* = 65",
+        ),
+        (
+            {"worker": {"drainSeconds": 45}},
+            r"worker\.terminationGracePeriodSeconds \(45\) must be greater than worker\.drainSeconds \(45\)",
+        ),
+    ],
+)
+def test_too_small_grace_period_fails_rendering(
+    chart: helm.Chart, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError, match=message):
+        render_raw(chart, values)
+
+
+def test_pdb_needs_exactly_one_bound(chart: helm.Chart) -> None:
+    values = {"node": {"podDisruptionBudget": {"enabled": True, "minAvailable": 1, "maxUnavailable": 1}}}
+    with pytest.raises(helm.HelmRenderError, match="set exactly one of minAvailable and maxUnavailable"):
+        render_raw(chart, values)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_node_drains_within_grace_period(rendered: dict[str, list[Manifest]], case: str) -> None:
+    objects = rendered[case]
+    node = node_deployment(objects)
+    ctr = container(node)
+    command = ctr["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop_s = int(command[1])
+    drain_s = int(config_data(objects, node)["DRAIN_SECONDS"])
+    assert pre_stop_s > 0
+    assert node["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > pre_stop_s + drain_s
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_worker_drains_within_grace_period(rendered: dict[str, list[Manifest]], case: str) -> None:
+    objects = rendered[case]
+    worker = worker_deployment(objects)
+    drain_s = int(config_data(objects, worker)["WORKER_DRAIN_SECONDS"])
+    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain_s
+
+
+# --- containers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_commands_env_and_ports(rendered: dict[str, list[Manifest]], case: str) -> None:
+    objects = rendered[case]
+    node, worker = container(node_deployment(objects)), container(worker_deployment(objects))
+    assert node["command"] == ["python", "-m", "ws_node"]
+    assert worker["command"] == ["python", "-m", "agent_worker"]
+    for ctr in (node, worker):
+        (node_id,) = [env for env in ctr["env"] if env["name"] == "NODE_ID"]
+        assert node_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+    node_config = config_data(objects, node_deployment(objects))
+    assert node_config["PORT"] == str(port_number(node, "http")) == "8080"
+    assert node_config["INTERNAL_PORT"] == str(port_number(node, "internal")) == "9090"
+    worker_config = config_data(objects, worker_deployment(objects))
+    assert worker_config["INTERNAL_PORT"] == str(port_number(worker, "internal")) == "9091"
+    assert {"WORKER_CONCURRENCY", "LLM_BASE_URL", "LLM_MODEL"} <= worker_config.keys()
+
+    public = one(objects, "Service", f"{RELEASE}-chorus")
+    (http,) = public["spec"]["ports"]
+    assert (http["name"], http["port"], http["targetPort"]) == ("http", 80, "http")
+    assert all(p["port"] != 9090 for p in public["spec"]["ports"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_probes_use_internal_port(rendered: dict[str, list[Manifest]], case: str) -> None:
+    for workload in (node_deployment(rendered[case]), worker_deployment(rendered[case])):
+        ctr = container(workload)
+        assert ctr["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "internal"}
+        assert ctr["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "internal"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_security_contexts_and_resources(rendered: dict[str, list[Manifest]], case: str) -> None:
+    objects = rendered[case]
+    assert len(workloads(objects)) == 3  # ws-node, agent-worker, migration Job
+    for workload in workloads(objects):
+        pod = workload["spec"]["template"]["spec"]
+        name = workload["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] == 10001, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert pod["automountServiceAccountToken"] is False, name
+        ctr = container(workload)
+        sc = ctr["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 10001, name
+        assert sc["allowPrivilegeEscalation"] is False, name
+        assert sc["readOnlyRootFilesystem"] is True, name
+        assert sc["capabilities"] == {"drop": ["ALL"]}, name
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        # Read-only root: /tmp is the one writable place.
+        (tmp,) = [vol for vol in pod["volumes"] if vol["name"] == "tmp"]
+        assert "emptyDir" in tmp
+        assert {"name": "tmp", "mountPath": "/tmp"} in ctr["volumeMounts"]
+        assert {"cpu", "memory"} <= ctr["resources"]["requests"].keys(), name
+        assert {"cpu", "memory"} <= ctr["resources"]["limits"].keys(), name
+
+
+# --- config and secrets ---------------------------------------------------------------------
+
+
+def _checksums(chart: helm.Chart, values: dict[str, Any]) -> tuple[str, str]:
+    objects = render(chart, values)
+    node, worker = (
+        str(workload["spec"]["template"]["metadata"]["annotations"]["checksum/config"])
+        for workload in (node_deployment(objects), worker_deployment(objects))
+    )
+    return node, worker
+
+
+def test_checksum_config_follows_each_components_config(chart: helm.Chart) -> None:
+    node_before, worker_before = _checksums(chart, {})
+    assert re.fullmatch(r"[0-9a-f]{64}", node_before) and re.fullmatch(r"[0-9a-f]{64}", worker_before)
+    assert _checksums(chart, {}) == (node_before, worker_before)
+
+    node_after, worker_same = _checksums(chart, {"node": {"allowedOrigins": ["https://chat.example.com"]}})
+    assert node_after != node_before and worker_same == worker_before
+
+    node_same, worker_after = _checksums(chart, {"worker": {"concurrency": 16}})
+    assert node_same == node_before and worker_after != worker_before
+
+    assert _checksums(chart, {"config": {"logLevel": "DEBUG"}})[0] != node_before
+
+
+def test_existing_secret_is_referenced_and_none_rendered(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["production"]
+    assert find(objects, "Secret") == []
+    expected = {
+        f"{RELEASE}-chorus-ws-node": {
+            "REDIS_URL": "redis-url",
+            "DATABASE_URL": "database-url",
+            "AUTH_JWT_SECRET": "auth-jwt-secret",
+        },
+        f"{RELEASE}-chorus-worker": {
+            "REDIS_URL": "redis-url",
+            "DATABASE_URL": "database-url",
+            "LLM_API_KEY": "llm-api-key",
+        },
+        f"{RELEASE}-chorus-migrate": {"DATABASE_URL": "database-url"},
+    }
+    for workload in workloads(objects):
+        refs = secret_refs(container(workload))
+        want = expected[workload["metadata"]["name"]]
+        assert refs == {env: ("chorus-credentials", key) for env, key in want.items()}
+        # Nothing of the Secret's content is known to the chart, so nothing to hash.
+        assert "checksum/secret" not in workload["spec"]["template"]["metadata"].get("annotations", {})
+
+
+def test_existing_secret_key_names_are_configurable(chart: helm.Chart) -> None:
+    values = {"secrets": {"existingSecret": "vault-sync", "keys": {"databaseUrl": "PG_DSN"}}}
+    objects = render(chart, values)
+    refs = secret_refs(container(one(objects, "Job", f"{RELEASE}-chorus-migrate")))
+    assert refs == {"DATABASE_URL": ("vault-sync", "PG_DSN")}
+
+
+def test_chart_created_secret_precedes_migration(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["minimal"]
+    secret = one(objects, "Secret", f"{RELEASE}-chorus")
+    assert set(secret["stringData"]) == {"auth-jwt-secret", "redis-url", "database-url", "llm-api-key"}
+    assert secret["stringData"]["redis-url"] == "redis://redis:6379/0"
+    # A pre-install hook of lower weight, or the migration Job could not read DATABASE_URL on install.
+    annotations = secret["metadata"]["annotations"]
+    job = one(objects, "Job", f"{RELEASE}-chorus-migrate")
+    assert annotations["helm.sh/hook"] == job["metadata"]["annotations"]["helm.sh/hook"]
+    assert int(annotations["helm.sh/hook-weight"]) < int(
+        job["metadata"]["annotations"]["helm.sh/hook-weight"]
+    )
+    for workload in workloads(objects):
+        assert {name for name, _ in secret_refs(container(workload)).values()} == {f"{RELEASE}-chorus"}
+
+
+# --- migration hook -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_migration_job_is_a_pre_install_upgrade_hook(rendered: dict[str, list[Manifest]], case: str) -> None:
+    job = one(rendered[case], "Job", f"{RELEASE}-chorus-migrate")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert int(annotations["helm.sh/hook-weight"]) >= 0
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    assert container(job)["command"] == ["python", "-m", "persistence", "migrate"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert "DATABASE_URL" in secret_refs(container(job))
+
+
+def test_migration_can_be_disabled(chart: helm.Chart) -> None:
+    assert find(render(chart, {"migration": {"enabled": False}}), "Job") == []
+
+
+# --- optional objects -----------------------------------------------------------------------
+
+OPTIONAL_KINDS = (
+    "Ingress",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "ServiceMonitor",
+    "NetworkPolicy",
+)
+
+
+@pytest.mark.parametrize("case", ["defaults", "minimal"])
+def test_optional_objects_off_by_default(rendered: dict[str, list[Manifest]], case: str) -> None:
+    assert [obj["kind"] for obj in rendered[case] if obj["kind"] in OPTIONAL_KINDS] == []
+    assert node_deployment(rendered[case])["spec"]["replicas"] >= 1
+
+
+def test_ingress_keeps_websockets_open(rendered: dict[str, list[Manifest]]) -> None:
+    (ingress,) = find(rendered["production"], "Ingress")
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "3600"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-send-timeout"] == "3600"
+    assert annotations["nginx.ingress.kubernetes.io/proxy-http-version"] == "1.1"
+    assert annotations["cert-manager.io/cluster-issuer"] == "letsencrypt"  # user annotations merge in
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"hosts": ["chat.example.com"], "secretName": "chorus-tls"}]
+    (rule,) = ingress["spec"]["rules"]
+    assert [path["path"] for path in rule["http"]["paths"]] == ["/ws", "/v1"]
+    for path in rule["http"]["paths"]:
+        assert path["backend"]["service"] == {"name": f"{RELEASE}-chorus", "port": {"name": "http"}}
+
+
+def test_autoscalers_target_the_deployments(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["production"]
+    hpas = {hpa["spec"]["scaleTargetRef"]["name"]: hpa for hpa in find(objects, "HorizontalPodAutoscaler")}
+    assert set(hpas) == {f"{RELEASE}-chorus-ws-node", f"{RELEASE}-chorus-worker"}
+    for name, hpa in hpas.items():
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        assert hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+        # The HPA owns the replica count; a fixed one would fight it on every upgrade.
+        assert "replicas" not in one(objects, "Deployment", name)["spec"]
+
+    node_hpa = hpas[f"{RELEASE}-chorus-ws-node"]["spec"]
+    assert (node_hpa["minReplicas"], node_hpa["maxReplicas"]) == (3, 20)
+    targets = {
+        m["resource"]["name"]: m["resource"]["target"]["averageUtilization"] for m in node_hpa["metrics"]
+    }
+    assert targets == {"cpu": 60, "memory": 75}
+    assert node_hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+
+    worker_hpa = hpas[f"{RELEASE}-chorus-worker"]["spec"]
+    assert (worker_hpa["minReplicas"], worker_hpa["maxReplicas"]) == (2, 30)
+    assert [m["type"] for m in worker_hpa["metrics"]] == ["Resource", "External"]
+
+
+def test_disruption_budgets_select_their_pods(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["production"]
+    budgets = {pdb["metadata"]["name"]: pdb["spec"] for pdb in find(objects, "PodDisruptionBudget")}
+    assert budgets[f"{RELEASE}-chorus-ws-node"]["maxUnavailable"] == 1
+    assert budgets[f"{RELEASE}-chorus-worker"]["minAvailable"] == 1
+    assert "maxUnavailable" not in budgets[f"{RELEASE}-chorus-worker"]
+    for name, spec in budgets.items():
+        pod_labels = one(objects, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_network_policies(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["production"]
+    policies = {np["metadata"]["name"]: np["spec"] for np in find(objects, "NetworkPolicy")}
+    assert set(policies) == {f"{RELEASE}-chorus-ws-node", f"{RELEASE}-chorus-worker"}
+    monitoring = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+
+    for name, spec in policies.items():
+        pod_labels = one(objects, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        ingress = {rule["ports"][0]["port"]: rule.get("from") for rule in spec["ingress"]}
+        assert ingress["internal"] == monitoring
+        egress_ports = {port["port"] for rule in spec["egress"] for port in rule["ports"]}
+        assert {53, 6379, 5432} <= egress_ports
+
+    node = policies[f"{RELEASE}-chorus-ws-node"]
+    node_ingress = {rule["ports"][0]["port"]: rule.get("from") for rule in node["ingress"]}
+    assert node_ingress["http"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    ]
+    worker = policies[f"{RELEASE}-chorus-worker"]
+    assert "http" not in {rule["ports"][0]["port"] for rule in worker["ingress"]}
+    assert 8000 in {port["port"] for rule in worker["egress"] for port in rule["ports"]}  # the LLM
+    assert 8000 not in {port["port"] for rule in node["egress"] for port in rule["ports"]}
+
+
+def test_network_policy_public_port_open_to_all_by_default(chart: helm.Chart) -> None:
+    objects = render(chart, {"networkPolicy": {"enabled": True, "egress": {"enabled": False}}})
+    spec = one(objects, "NetworkPolicy", f"{RELEASE}-chorus-ws-node")["spec"]
+    assert spec["policyTypes"] == ["Ingress"] and "egress" not in spec
+    (public,) = [rule for rule in spec["ingress"] if rule["ports"][0]["port"] == "http"]
+    assert "from" not in public
+
+
+# --- labels and notes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_standard_labels(rendered: dict[str, list[Manifest]], case: str) -> None:
+    for obj in rendered[case]:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "chorus"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/version"] == "0.1.0"
+        assert labels["helm.sh/chart"] == "chorus-0.1.0"
+    for workload in workloads(rendered[case]):
+        assert workload["metadata"]["labels"]["app.kubernetes.io/component"] in {
+            "ws-node",
+            "agent-worker",
+            "migration",
+        }
+
+
+def test_notes_say_how_to_connect(chart: helm.Chart) -> None:
+    notes = render_raw(chart, load_values("production"))["chorus/templates/NOTES.txt"]
+    assert "wss://chat.example.com/ws" in notes
+    assert "https://chat.example.com/v1/" in notes
+    assert "kubectl get secret -n chat chorus-credentials" in notes
+    assert 'algorithm="HS256"' in notes
+    assert "WARNING" not in notes
+
+    notes = render_raw(chart, {})["chorus/templates/NOTES.txt"]
+    assert "kubectl port-forward -n chat svc/rel-chorus 8080:80" in notes
+    assert "ws://127.0.0.1:8080/ws" in notes
+    assert "secrets.databaseUrl" in notes  # empty credentials are called out

@@ -1,0 +1,1 @@
+"""Stateless WebSocket nodes: authenticate devices, deliver each user's ordered stream, take commands."""

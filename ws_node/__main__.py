@@ -1,0 +1,63 @@
+"""`python -m ws_node`: run one node until SIGTERM/SIGINT, then drain and exit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from fanout.config import SettingError
+from ws_node.app import create_app, create_internal_app, drain
+from ws_node.services import SERVICES
+from ws_node.settings import NodeSettings
+
+log = logging.getLogger("ws_node")
+
+
+async def serve(settings: NodeSettings) -> None:
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True).start()
+    internal_runner = None
+    if settings.internal_port:
+        internal_runner = web.AppRunner(create_internal_app(app), handle_signals=False, access_log=None)
+        await internal_runner.setup()
+        await web.TCPSite(internal_runner, settings.host, settings.internal_port).start()
+    log.info("node %s listening on :%d", settings.node_id, settings.port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining over %.1fs", settings.drain_s)
+    await drain(app[SERVICES])
+    if internal_runner is not None:
+        await internal_runner.cleanup()
+    await runner.cleanup()
+
+
+def main() -> int:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = NodeSettings.from_env(os.environ)
+    except SettingError as exc:
+        print(f"ws_node: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(settings))
+    else:
+        uvloop.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

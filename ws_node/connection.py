@@ -1,0 +1,169 @@
+"""`Connection`: one device's socket: its seq gate, its bounded outgoing queue and its writer.
+
+The socket is read only by its handler task and written only by `writer()` (aiohttp's rule).
+`deliver()` is called by the hub for every frame of the user and never awaits: it parks frames
+while the connection is recovering, lets the next seq through, drops duplicates, and turns a gap
+(a Pub/Sub message this node missed) into a catch-up from the history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+from aiohttp import web
+
+from fanout.recovery import Gate, Offer, Resync, frame_seq, plan_resume
+from fanout.stream import TRANSIENT, Position, UserStream
+from ws_node import protocol
+from ws_node.protocol import CloseCode
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    """A device of `user` connected to this node."""
+
+    def __init__(
+        self, ws: web.WebSocketResponse, *, user: str, device: str, stream: UserStream, queue_max_frames: int
+    ) -> None:
+        self.ws = ws
+        self.user = user
+        self.device = device
+        self.stream = stream
+        self.queue_max_frames = queue_max_frames
+        self.gate = Gate(last=0)
+        self.epoch = ""
+        self._queue: deque[str] = deque()
+        self._wake = asyncio.Event()
+        # Live frames parked while the connection (re)reads history; None when live.
+        self._parked: list[tuple[int, str]] | None = []
+        self._catching_up: asyncio.Task[None] | None = None
+        self.close_code: CloseCode | None = None
+        self.close_reason = ""
+
+    # Outgoing
+
+    def send(self, frame: str) -> None:
+        """Queue one frame; if the queue is full the client is too slow and gets closed."""
+        if self.close_code is not None:
+            return
+        if len(self._queue) >= self.queue_max_frames:
+            self.close(CloseCode.SLOW_CONSUMER, "outgoing queue full; reconnect with after")
+            return
+        self._queue.append(frame)
+        self._wake.set()
+
+    def close(self, code: CloseCode, reason: str) -> None:
+        """Close after the frames already queued (the writer sends them first)."""
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+            self._wake.set()
+
+    async def writer(self) -> None:
+        """The only task that writes to the socket."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    if self.close_code is CloseCode.SLOW_CONSUMER:
+                        self._queue.clear()  # nothing more to a client that cannot keep up
+                        break
+                    await self.ws.send_str(self._queue.popleft())
+                if self.close_code is not None:
+                    await self.ws.close(code=self.close_code, message=self.close_reason.encode()[:120])
+                    return
+        except (ConnectionError, RuntimeError) as exc:  # peer went away mid-write
+            log.debug("writer for %s/%s ended: %r", self.user, self.device, exc)
+        finally:
+            if self._catching_up is not None:
+                self._catching_up.cancel()
+
+    # Incoming from the hub (fanout.hub.Subscriber)
+
+    def deliver(self, seq: int, frame: str) -> None:
+        if self._parked is not None:
+            self._parked.append((seq, frame))
+            if len(self._parked) > self.queue_max_frames:
+                self.close(CloseCode.SLOW_CONSUMER, "too far behind while recovering")
+            return
+        offer = self.gate.offer(seq)
+        if offer is Offer.DELIVER:
+            self.send(frame)
+        elif offer is Offer.GAP:
+            self._parked = [(seq, frame)]
+            self._start_catch_up()
+
+    def resume(self) -> None:
+        if self._parked is None:
+            self._parked = []
+        self._start_catch_up()
+
+    # Recovery
+
+    async def open(self, *, after: int | None, client_epoch: str | None, node: str, heartbeat_s: int) -> None:
+        """After the hub attached this connection (frames are parked meanwhile): say hello, then
+        replay history after `after`, or resync, then go live with nothing missed or doubled."""
+        position = await self.stream.position(self.user)
+        self.epoch = position.epoch
+        self.send(protocol.hello(node=node, user=self.user, device=self.device, epoch=position.epoch,
+                                 seq=position.seq, heartbeat_s=heartbeat_s))
+        plan = plan_resume(after=after, client_epoch=client_epoch, epoch=position.epoch,
+                           seq=position.seq, first_seq=position.first_seq)
+        if plan.resync is not None:
+            self._resync(plan.resync, position)
+        elif plan.replay_after is not None:
+            self.gate.last = plan.replay_after
+            await self._replay(position)
+        else:
+            self.gate.last = plan.start
+        self._unpark()
+        if self._parked is not None:
+            self._start_catch_up()
+
+    def _start_catch_up(self) -> None:
+        if self._catching_up is None or self._catching_up.done():
+            self._catching_up = asyncio.create_task(self._catch_up())
+
+    async def _catch_up(self) -> None:
+        """Fill a gap from history, repeating while the parked frames still show one."""
+        try:
+            while self._parked is not None and self.close_code is None:
+                position = await self.stream.position(self.user)
+                if position.epoch != self.epoch:
+                    self._resync(Resync.EPOCH_CHANGED, position)
+                else:
+                    await self._replay(position)
+                self._unpark()
+        except TRANSIENT as exc:
+            # Redis is away; the hub calls resume() once its subscription is back.
+            log.warning("catch-up for %s/%s deferred: %r", self.user, self.device, exc)
+
+    async def _replay(self, position: Position) -> None:
+        frames = await self.stream.read_after(self.user, self.gate.last, upto=position.seq)
+        if frames is None:
+            self._resync(Resync.HISTORY_TRIMMED, position)
+            return
+        for frame in frames:
+            if self.gate.offer(frame_seq(frame)) is Offer.DELIVER:
+                self.send(frame)
+
+    def _resync(self, reason: Resync, position: Position) -> None:
+        self.epoch = position.epoch
+        self.gate.last = position.seq
+        self.send(protocol.resync(str(reason), seq=position.seq, epoch=position.epoch))
+
+    def _unpark(self) -> None:
+        """Deliver parked frames in seq order; if one still leaves a gap, stay parked from it."""
+        parked = sorted(self._parked or (), key=lambda item: item[0])
+        self._parked = None
+        for index, (seq, frame) in enumerate(parked):
+            offer = self.gate.offer(seq)
+            if offer is Offer.GAP:
+                self._parked = parked[index:]
+                return
+            if offer is Offer.DELIVER:
+                self.send(frame)

@@ -1,0 +1,130 @@
+"""REST: conversations and their messages, for the authenticated user only."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from fanout.stream import TRANSIENT
+from persistence.store import NotFound, Unavailable
+from ws_node.auth import Identity, Unauthorized, authenticate
+from ws_node.services import SERVICES, Services
+
+MAX_PAGE = 200
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+class RestError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.response = error_response(status, code, message)
+
+
+def _auth(request: web.Request) -> tuple[Services, Identity]:
+    svc = request.app[SERVICES]
+    try:
+        return svc, authenticate(request, svc.settings.jwt_secret)
+    except Unauthorized:
+        raise RestError(401, "unauthorized", "missing or invalid token") from None
+
+
+def _limit(request: web.Request, default: int = 50) -> int:
+    raw = request.query.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        raise RestError(400, "bad_request", f"limit must be an integer from 1 to {MAX_PAGE}")
+    return int(raw)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise RestError(400, "bad_request", "body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RestError(400, "bad_request", "body must be a JSON object")
+    return body
+
+
+async def list_conversations(request: web.Request) -> web.Response:
+    svc, ident = _auth(request)
+    before = None
+    if "before" in request.query:
+        try:
+            before = datetime.fromisoformat(request.query["before"])
+        except ValueError:
+            raise RestError(400, "bad_request", "before must be an ISO 8601 timestamp") from None
+    limit = _limit(request)
+    items = await svc.store.list_conversations(ident.user, limit=limit, before=before)
+    next_before = items[-1].updated_at.isoformat() if len(items) == limit else None
+    return json_response({"conversations": [c.to_json() for c in items], "next_before": next_before})
+
+
+async def create_conversation(request: web.Request) -> web.Response:
+    svc, ident = _auth(request)
+    body = await _body(request)
+    title, agent = body.get("title", ""), body.get("agent", "default")
+    if not isinstance(title, str) or len(title) > 200:
+        raise RestError(400, "bad_request", "title must be a string of at most 200 characters")
+    if not isinstance(agent, str) or not agent:
+        raise RestError(400, "bad_request", "agent must be a non-empty string")
+    conversation = await svc.store.create_conversation(ident.user, title=title, agent=agent)
+    return json_response(conversation.to_json(), 201)
+
+
+async def get_conversation(request: web.Request) -> web.Response:
+    svc, ident = _auth(request)
+    conversation = await svc.store.get_conversation(ident.user, request.match_info["id"])
+    return json_response(conversation.to_json())
+
+
+async def delete_conversation(request: web.Request) -> web.Response:
+    svc, ident = _auth(request)
+    await svc.store.delete_conversation(ident.user, request.match_info["id"])
+    return web.Response(status=204)
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    svc, ident = _auth(request)
+    before = request.query.get("before")
+    if before is not None and not before.isdigit():
+        raise RestError(400, "bad_request", "before must be a message cursor from next_before")
+    limit = _limit(request)
+    messages = await svc.store.list_messages(
+        ident.user, request.match_info["id"], limit=limit, before=int(before) if before else None
+    )
+    next_before = messages[0].n if len(messages) == limit else None
+    return json_response({"messages": [m.to_json() for m in messages], "next_before": next_before})
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """REST errors as JSON; a not-found and someone else's object look the same."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except RestError as exc:
+        return exc.response
+    except NotFound as exc:
+        return error_response(404, "not_found", str(exc))
+    except (Unavailable, *TRANSIENT) as exc:
+        return error_response(503, "unavailable", f"storage unavailable: {type(exc).__name__}")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/conversations", list_conversations)
+    app.router.add_post("/v1/conversations", create_conversation)
+    app.router.add_get("/v1/conversations/{id}", get_conversation)
+    app.router.add_delete("/v1/conversations/{id}", delete_conversation)
+    app.router.add_get("/v1/conversations/{id}/messages", list_messages)

@@ -1,0 +1,30 @@
+"""What a node's handlers share: settings, clients and the hub, held as one typed app key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from fanout.hub import Hub
+from fanout.keys import Keys
+from fanout.stream import UserStream
+from persistence.store import Store
+from ws_node.connection import Connection
+from ws_node.settings import NodeSettings
+
+
+@dataclass
+class Services:
+    settings: NodeSettings
+    redis: Redis
+    keys: Keys
+    stream: UserStream
+    hub: Hub
+    store: Store
+    connections: set[Connection] = field(default_factory=set)
+    draining: bool = False
+
+
+SERVICES = web.AppKey("services", Services)
