@@ -37,8 +37,14 @@ class ChorusClient:
     """One device of one user."""
 
     def __init__(
-        self, url: str, token: str, *, device: str | None = None, auto_reconnect: bool = True,
-        max_backoff_s: float = 2.0, session: aiohttp.ClientSession | None = None,
+        self,
+        url: str,
+        token: str,
+        *,
+        device: str | None = None,
+        auto_reconnect: bool = True,
+        max_backoff_s: float = 2.0,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.url = url
         self.token = token
@@ -83,8 +89,13 @@ class ChorusClient:
             self._session = aiohttp.ClientSession()
         self._connected.clear()
         self.hello = None
-        ws = await self._session.ws_connect(self._connect_url(), timeout=aiohttp.ClientWSTimeout(ws_close=5),
-                                            heartbeat=None, autoping=True, max_msg_size=0)
+        ws = await self._session.ws_connect(
+            self._connect_url(),
+            timeout=aiohttp.ClientWSTimeout(ws_close=5),
+            heartbeat=None,
+            autoping=True,
+            max_msg_size=0,
+        )
         self._ws = ws
         self.connects += 1
         self._reader = asyncio.create_task(self._read(ws))
@@ -180,8 +191,15 @@ class ChorusClient:
             raise ClientError(reply)
         return reply
 
-    async def send(self, text: str, *, conversation: str | None = None, id: str | None = None,
-                   timeout_s: float = 10.0, **extra: Any) -> dict[str, Any]:
+    async def send(
+        self,
+        text: str,
+        *,
+        conversation: str | None = None,
+        id: str | None = None,
+        timeout_s: float = 10.0,
+        **extra: Any,
+    ) -> dict[str, Any]:
         frame: dict[str, Any] = {"type": "send", "text": text, **extra}
         if conversation:
             frame["conversation"] = conversation

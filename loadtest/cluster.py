@@ -39,7 +39,10 @@ from loadtest.procs import (
 )
 
 _LLM_VARS = ("LLM_BASE_URL", "LLM_API_KEY", "LLM_MODEL")
-_STOP_TIMEOUT_S = 15
+# Above the services' own drain budgets (node DRAIN_SECONDS 10, worker WORKER_DRAIN_SECONDS 30), so an
+# orderly drain is not cut short by SIGKILL.
+_NODE_STOP_TIMEOUT_S = 15
+_WORKER_STOP_TIMEOUT_S = 35
 _MIGRATE_TIMEOUT_S = 120
 
 
@@ -124,8 +127,8 @@ class LocalCluster:
         """Stop everything in reverse order of start; each tier is SIGTERMed at once, then awaited."""
         if self.nginx:
             self.nginx.stop()
-        _stop_all(self.workers)
-        _stop_all(self.nodes)
+        _stop_all(self.workers, _WORKER_STOP_TIMEOUT_S)
+        _stop_all(self.nodes, _NODE_STOP_TIMEOUT_S)
         if self.postgres:
             self.postgres.stop()
         if self.redis:
@@ -135,7 +138,7 @@ class LocalCluster:
         """(Re)start node ``index`` on its own port and wait for its /readyz."""
         node = self.nodes[index]
         if node.alive:
-            node.stop(timeout_s=_STOP_TIMEOUT_S)
+            node.stop(timeout_s=_NODE_STOP_TIMEOUT_S)
         node.start()
         self._wait_ready(index)
 
@@ -174,6 +177,7 @@ class LocalCluster:
             **self._base_env(),
             "AUTH_JWT_SECRET": self.config.jwt_secret,
             "CHORUS_DEV": "1",
+            "HOST": "127.0.0.1",  # loopback only; the node's default is every interface
             **self.config.env,
             "PORT": str(self.node_ports[index]),
             "NODE_ID": f"node-{chr(ord('a') + index)}",
@@ -209,12 +213,13 @@ def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _stop_all(procs: list[Proc]) -> None:
-    # SIGTERM all first so nodes drain in parallel: the total wait is one drain, not N of them.
+def _stop_all(procs: list[Proc], timeout_s: float) -> None:
+    # SIGTERM all first so they drain in parallel: the total wait is one drain, not N of them.
     for proc in procs:
         proc.terminate()
+    deadline = time.monotonic() + timeout_s
     for proc in procs:
-        proc.stop(timeout_s=_STOP_TIMEOUT_S)
+        proc.stop(timeout_s=max(0.1, deadline - time.monotonic()))
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:

@@ -1,0 +1,197 @@
+"""The fan-out core against a real Redis: sequencing, dedupe, fences, epochs, history, the hub."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from fanout.hub import Hub
+from fanout.keys import Keys
+from fanout.recovery import frame_seq
+from fanout.stream import Fenced, UserStream
+from loadtest.procs import RedisServer
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+class Recorder:
+    """A hub subscriber that keeps what it was given."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.frames: list[tuple[int, str]] = []
+        self.resumes = 0
+        self.changed = asyncio.Event()
+
+    def deliver(self, seq: int, frame: str) -> None:
+        self.frames.append((seq, frame))
+        self.changed.set()
+
+    def resume(self) -> None:
+        self.resumes += 1
+        self.changed.set()
+
+    async def wait(self, predicate: object, timeout_s: float = 10) -> None:
+        async def loop() -> None:
+            while not predicate():  # type: ignore[operator]
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(loop(), timeout_s)
+
+
+async def publish(stream: UserStream, user: str, n: int, **kw: object) -> int:
+    result = await stream.publish(user, conversation="c", run="r", event="token", data={"text": str(n)}, **kw)  # type: ignore[arg-type]
+    return result.seq
+
+
+async def test_concurrent_publishers_get_contiguous_seqs(redis_server: RedisServer, keys: Keys) -> None:
+    clients = [Redis.from_url(redis_server.url, decode_responses=True) for _ in range(4)]
+    streams = [UserStream(c, keys) for c in clients]
+    listener = Redis.from_url(redis_server.url, decode_responses=True)
+    pubsub = listener.pubsub()
+    await pubsub.subscribe(keys.channel("u"))
+    await pubsub.get_message(timeout=1)  # the subscribe confirmation
+    try:
+        seqs = await asyncio.gather(*(publish(streams[i % 4], "u", i) for i in range(400)))
+        assert sorted(seqs) == list(range(1, 401))
+        received = []
+        while len(received) < 400:
+            message = await asyncio.wait_for(pubsub.get_message(timeout=1), 5)
+            if message and message["type"] == "message":
+                received.append(frame_seq(message["data"]))
+        assert received == list(range(1, 401)), "Pub/Sub order must be seq order"
+        frames = await streams[0].read_after("u", 0, upto=400)
+        assert frames is not None
+        assert [frame_seq(f) for f in frames] == list(range(1, 401))
+        event = orjson.loads(frames[0])
+        assert set(event) == {"seq", "type", "conversation", "run", "event", "data", "ts"}
+    finally:
+        await pubsub.aclose()
+        for client in [*clients, listener]:
+            await client.aclose()
+
+
+async def test_producer_dedupe_makes_a_retry_harmless(redis: Redis, keys: Keys) -> None:
+    stream = UserStream(redis, keys)
+    first = await stream.publish("u", conversation="c", run="r", event="token", data={}, producer="p", pseq=1)
+    again = await stream.publish("u", conversation="c", run="r", event="token", data={}, producer="p", pseq=1)
+    assert (first.seq, first.duplicate) == (1, False)
+    assert (again.seq, again.duplicate) == (1, True)
+    nxt = await stream.publish("u", conversation="c", run="r", event="token", data={}, producer="p", pseq=2)
+    assert nxt.seq == 2
+    assert (await stream.position("u")).seq == 2
+
+
+async def test_fence_refuses_a_cancelled_runs_events(redis: Redis, keys: Keys) -> None:
+    stream = UserStream(redis, keys)
+    await publish(stream, "u", 1, fenced_run="r")
+    await stream.fence("u", "r")
+    with pytest.raises(Fenced):
+        await publish(stream, "u", 2, fenced_run="r")
+    end = await stream.publish("u", conversation="c", run="r", event="run.cancelled", data={},
+                               fenced_run="r", pass_fence=True)
+    assert end.seq == 2
+    assert await stream.is_fenced("u", "r")
+    assert not await stream.is_fenced("u", "other")
+
+
+async def test_lost_history_gets_a_new_epoch(redis: Redis, keys: Keys) -> None:
+    stream = UserStream(redis, keys)
+    before = await stream.position("u")
+    await publish(stream, "u", 1)
+    await publish(stream, "u", 2)
+    await redis.delete(keys.meta("u"))  # what a Redis restart without data, or expiry, does
+    seq = await publish(stream, "u", 3)
+    after = await stream.position("u")
+    assert seq == 1
+    assert after.epoch != before.epoch
+    frames = await stream.read_after("u", 0, upto=1)
+    assert frames is not None and len(frames) == 1, "the old epoch's history must be gone"
+
+
+async def test_trimmed_history_is_reported_not_replayed_with_a_hole(redis: Redis, keys: Keys) -> None:
+    stream = UserStream(redis, keys, history_max=10)
+    for n in range(600):
+        await publish(stream, "u", n)
+    position = await stream.position("u")
+    assert position.seq == 600
+    assert position.first_seq > 1
+    assert await stream.read_after("u", 0, upto=600) is None
+    tail = await stream.read_after("u", 590, upto=600)
+    assert tail is not None and [frame_seq(f) for f in tail] == list(range(591, 601))
+
+
+async def numsub(redis: Redis, channel: str) -> int:
+    return int(dict(await redis.pubsub_numsub(channel))[channel])
+
+
+async def test_hub_subscribes_on_first_socket_and_unsubscribes_after_last(redis: Redis, keys: Keys) -> None:
+    hub = Hub(redis, keys)
+    await hub.start()
+    try:
+        await asyncio.wait_for(_until(lambda: hub.connected), 5)
+        a, b = Recorder("u"), Recorder("u")
+        await hub.attach(a)
+        await hub.attach(b)
+        assert await numsub(redis, keys.channel("u")) == 1
+        seq = await publish(UserStream(redis, keys), "u", 1)
+        await a.wait(lambda: a.frames)
+        await b.wait(lambda: b.frames)
+        assert a.frames[0][0] == b.frames[0][0] == seq
+        await hub.detach(a)
+        assert await numsub(redis, keys.channel("u")) == 1
+        await hub.detach(b)
+        assert await numsub(redis, keys.channel("u")) == 0
+    finally:
+        await hub.close()
+
+
+async def test_hub_attach_detach_race_never_loses_a_subscription(redis: Redis, keys: Keys) -> None:
+    """encode/broadcaster's bug: two first subscribers racing; here every interleaving must end
+    with the broker subscription matching whether anyone is attached."""
+    hub = Hub(redis, keys)
+    await hub.start()
+    try:
+        await asyncio.wait_for(_until(lambda: hub.connected), 5)
+        for _ in range(30):
+            subs = [Recorder("u") for _ in range(4)]
+            await asyncio.gather(*(hub.attach(s) for s in subs), hub.detach(subs[0]), hub.detach(subs[1]))
+            expected = 1 if hub.subscribers("u") else 0
+            assert await numsub(redis, keys.channel("u")) == expected
+            await asyncio.gather(*(hub.detach(s) for s in subs))
+            assert await numsub(redis, keys.channel("u")) == 0
+    finally:
+        await hub.close()
+
+
+async def test_hub_resubscribes_and_resumes_after_redis_restart(fresh_redis: RedisServer, keys: Keys) -> None:
+    redis = Redis.from_url(fresh_redis.url, decode_responses=True)
+    hub = Hub(redis, keys)
+    await hub.start()
+    try:
+        await asyncio.wait_for(_until(lambda: hub.connected), 5)
+        sub = Recorder("u")
+        await hub.attach(sub)
+        await asyncio.to_thread(fresh_redis.restart, keep_data=True)
+        await sub.wait(lambda: sub.resumes >= 1, timeout_s=15)
+        assert hub.connected
+        seq = await publish(UserStream(redis, keys), "u", 1)
+        await sub.wait(lambda: any(s == seq for s, _ in sub.frames))
+    finally:
+        await hub.close()
+        await redis.aclose()
+
+
+async def _until(predicate: object) -> None:
+    while not predicate():  # type: ignore[operator]
+        await asyncio.sleep(0.02)
