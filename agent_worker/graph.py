@@ -114,10 +114,11 @@ async def stream_answer(graph: AgentGraph, history: Sequence[tuple[str, str]]) -
         langchain_core.exceptions.ModelError: the LLM call failed (tree in the
             module docstring).
 
-    Cancelling the task that iterates this generator (or ``aclose()``-ing it) cancels
-    the node and closes the model's HTTP response, so the LLM stops generating.
-    A consumer that merely stops iterating should ``aclose()`` it (e.g. with
-    ``contextlib.aclosing``) rather than leave that to garbage collection.
+    Cancelling the task while it awaits the next piece, or ``aclose()``-ing this
+    generator, cancels the node and closes the model's HTTP response, so the LLM
+    stops generating. A consumer that can be cancelled (or can stop) while doing
+    something else between pieces, e.g. publishing one, must hold the generator in
+    ``contextlib.aclosing``: otherwise the request lives on until garbage collection.
     """
     # astream is an async generator function, though annotated as an AsyncIterator.
     stream = cast(

@@ -113,7 +113,7 @@ class Proc:
     stdout and stderr are appended to ``workdir / f"{name}.log"`` (one header line per start, so the
     log of a restarted process reads in order); ``env`` is merged over ``os.environ``; the process runs
     with ``workdir`` as cwd. It gets its own session, so Ctrl-C in a terminal reaches only the parent
-    (which then stops children in order) and ``kill`` can take the whole process group down: a
+    (which then stops children in order) and ``kill`` can take the whole process tree down: a
     SIGKILLed nginx or postgres master would otherwise leave workers holding the port.
     ``user`` (root only) runs it as that system user with that user's groups only.
     """

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from fanout.keys import Keys
+from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import RedisServer
+from tests.fake_llm import FakeLLM
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +35,23 @@ def fresh_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def fake_llm() -> Iterator[FakeLLM]:
+    """The OpenAI-compatible streaming server: the one fake, at the LLM seam."""
+    with FakeLLM(token_delay_s=0.005) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLM) -> Iterator[LocalCluster]:
+    """Redis, Postgres, two nodes, one worker (ChatOpenAI against the fake LLM) and nginx."""
+    config = ClusterConfig(nodes=2, workers=1, nginx=True, env={"LLM_BASE_URL": fake_llm.base_url,
+                                                                   "LLM_API_KEY": "test-key"})
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), config) as running:
+        yield running
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"

@@ -83,7 +83,7 @@ class FakeLLM:
 
     @property
     def requests(self) -> list[dict[str, Any]]:
-        """Every ``/chat/completions`` request body received so far, oldest first (a copy)."""
+        """Every ``/chat/completions`` body received, oldest first, SDK retries included (a copy)."""
         with self._cond:
             return list(self._requests)
 
@@ -121,6 +121,9 @@ class FakeLLM:
 
     def start(self) -> None:
         """Start the server thread and wait until it accepts connections."""
+        with self._cond:
+            self._stopping = False
+        self._ready.clear()
         self._thread = threading.Thread(target=self._run, name="fake-llm", daemon=True)
         self._thread.start()
         if not self._ready.wait(_START_TIMEOUT_S):
@@ -223,8 +226,8 @@ class FakeLLM:
                 if sent == die_after:
                     # close() flushes what was written, then FIN without the final
                     # zero-length chunk: the client sees an incomplete body.
-                    assert request.transport is not None
-                    request.transport.close()
+                    if request.transport is not None:
+                        request.transport.close()
                     return response
                 await asyncio.sleep(delay_s)
                 await send({"content": word})

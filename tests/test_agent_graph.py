@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import httpx
@@ -142,6 +143,30 @@ async def test_cancelling_the_consumer_aborts_the_http_stream(
 
     await fake_llm.wait_until_async(lambda fake: fake.disconnects == 1, WAIT_S)
     assert len(received) < 1000
+
+
+async def test_cancelling_a_consumer_busy_between_pieces_aborts_the_http_stream(
+    fake_llm: FakeLLM, make_graph: Callable[..., AgentGraph]
+) -> None:
+    # The worker awaits Redis between pieces, so the cancel lands outside the
+    # generator; aclosing() is what then closes it (and the HTTP stream) at once.
+    graph = make_graph()
+    first_piece = asyncio.Event()
+    never = asyncio.Event()
+
+    async def consume() -> None:
+        async with aclosing(stream_answer(graph, [("user", "[[tokens:1000]] [[slow:0.02]]")])) as pieces:
+            async for _ in pieces:
+                first_piece.set()
+                await never.wait()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first_piece.wait(), WAIT_S)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT_S)
+
+    await fake_llm.wait_until_async(lambda fake: fake.disconnects == 1, WAIT_S)
 
 
 async def test_server_error_raises_model_api_error(

@@ -278,6 +278,25 @@ def test_schema_rejects_unknown_keys(chart: helm.Chart, values_yaml: str, key: s
     assert any(f"'{key}'" in error for error in report["errors"]), report
 
 
+@pytest.mark.parametrize(
+    ("values", "name"),
+    [
+        ({"node": {"extraEnv": {"PORT": "1"}}}, "PORT"),
+        ({"worker": {"extraEnv": {"LLM_API_KEY": "sk-plain"}}}, "LLM_API_KEY"),
+        ({"worker": {"extraEnv": {"not-an-env-name": "1"}}}, "not-an-env-name"),
+    ],
+)
+def test_extra_env_cannot_shadow_chart_env(chart: helm.Chart, values: dict[str, Any], name: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=f"invalid propertyName '{name}'"):
+        render_raw(chart, values)
+
+
+def test_extra_env_lands_in_the_components_config(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["production"]
+    assert config_data(objects, worker_deployment(objects))["HTTPX_TIMEOUT_S"] == "120"
+    assert "HTTPX_TIMEOUT_S" not in config_data(objects, node_deployment(objects))
+
+
 def test_schema_rejects_wrong_types(chart: helm.Chart) -> None:
     with pytest.raises(helm.HelmValuesError, match="/node/replicas"):
         render_raw(chart, {"node": {"replicas": "two"}})
