@@ -29,7 +29,7 @@ async def _connect_store(url: str) -> Store:
     for delay_s in delays_s(base_s=0.2, cap_s=3.0):
         try:
             return await Store.connect(url, max_size=20)
-        except Exception as exc:  # noqa: BLE001 - Postgres may start after the worker
+        except Exception as exc:
             log.warning("postgres not reachable yet (%r); retrying", exc)
             await asyncio.sleep(delay_s)
     raise AssertionError("unreachable")
@@ -43,7 +43,7 @@ async def _health(worker: Worker, port: int) -> web.AppRunner:
         try:
             await asyncio.wait_for(worker.redis.ping(), 2)
             await asyncio.wait_for(worker.store.ping(), 2)
-        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+        except Exception as exc:
             return web.json_response({"ready": False, "error": type(exc).__name__}, status=503)
         return web.json_response({"ready": True, "running": len(worker.running)})
 

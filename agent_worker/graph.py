@@ -31,7 +31,7 @@ always come before the first piece. Anything else (e.g. an unexpected status suc
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any, TypeAlias, cast
 
@@ -97,7 +97,7 @@ def to_messages(history: Sequence[tuple[str, str]]) -> list[AnyMessage]:
     return messages
 
 
-async def stream_answer(graph: AgentGraph, history: Sequence[tuple[str, str]]) -> AsyncIterator[str]:
+async def stream_answer(graph: AgentGraph, history: Sequence[tuple[str, str]]) -> AsyncGenerator[str, None]:
     """Run ``graph`` over ``history`` and yield the assistant's text as it streams.
 
     Args:

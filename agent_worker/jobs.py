@@ -36,7 +36,7 @@ async def enqueue_run(redis: Redis, keys: Keys, *, run: str, user: str, conversa
 async def ensure_group(redis: Redis, keys: Keys) -> None:
     try:
         await redis.xgroup_create(keys.runs, RUNS_GROUP, id="0", mkstream=True)
-    except Exception as exc:  # noqa: BLE001 - redis-py raises ResponseError for an existing group
+    except Exception as exc:
         if "BUSYGROUP" not in str(exc):
             raise
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from agent_worker.jobs import Job, clear_inflight, ensure_group, enqueue_run
+from agent_worker.jobs import Job, clear_inflight, enqueue_run, ensure_group
 from agent_worker.settings import WorkerSettings
 from fanout.backoff import delays_s
 from fanout.keys import RUNS_GROUP, Keys
@@ -59,7 +59,7 @@ class Worker:
             await slots.acquire()
             try:
                 await ensure_group(self.redis, self.keys)
-                reply = await self.redis.xreadgroup(
+                reply: Any = await self.redis.xreadgroup(
                     RUNS_GROUP, self.consumer, {self.keys.runs: ">"}, count=1, block=500
                 )
                 delays = delays_s(base_s=0.1, cap_s=2.0)
@@ -126,13 +126,15 @@ class Worker:
         state = await self.store.run_state(run)
         if state is None or state["status"] not in END_EVENTS or state["terminal_seq"] is not None:
             return
+        error = (state["error_code"], state["error_message"]) if state["error_code"] else None
         await publish_end(self, state["user_id"], state["conversation_id"], run, state["status"],
-                          text=state["partial"], message=state["answer_message_id"],
-                          error=(state["error_code"], state["error_message"]) if state["error_code"] else None)
+                          text=state["partial"], message=state["answer_message_id"], error=error)
 
     # Leases, reclaiming and lost jobs
 
-    async def _maintain(self, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]], stop: asyncio.Event) -> None:
+    async def _maintain(
+        self, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]], stop: asyncio.Event
+    ) -> None:
         interval_s = self.settings.lease_s / 3
         since_sweep_s = 0.0
         while not stop.is_set():
@@ -160,13 +162,15 @@ class Worker:
 
     async def _reclaim(self, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> None:
         idle_ms = int(self.settings.lease_s * 1000)
-        pending = await self.redis.xpending_range(self.keys.runs, RUNS_GROUP, min="-", max="+", count=50,
+        pending: Any = await self.redis.xpending_range(self.keys.runs, RUNS_GROUP, min="-", max="+", count=50,
                                                   idle=idle_ms)
         for entry in pending:
             entry_id = entry["message_id"]
             if entry_id in self.running or slots.locked():
                 continue
-            claimed = await self.redis.xclaim(self.keys.runs, RUNS_GROUP, self.consumer, idle_ms, [entry_id])
+            claimed: Any = await self.redis.xclaim(
+                self.keys.runs, RUNS_GROUP, self.consumer, idle_ms, [entry_id]
+            )
             if not claimed or claimed[0][1] is None:
                 continue  # another worker was faster, or the entry is gone
             job = Job.from_entry(claimed[0][0], claimed[0][1])

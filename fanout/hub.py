@@ -58,6 +58,7 @@ class Hub:
         self._pubsub: PubSub | None = None
         self._task: asyncio.Task[None] | None = None
         self.connected = False
+        self._connected_event = asyncio.Event()
         self.last_message_at = time.monotonic()
         self.on_message: Callable[[str, str], None] | None = None
 
@@ -69,7 +70,11 @@ class Hub:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._pubsub is not None:
-            await self._pubsub.aclose()
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def wait_connected(self, timeout_s: float) -> None:
+        """Wait until the Pub/Sub connection is up (raises TimeoutError)."""
+        await asyncio.wait_for(self._connected_event.wait(), timeout_s)
 
     @property
     def users(self) -> int:
@@ -141,6 +146,7 @@ class Hub:
                 await pubsub.ping()  # connects: a dead Redis fails here, not in the loop below
                 self._pubsub = pubsub
                 self.connected = True
+                self._connected_event.set()
                 channels = list(self._users_by_channel)
                 if channels:
                     await pubsub.subscribe(*channels)
@@ -152,12 +158,13 @@ class Hub:
                         self._handle(message)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the hub must outlive any Redis failure
+            except Exception as exc:
                 log.warning("pubsub connection lost: %r", exc)
             finally:
                 self.connected = False
+                self._connected_event.clear()
                 self._pubsub = None
-                await asyncio.gather(pubsub.aclose(), return_exceptions=True)
+                await asyncio.gather(pubsub.aclose(), return_exceptions=True)  # type: ignore[no-untyped-call]
             await asyncio.sleep(next(delays))
 
     def _handle(self, message: dict[str, Any]) -> None:

@@ -95,7 +95,7 @@ class UserStream:
         k = self.keys
         keys = [k.meta(user), k.history(user), k.producers(user), k.fences(user)]
         tail = event_tail(conversation, run, event, data, int(time.time() * 1000))
-        args = [
+        args: list[str | int] = [
             k.channel(user), tail, self.history_max, self.ttl_s, new_epoch(),
             producer, pseq, fenced_run or "", "1" if pass_fence else "0",
         ]
@@ -112,21 +112,22 @@ class UserStream:
 
     async def position(self, user: str) -> Position:
         """The user's epoch and latest seq (creating the epoch for a new history)."""
-        epoch, seq, first = await self._position(
+        reply: Any = await self._position(
             keys=[self.keys.meta(user), self.keys.history(user)], args=[new_epoch(), self.ttl_s]
         )
+        epoch, seq, first = reply
         return Position(epoch=_text(epoch), seq=int(seq), first_seq=int(first))
 
     async def read_after(self, user: str, after: int, *, upto: int) -> list[str] | None:
         """Frames with `after` < seq (at least through `upto`, the seq the caller knows exists),
         oldest first; None when history no longer reaches back to `after` (trimmed or lost), so
         the caller resyncs instead of replaying with a hole."""
-        entries = await self.redis.xrange(
+        entries: Any = await self.redis.xrange(
             self.keys.history(user), min=f"{after + 1}-0", max="+", count=self.history_max + 1000
         )
         if upto > after and (not entries or int(_text(entries[0][0]).split("-")[0]) != after + 1):
             return None
-        return [_text(fields[b"f"] if b"f" in fields else fields["f"]) for _, fields in entries]
+        return [_text(fields["f"]) for _, fields in entries]
 
     async def fence(self, user: str, run: str) -> None:
         """Cancel fence: from now on the stream refuses every event of `run` but its cancel event."""

@@ -69,6 +69,7 @@ class ChorusClient:
         self._ids = itertools.count(1)
         self._closed = False
         self._connected = asyncio.Event()
+        self._reconnecting: asyncio.Task[None] | None = None
 
     # Connection
 
@@ -136,7 +137,7 @@ class ChorusClient:
         async with self._changed:
             self._changed.notify_all()
         if self.auto_reconnect and not self._closed and ws.close_code in RECONNECT_CODES | {None}:
-            asyncio.create_task(self._reconnect_loop())
+            self._reconnecting = asyncio.create_task(self._reconnect_loop())
 
     async def _reconnect_loop(self) -> None:
         for attempt in itertools.count():

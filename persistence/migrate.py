@@ -10,7 +10,7 @@ from alembic.config import Config
 
 def sqlalchemy_url(database_url: str) -> str:
     """`postgresql://...` as SQLAlchemy's asyncpg dialect wants it."""
-    scheme, rest = database_url.split("://", 1)
+    _, rest = database_url.split("://", 1)
     return f"postgresql+asyncpg://{rest}"
 
 

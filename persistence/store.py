@@ -239,7 +239,9 @@ class Store:
 
     # REST
 
-    async def list_conversations(self, user: str, *, limit: int, before: datetime | None) -> list[Conversation]:
+    async def list_conversations(
+        self, user: str, *, limit: int, before: datetime | None
+    ) -> list[Conversation]:
         async with self._conn() as conn:
             rows = await conn.fetch(sql.LIST_CONVERSATIONS, user, before, limit)
         return [Conversation(**dict(r)) for r in rows]

@@ -139,7 +139,7 @@ async def test_hub_subscribes_on_first_socket_and_unsubscribes_after_last(redis:
     hub = Hub(redis, keys)
     await hub.start()
     try:
-        await asyncio.wait_for(_until(lambda: hub.connected), 5)
+        await hub.wait_connected(5)
         a, b = Recorder("u"), Recorder("u")
         await hub.attach(a)
         await hub.attach(b)
@@ -162,7 +162,7 @@ async def test_hub_attach_detach_race_never_loses_a_subscription(redis: Redis, k
     hub = Hub(redis, keys)
     await hub.start()
     try:
-        await asyncio.wait_for(_until(lambda: hub.connected), 5)
+        await hub.wait_connected(5)
         for _ in range(30):
             subs = [Recorder("u") for _ in range(4)]
             await asyncio.gather(*(hub.attach(s) for s in subs), hub.detach(subs[0]), hub.detach(subs[1]))
@@ -179,7 +179,7 @@ async def test_hub_resubscribes_and_resumes_after_redis_restart(fresh_redis: Red
     hub = Hub(redis, keys)
     await hub.start()
     try:
-        await asyncio.wait_for(_until(lambda: hub.connected), 5)
+        await hub.wait_connected(5)
         sub = Recorder("u")
         await hub.attach(sub)
         await asyncio.to_thread(fresh_redis.restart, keep_data=True)
@@ -190,8 +190,3 @@ async def test_hub_resubscribes_and_resumes_after_redis_restart(fresh_redis: Red
     finally:
         await hub.close()
         await redis.aclose()
-
-
-async def _until(predicate: object) -> None:
-    while not predicate():  # type: ignore[operator]
-        await asyncio.sleep(0.02)

@@ -24,7 +24,8 @@ from fanout.recovery import Gate, Offer, ResumePlan, Resync, frame_seq, plan_res
 )
 def test_plan_resume(after: int | None, client_epoch: str | None, seq: int, first_seq: int,
                      expected: ResumePlan) -> None:
-    assert plan_resume(after=after, client_epoch=client_epoch, epoch="e1", seq=seq, first_seq=first_seq) == expected
+    plan = plan_resume(after=after, client_epoch=client_epoch, epoch="e1", seq=seq, first_seq=first_seq)
+    assert plan == expected
 
 
 def test_gate_lets_exactly_the_next_seq_through() -> None:

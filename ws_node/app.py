@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -10,10 +11,12 @@ from collections.abc import AsyncIterator
 from aiohttp import WSMsgType, web
 from redis.asyncio import Redis
 
-from fanout.hub import Hub, Unavailable as HubUnavailable
+from fanout.hub import Hub
+from fanout.hub import Unavailable as HubUnavailable
 from fanout.keys import Keys
 from fanout.stream import TRANSIENT, UserStream
-from persistence.store import Store, Unavailable as StoreUnavailable
+from persistence.store import Store
+from persistence.store import Unavailable as StoreUnavailable
 from ws_node import commands, presence, protocol, rest
 from ws_node.auth import Unauthorized, authenticate
 from ws_node.connection import Connection
@@ -44,11 +47,13 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
                       queue_max_frames=settings.queue_max_frames)
     writer = asyncio.create_task(conn.writer(), name=f"writer-{ident.user}-{device}")
     svc.connections.add(conn)
+    svc.idle.clear()
     try:
         try:
             await svc.hub.attach(conn)
-            await conn.open(after=int(after_raw) if after_raw is not None else None, client_epoch=client_epoch,
-                            node=settings.node_id, heartbeat_s=settings.heartbeat_s)
+            after = int(after_raw) if after_raw is not None else None
+            await conn.open(after=after, client_epoch=client_epoch, node=settings.node_id,
+                            heartbeat_s=settings.heartbeat_s)
             await presence.mark_online(svc.redis, svc.keys, [(conn.user, conn.device)], settings.node_id)
         except (HubUnavailable, *TRANSIENT) as exc:
             log.warning("cannot serve %s/%s: %r", conn.user, conn.device, exc)
@@ -61,6 +66,8 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
                     conn.send(protocol.error(ErrorCode.BAD_REQUEST, "binary frames are not supported"))
     finally:
         svc.connections.discard(conn)
+        if not svc.connections:
+            svc.idle.set()
         conn.close(CloseCode.NORMAL, "bye")
         await asyncio.gather(_detach(svc, conn), return_exceptions=True)
         try:
@@ -104,12 +111,12 @@ async def readyz(request: web.Request) -> web.Response:
     checks = {"draining": svc.draining, "pubsub": svc.hub.connected, "redis": False, "postgres": False}
     try:
         checks["redis"] = bool(await asyncio.wait_for(svc.redis.ping(), 2))
-    except Exception:  # noqa: BLE001 - any failure means not ready
+    except Exception:
         pass
     try:
         await asyncio.wait_for(svc.store.ping(), 2)
         checks["postgres"] = True
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     ready = checks["pubsub"] and checks["redis"] and checks["postgres"] and not checks["draining"]
     return rest.json_response({"ready": ready, "node": svc.settings.node_id, **checks}, 200 if ready else 503)
@@ -122,7 +129,7 @@ async def _presence_refresher(svc: Services) -> None:
             await presence.mark_online(
                 svc.redis, svc.keys, [(c.user, c.device) for c in svc.connections], svc.settings.node_id
             )
-        except Exception as exc:  # noqa: BLE001 - refreshed again next round
+        except Exception as exc:
             log.warning("presence refresh failed: %r", exc)
 
 
@@ -203,7 +210,6 @@ async def drain(svc: Services) -> None:
             conn.send(protocol.reconnect(after_ms=0))
             conn.close(CloseCode.SERVICE_RESTART, "node draining; reconnect")
         await asyncio.sleep(window_s / batches)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5
-    while svc.connections and loop.time() < deadline:
-        await asyncio.sleep(0.05)
+    if svc.connections:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(svc.idle.wait(), 5)

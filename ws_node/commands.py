@@ -42,7 +42,9 @@ async def send(svc: Services, conn: Connection, cmd: Send) -> str:
                   "client_id": client_id},
             producer=f"msg:{record.message}", pseq=1,
         )
-        await enqueue_run(svc.redis, svc.keys, run=record.run, user=conn.user, conversation=record.conversation)
+        await enqueue_run(
+            svc.redis, svc.keys, run=record.run, user=conn.user, conversation=record.conversation
+        )
         await svc.store.set_message_seq(conn.user, record.message, published.seq)
         seq = published.seq
     return protocol.ack(cmd.id, conversation=record.conversation, message=record.message, run=record.run,

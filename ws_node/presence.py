@@ -32,7 +32,7 @@ async def mark_online(redis: Redis, keys: Keys, devices: Iterable[tuple[str, str
 
 async def mark_offline(redis: Redis, keys: Keys, user: str, device: str, node: str) -> None:
     key = keys.presence(user)
-    current = await redis.hget(key, device)
+    current: str | None = await redis.hget(key, device)  # type: ignore[assignment]
     if current is not None and current.split("|", 1)[0] == node:
         await redis.hdel(key, device)  # another node may already hold the device's newer socket
 
@@ -41,7 +41,8 @@ async def online(redis: Redis, keys: Keys, user: str) -> dict[str, str]:
     """device -> node for the user's devices whose entry has not expired."""
     now_ms = time.time() * 1000
     result = {}
-    for device, value in (await redis.hgetall(keys.presence(user))).items():
+    entries: dict[str, str] = await redis.hgetall(keys.presence(user))  # type: ignore[assignment]
+    for device, value in entries.items():
         node, _, expires = value.partition("|")
         if expires.isdigit() and int(expires) > now_ms:
             result[device] = node

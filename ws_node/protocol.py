@@ -117,7 +117,7 @@ def _field(obj: dict[str, Any], name: str, kind: type, id_: str | None, *, requi
     if not isinstance(value, kind) or (kind is str and not value and required):
         article = "a non-empty string" if kind is str else kind.__name__
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must be {article}", id_)
-    if kind is str and len(value) > MAX_ID_CHARS * 64:
+    if isinstance(value, str) and len(value) > MAX_ID_CHARS * 64:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"{name} is too long", id_)
     return value
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -25,6 +26,7 @@ class Services:
     store: Store
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no socket is open
 
 
 SERVICES = web.AppKey("services", Services)
