@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from langchain_core import exceptions as llm_errors
 from redis.asyncio import Redis
 
 from agent_worker.jobs import Job, clear_inflight, enqueue_run, ensure_group
@@ -322,14 +323,18 @@ class RunExecution:
 
 
 def _error_of(exc: BaseException) -> tuple[str, str]:
-    """A user-readable failure code and message for a model error."""
-    name = type(exc).__name__
-    if "RateLimit" in name:
-        return "llm_rate_limited", "the model is rate limited; try again shortly"
-    if "Timeout" in name:
-        return "llm_timeout", "the model did not answer in time"
-    if "Connection" in name:
-        return "llm_unreachable", "the model endpoint could not be reached"
-    if "APIError" in name or "Status" in name:
-        return "llm_error", f"the model endpoint returned an error ({name})"
-    return "internal", f"the run failed ({name})"
+    """A user-readable failure code and message for a failed run."""
+    for kind, code, message in _MODEL_ERRORS:
+        if isinstance(exc, kind):
+            return code, message
+    return "internal", f"the run failed ({type(exc).__name__})"
+
+
+_MODEL_ERRORS: list[tuple[type[BaseException], str, str]] = [
+    (llm_errors.ModelRateLimitError, "llm_rate_limited", "the model is rate limited; try again shortly"),
+    (llm_errors.ModelTimeoutError, "llm_timeout", "the model did not answer in time"),
+    (llm_errors.ModelConnectionError, "llm_unreachable", "the model endpoint could not be reached"),
+    (llm_errors.ModelAuthenticationError, "llm_auth", "the model endpoint refused our credentials"),
+    (llm_errors.ContextOverflowError, "llm_context_overflow", "the conversation is too long for the model"),
+    (llm_errors.ModelError, "llm_error", "the model endpoint returned an error"),
+]

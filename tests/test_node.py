@@ -1,0 +1,263 @@
+"""A node's edges: bad frames, authentication, REST, health, settings, and a slow consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from redis.asyncio import Redis
+
+from fanout.keys import Keys
+from fanout.stream import UserStream
+from loadtest.client import ChorusClient
+from loadtest.cluster import LocalCluster
+from loadtest.procs import Proc, free_port, wait_http_ok
+from tests.conftest import unique
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def node_url(cluster: LocalCluster, path: str, index: int = 0) -> str:
+    return f"http://127.0.0.1:{cluster.node_ports[index]}{path}"
+
+
+async def test_bad_frames_get_error_frames_and_the_socket_lives_on(cluster: LocalCluster,
+                                                                   http: aiohttp.ClientSession) -> None:
+    token = cluster.token(unique("alice"))
+    async with http.ws_connect(node_url(cluster, f"/ws?access_token={token}")) as ws:
+        hello = await ws.receive_json(timeout=5)
+        assert hello["type"] == "hello"
+        cases: list[tuple[str | bytes, str]] = [
+            ("this is not json", "bad_request"),
+            ("[1, 2, 3]", "bad_request"),
+            ('{"type": "launch_missiles", "id": "x1"}', "bad_request"),
+            ('{"type": "send", "id": "x2"}', "bad_request"),
+            ('{"type": "send", "id": "x3", "text": 42}', "bad_request"),
+            ('{"type": "send", "id": "x4", "text": "' + "a" * 9000 + '"}', "too_large"),
+            ('{"type": "cancel", "id": "x5", "run": "r_does_not_exist"}', "not_found"),
+            ('{"type": "send", "id": "x6", "text": "hi", "conversation": "c_nope"}', "not_found"),
+            (b"\x00\x01binary", "bad_request"),
+            ("\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace"), "bad_request"),
+        ]
+        for frame, code in cases:
+            if isinstance(frame, bytes):
+                await ws.send_bytes(frame)
+            else:
+                await ws.send_str(frame)
+            reply = await ws.receive_json(timeout=5)
+            assert reply["type"] == "error", (frame, reply)
+            assert reply["code"] == code, (frame, reply)
+            assert reply["message"]
+        await ws.send_json({"type": "ping", "id": "still-alive"})
+        assert await ws.receive_json(timeout=5) == {"type": "pong", "id": "still-alive"}
+
+        # A frame above the size limit ends the socket with 1009, as documented.
+        await ws.send_str("x" * 70_000)
+        closing = await ws.receive(timeout=5)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+        assert ws.close_code == 1009
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        None,  # no token at all
+        {"sub": "x", "exp": time.time() - 10},  # expired
+        {"sub": "x"},  # no exp
+        {"exp": time.time() + 60},  # no sub
+        "wrong-secret",
+    ],
+)
+async def test_bad_tokens_are_refused_with_401_before_the_upgrade(
+    cluster: LocalCluster, http: aiohttp.ClientSession, claims: Any
+) -> None:
+    if claims is None:
+        url = node_url(cluster, "/ws")
+    elif claims == "wrong-secret":
+        token = jwt.encode({"sub": "x", "exp": time.time() + 60}, "another-secret-of-32-characters!!", "HS256")
+        url = node_url(cluster, f"/ws?access_token={token}")
+    else:
+        url = node_url(cluster, f"/ws?access_token={jwt.encode(claims, cluster.config.jwt_secret, 'HS256')}")
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await http.ws_connect(url)
+    assert info.value.status == 401
+
+
+async def test_token_in_the_authorization_header(cluster: LocalCluster, http: aiohttp.ClientSession) -> None:
+    user = unique("alice")
+    headers = {"Authorization": f"Bearer {cluster.token(user)}"}
+    async with http.ws_connect(node_url(cluster, "/ws?device=hdr"), headers=headers) as ws:
+        hello = await ws.receive_json(timeout=5)
+        assert (hello["user"], hello["device"]) == (user, "hdr")
+
+
+async def test_rest_conversations_and_paginated_messages(cluster: LocalCluster,
+                                                         http: aiohttp.ClientSession) -> None:
+    token = cluster.token(unique("alice"))
+    auth = {"Authorization": f"Bearer {token}"}
+    base = cluster.http_url
+
+    async with http.get(f"{base}/v1/conversations") as response:
+        assert response.status == 401
+    async with http.post(f"{base}/v1/conversations", headers=auth, json={"title": "Trip"}) as response:
+        assert response.status == 201
+        created = await response.json()
+    assert created["title"] == "Trip" and created["agent"] == "default"
+    async with http.post(f"{base}/v1/conversations", headers=auth, data=b"{nope") as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "bad_request"
+
+    device = ChorusClient(cluster.ws_url, token, device="phone")
+    await device.connect()
+    try:
+        for text in ("one", "two"):
+            ack = await device.send(text, conversation=created["id"])
+            await device.wait_run_end(ack["run"])
+    finally:
+        await device.close()
+
+    async with http.get(f"{base}/v1/conversations/{created['id']}/messages?limit=3", headers=auth) as response:
+        page = await response.json()
+    assert [m["role"] for m in page["messages"]] == ["assistant", "user", "assistant"]  # newest last
+    assert page["next_before"] is not None
+    async with http.get(f"{base}/v1/conversations/{created['id']}/messages?limit=3&before={page['next_before']}",
+                        headers=auth) as response:
+        older = await response.json()
+    assert [m["content"] for m in older["messages"]] == ["one"]
+    assert older["next_before"] is None
+    async with http.get(f"{base}/v1/conversations/{created['id']}/messages?limit=0", headers=auth) as response:
+        assert response.status == 400
+
+    async with http.get(f"{base}/v1/conversations", headers=auth) as response:
+        listing = await response.json()
+    assert [c["id"] for c in listing["conversations"]] == [created["id"]]
+    async with http.get(f"{base}/v1/conversations/{created['id']}", headers=auth) as response:
+        assert (await response.json())["id"] == created["id"]
+    async with http.delete(f"{base}/v1/conversations/{created['id']}", headers=auth) as response:
+        assert response.status == 204
+    async with http.get(f"{base}/v1/conversations/{created['id']}/messages", headers=auth) as response:
+        assert response.status == 404
+
+
+async def test_health_and_readiness(cluster: LocalCluster, http: aiohttp.ClientSession) -> None:
+    async with http.get(node_url(cluster, "/healthz")) as response:
+        assert response.status == 200
+    async with http.get(node_url(cluster, "/readyz", 1)) as response:
+        body = await response.json()
+    assert response.status == 200
+    assert body == {"ready": True, "node": "node-b", "draining": False, "pubsub": True, "redis": True,
+                    "postgres": True}
+
+
+@pytest.mark.parametrize(
+    ("module", "env", "name"),
+    [
+        ("ws_node", {"AUTH_JWT_SECRET": ""}, "AUTH_JWT_SECRET"),
+        ("ws_node", {"AUTH_JWT_SECRET": "short"}, "AUTH_JWT_SECRET"),
+        ("ws_node", {"PORT": "eighty"}, "PORT"),
+        ("ws_node", {"REDIS_URL": "http://localhost"}, "REDIS_URL"),
+        ("ws_node", {"DATABASE_URL": ""}, "DATABASE_URL"),
+        ("agent_worker", {"REDIS_URL": ""}, "REDIS_URL"),
+        ("agent_worker", {"LLM_BASE_URL": "localhost:8000"}, "LLM_BASE_URL"),
+        ("agent_worker", {"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY"),
+    ],
+)
+def test_a_bad_setting_stops_the_process_naming_the_variable(module: str, env: dict[str, str], name: str) -> None:
+    base = {"REDIS_URL": "redis://127.0.0.1:1/0", "DATABASE_URL": "postgresql://x@127.0.0.1:1/x",
+            "AUTH_JWT_SECRET": "s" * 32, "PATH": os.environ["PATH"]}
+    done = subprocess.run([sys.executable, "-m", module], env={**base, **env}, capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 2
+    assert name in done.stderr
+
+
+class RawSocket:
+    """A WebSocket client with a tiny receive buffer that reads only when told: a slow phone."""
+
+    def __init__(self, port: int, path: str) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self.sock.recv(4096)
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        assert b" 101 " in head.split(b"\r\n")[0]
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def frames_until_close(self) -> tuple[int, int]:
+        """Read every frame; returns (text frames read, close code)."""
+        self.sock.settimeout(20)
+        texts = 0
+        while True:
+            first, second = self._read(2)
+            length = second & 0x7F
+            if length == 126:
+                length = struct.unpack("!H", self._read(2))[0]
+            elif length == 127:
+                length = struct.unpack("!Q", self._read(8))[0]
+            payload = self._read(length)
+            opcode = first & 0x0F
+            if opcode == 0x8:
+                return texts, struct.unpack("!H", payload[:2])[0]
+            texts += opcode == 0x1
+
+
+async def test_slow_consumer_is_closed_with_4008_and_others_keep_up(cluster: LocalCluster, tmp_path: Path) -> None:
+    """A client that stops reading fills its bounded queue and is closed with 4008 (reconnect with
+    `after`); a healthy device of the same user on the same node gets every event meanwhile."""
+    port = free_port()
+    node = Proc("slow-node", [sys.executable, "-m", "ws_node"], workdir=tmp_path, env={
+        "REDIS_URL": cluster.redis_url, "DATABASE_URL": cluster.database_url,
+        "AUTH_JWT_SECRET": cluster.config.jwt_secret, "PORT": str(port), "NODE_ID": "slow-node",
+        "HOST": "127.0.0.1", "SEND_QUEUE_MAX_FRAMES": "64",
+    })
+    node.start()
+    redis = Redis.from_url(cluster.redis_url, decode_responses=True)
+    try:
+        await asyncio.to_thread(wait_http_ok, f"http://127.0.0.1:{port}/readyz", 30)
+        user = unique("alice")
+        token = cluster.token(user)
+        slow = await asyncio.to_thread(RawSocket, port, f"/ws?access_token={token}&device=slow")
+        healthy = ChorusClient(f"ws://127.0.0.1:{port}/ws", token, device="healthy", auto_reconnect=False)
+        start = (await healthy.connect())["seq"]
+        stream = UserStream(redis, Keys())
+        padding = "x" * 2000
+        for n in range(3000):
+            await stream.publish(user, conversation="c", run="r", event="token", data={"text": padding, "n": n})
+        await healthy.wait_for(lambda: len(healthy.events) == 3000, 30)
+        assert healthy.gaps == [] and healthy.seqs()[0] == start + 1
+        texts, code = await asyncio.to_thread(slow.frames_until_close)
+        assert code == 4008
+        assert texts < 3000, "the slow socket must have been cut off, not served everything"
+        await healthy.close()
+    finally:
+        await redis.aclose()
+        node.stop()
