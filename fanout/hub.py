@@ -7,12 +7,21 @@ follows can never miss an event published in between. Delivery into a subscriber
 After the Pub/Sub connection is lost, every channel held is subscribed again and, as each is
 confirmed, its subscribers are told to `resume()` (catch up from history): Pub/Sub is at-most-once,
 the history is not.
+
+A connection can also go deaf while its TCP looks fine (python-socketio and Channels users have
+lost a day of messages that way). So the hub publishes a canary to a channel of its own every
+`canary_interval_s`; when one has not come back within `canary_timeout_s`, the hub reports itself
+unhealthy (the node's /readyz turns 503), drops the connection and subscribes everything again
+on a new one, and is healthy again once a canary comes back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -47,16 +56,27 @@ class Unavailable(Exception):
 class Hub:
     """Per-user Pub/Sub fan-out for one node process."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, subscribe_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, *, subscribe_timeout_s: float = 5.0, canary_interval_s: float = 1.0,
+        canary_timeout_s: float = 3.0,
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._subscribe_timeout_s = subscribe_timeout_s
+        self._canary_interval_s = canary_interval_s
+        self._canary_timeout_s = canary_timeout_s
+        self._canary_channel = keys.canary(secrets.token_hex(8))
+        self._canary_numbers = itertools.count(1)
+        self._canaries_unheard: dict[int, float] = {}  # canary number -> monotonic time sent
+        self._deaf = False
+        self._redial = False
         self._subs: dict[str, set[Subscriber]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._users_by_channel: dict[str, str] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._pubsub: PubSub | None = None
         self._task: asyncio.Task[None] | None = None
+        self._canary_task: asyncio.Task[None] | None = None
         self.connected = False
         self._connected_event = asyncio.Event()
         self.last_message_at = time.monotonic()
@@ -64,13 +84,20 @@ class Hub:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="hub-pubsub")
+        self._canary_task = asyncio.create_task(self._canaries(), name="hub-canary")
 
     async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._canary_task):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    @property
+    def healthy(self) -> bool:
+        """Connected, and the last canary came back: delivery through this node works."""
+        return self.connected and not self._deaf
 
     async def wait_connected(self, timeout_s: float) -> None:
         """Wait until the Pub/Sub connection is up (raises TimeoutError)."""
@@ -148,29 +175,57 @@ class Hub:
                 self.connected = True
                 self._connected_event.set()
                 channels = list(self._users_by_channel)
-                if channels:
-                    await pubsub.subscribe(*channels)
+                await pubsub.subscribe(self._canary_channel, *channels)
+                self._canaries_unheard.clear()
                 delays = delays_s(base_s=0.1, cap_s=2.0)
                 log.info("pubsub connected; %d channels subscribed again", len(channels))
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
+                while not self._redial:
+                    message = await pubsub.get_message(timeout=min(1.0, self._canary_interval_s))
                     if message is not None:
                         self._handle(message)
+                log.warning("pubsub connection is deaf (canary lost); reconnecting")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("pubsub connection lost: %r", exc)
             finally:
+                self._redial = False
                 self.connected = False
                 self._connected_event.clear()
                 self._pubsub = None
                 await asyncio.gather(pubsub.aclose(), return_exceptions=True)  # type: ignore[no-untyped-call]
             await asyncio.sleep(next(delays))
 
+    async def _canaries(self) -> None:
+        """Publish a canary every interval; a canary unheard for the timeout means deaf."""
+        while True:
+            await asyncio.sleep(self._canary_interval_s)
+            if not self.connected:
+                continue
+            now = time.monotonic()
+            if self._canaries_unheard and now - min(self._canaries_unheard.values()) > self._canary_timeout_s:
+                self._deaf = True
+                self._redial = True
+                self._canaries_unheard.clear()
+                continue
+            number = next(self._canary_numbers)
+            self._canaries_unheard[number] = now
+            with contextlib.suppress(*TRANSIENT):
+                await self._redis.publish(self._canary_channel, str(number))
+
+    def _heard_canary(self, number: int) -> None:
+        for sent in [n for n in self._canaries_unheard if n <= number]:
+            del self._canaries_unheard[sent]
+        self._deaf = False
+
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         channel = _text(message["channel"])
         self.last_message_at = time.monotonic()
+        if channel == self._canary_channel:
+            if kind == "message":
+                self._heard_canary(int(_text(message["data"])))
+            return
         if kind == "message":
             data = _text(message["data"])
             if self.on_message is not None:

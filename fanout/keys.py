@@ -48,6 +48,10 @@ class Keys:
         """Pub/Sub channel carrying the user's frames."""
         return self._user(user, "ch")
 
+    def canary(self, hub: str) -> str:
+        """Pub/Sub channel a node's hub publishes to itself, to notice a deaf subscription."""
+        return f"{self.prefix}:canary:{hub}"
+
     @property
     def runs(self) -> str:
         """Stream of run jobs consumed by the agent workers' consumer group."""

@@ -190,3 +190,37 @@ async def test_hub_resubscribes_and_resumes_after_redis_restart(fresh_redis: Red
     finally:
         await hub.close()
         await redis.aclose()
+
+
+async def test_hub_recovers_when_redis_kills_its_subscription(redis: Redis, keys: Keys) -> None:
+    """CLIENT KILL of the hub's Pub/Sub connection (what a Redis failover or a proxy does): the hub
+    reconnects, resubscribes, tells its subscribers to catch up, and is healthy again. The deaf
+    case (TCP alive, nothing delivered) is tests/test_faults.py's, through a fault proxy."""
+    hub = Hub(redis, keys, canary_interval_s=0.1, canary_timeout_s=0.5)
+    await hub.start()
+    try:
+        await hub.wait_connected(5)
+        sub = Recorder("u")
+        await hub.attach(sub)
+        await sub.wait(lambda: hub.healthy)
+        clients = await redis.client_list(_type="pubsub")
+        assert len(clients) == 1
+        pubsub_id = clients[0]["id"]
+        await redis.execute_command("CLIENT", "KILL", "ID", pubsub_id)
+        await sub.wait(lambda: sub.resumes >= 1, timeout_s=10)
+        await hub.wait_connected(5)
+        seq = await publish(UserStream(redis, keys), "u", 1)
+        await sub.wait(lambda: any(s == seq for s, _ in sub.frames))
+        assert hub.healthy or await _eventually(lambda: hub.healthy)
+    finally:
+        await hub.close()
+
+
+async def _eventually(predicate: object, timeout_s: float = 5) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        await asyncio.sleep(0.05)
+    return False
