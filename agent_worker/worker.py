@@ -21,10 +21,10 @@ from redis.asyncio import Redis
 
 from agent_worker.jobs import Job, clear_inflight, enqueue_run, ensure_group
 from agent_worker.settings import WorkerSettings
-from fanout.backoff import delays_s
+from fanout.backoff import delays_s, retrying
 from fanout.keys import RUNS_GROUP, Keys
 from fanout.stream import TRANSIENT, Fenced, UserStream
-from persistence.store import RunClaim, Store, Unavailable
+from persistence.store import Finished, RunClaim, Store, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +154,15 @@ class Worker:
 
     async def _renew_leases(self) -> None:
         jobs = list(self.running.values())
+        if not jobs:
+            return
+        # Reset the entries' idle time so no other worker reclaims a live run; first, because it
+        # needs only Redis: a run that streams on through a Postgres outage keeps its job.
+        # JUSTID leaves the delivery count alone (it counts real deliveries for the dead letter).
+        await self.redis.xclaim(self.keys.runs, RUNS_GROUP, self.consumer, 0,
+                                [job.entry for job in jobs], justid=True)
         for job in jobs:
             await self.store.renew_lease(job.run, worker=self.consumer, lease_s=self.settings.lease_s)
-        if jobs:
-            # Reset the entries' idle time so no other worker reclaims a live run.
-            await self.redis.xclaim(self.keys.runs, RUNS_GROUP, self.consumer, 0,
-                                    [job.entry for job in jobs], justid=True)
 
     async def _reclaim(self, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> None:
         idle_ms = int(self.settings.lease_s * 1000)
@@ -187,8 +190,8 @@ class Worker:
                                                     "conversation": job.conversation,
                                                     "deliveries": str(deliveries)})
         message = f"the run failed {deliveries} times and was given up"
-        await self.store.finish_run(job.run, status="failed", text="", error_code="run_dead_lettered",
-                                    error_message=message)
+        await self.store.finish_run(job.run, status="failed", text="", worker=None,
+                                    error_code="run_dead_lettered", error_message=message)
         await self._publish_unpublished_end(job.run)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.keys.runs, RUNS_GROUP, job.entry)
@@ -221,7 +224,12 @@ async def publish_end(
         user, conversation=conversation, run=run, event=END_EVENTS[status], data=data,
         producer=f"run:{run}:end", pseq=1, fenced_run=run, pass_fence=True,
     )
-    await worker.store.set_terminal_seq(run, published.seq)
+
+    async def record() -> None:
+        await worker.store.set_terminal_seq(run, published.seq)
+
+    await retrying(record, retry_on=(Unavailable,), deadline_s=worker.settings.store_retry_s,
+                   what=f"recording the end of run {run}")
     await clear_inflight(worker.redis, worker.keys, user=user, conversation=conversation, run=run)
 
 
@@ -235,6 +243,7 @@ class RunExecution:
         self.pseq = 0
         self.text: list[str] = []
         self.last_seq: int | None = None
+        self._checkpointed_at = 0.0
 
     async def publish(self, event: str, data: dict[str, Any]) -> int:
         self.pseq += 1
@@ -250,7 +259,9 @@ class RunExecution:
         c, worker = self.claim, self.worker
         history = await worker.store.history(c.conversation, c.message)
         try:
-            await self.publish("run.started", {"message": c.message, "attempt": c.attempts})
+            # attempt > 1: a restart after a worker died; devices drop this run's partial text.
+            await self.publish("run.started", {"message": c.message, "attempt": c.attempts,
+                                               "worker": worker.consumer})
             await self._stream(history)
             if await worker.stream.is_fenced(c.user, c.run):
                 raise Fenced(c.run)
@@ -267,22 +278,39 @@ class RunExecution:
             await self._end("completed")
 
     async def _end(self, status: str, error: tuple[str, str] | None = None) -> None:
-        c = self.claim
+        """Store the end, then publish it. Postgres being away does not lose the answer the
+        devices already saw: storing is retried until it comes back (the run stays leased)."""
+        c, worker = self.claim, self.worker
         text = "".join(self.text)
-        message = await self.worker.store.finish_run(
-            c.run, status=status, text=text, error_code=error[0] if error else None,
-            error_message=error[1] if error else None,
-        )
-        state = await self.worker.store.run_state(c.run)
-        if state is None:
-            return  # the conversation was deleted meanwhile
-        if message is None and state["status"] != status:
-            # Someone else ended it first (a node cancelled it while queued): publish theirs.
-            await self.worker._publish_unpublished_end(c.run)
+
+        async def store() -> Finished | None:
+            return await worker.store.finish_run(
+                c.run, status=status, text=text, worker=worker.consumer,
+                error_code=error[0] if error else None, error_message=error[1] if error else None,
+            )
+
+        finished = await retrying(store, retry_on=(Unavailable,), deadline_s=worker.settings.store_retry_s,
+                                  what=f"storing the end of run {c.run}")
+        if finished is None:
+            # Ended or taken over by someone else (a cancel while queued, another worker after
+            # our lease ran out): their end is the one that counts.
+            await worker._publish_unpublished_end(c.run)
             return
-        await publish_end(self.worker, c.user, c.conversation, c.run, state["status"], text=state["partial"],
-                          message=state["answer_message_id"], error=error,
-                          stopped_at=self.last_seq if status == "cancelled" else None)
+        await publish_end(worker, c.user, c.conversation, c.run, status, text=text, message=finished.message,
+                          error=error, stopped_at=self.last_seq if status == "cancelled" else None)
+
+    async def _checkpoint(self) -> None:
+        """Save the answer so far with the seq it reflects, at most every `checkpoint_s`: a device
+        whose history was trimmed resumes from this snapshot instead of a blank (docs/protocol.md).
+        Best effort: a Postgres outage must not stop the stream."""
+        loop = asyncio.get_running_loop()
+        if self.last_seq is None or loop.time() - self._checkpointed_at < self.worker.settings.checkpoint_s:
+            return
+        self._checkpointed_at = loop.time()
+        try:
+            await self.worker.store.save_partial(self.claim.run, "".join(self.text), self.last_seq)
+        except Unavailable as exc:
+            log.debug("checkpoint of run %s skipped: %r", self.claim.run, exc)
 
     async def _stream(self, history: Sequence[tuple[str, str]]) -> None:
         """Forward the model's text as `token` events, coalesced over `coalesce_s` so a fast
@@ -313,6 +341,7 @@ class RunExecution:
                     buffer.clear()
                     await self.publish("token", {"text": chunk})
                     self.text.append(chunk)
+                    await self._checkpoint()
                 if model.done() and not buffer:
                     model.result()
                     return

@@ -74,6 +74,7 @@ UPDATE runs SET status = $2, partial = $3, answer_message_id = $4, error_code = 
 WHERE id = $1 AND status IN ('queued', 'running')
 RETURNING user_id, conversation_id
 """
+LOCK_RUN = "SELECT user_id, conversation_id, status, worker FROM runs WHERE id = $1 FOR UPDATE"
 SET_TERMINAL_SEQ = "UPDATE runs SET terminal_seq = $2 WHERE id = $1"
 SAVE_PARTIAL = "UPDATE runs SET partial = $2, partial_seq = $3 WHERE id = $1 AND status = 'running'"
 # Runs whose job may have been lost: queued for a while, or running on an expired lease.

@@ -83,6 +83,13 @@ class SendRecord:
 
 
 @dataclass(frozen=True)
+class Finished:
+    """A run this call ended; `message` is its stored assistant message (None without text)."""
+
+    message: str | None
+
+
+@dataclass(frozen=True)
 class RunClaim:
     run: str
     user: str
@@ -205,21 +212,24 @@ class Store:
         return [(r["role"], r["content"]) for r in rows]
 
     async def finish_run(
-        self, run: str, *, status: str, text: str, error_code: str | None = None,
+        self, run: str, *, status: str, text: str, worker: str | None, error_code: str | None = None,
         error_message: str | None = None,
-    ) -> str | None:
-        """End a run (completed, cancelled or failed) and store its answer as the assistant
-        message when there is text. Returns the message id; None if the run had already ended."""
+    ) -> Finished | None:
+        """End a run (completed, cancelled or failed) and store its text as the assistant message.
+        With `worker`, only while that worker still holds the run (a worker whose lease ran out
+        and was taken over must not end the new attempt). None when it was not ended here."""
         async with self._conn() as conn, conn.transaction():
-            state = await conn.fetchrow(sql.RUN_STATE, run)
+            state = await conn.fetchrow(sql.LOCK_RUN, run)
             if state is None or state["status"] not in ("queued", "running"):
+                return None
+            if worker is not None and state["worker"] != worker:
                 return None
             message = new_id("m") if text else None
             if message:
                 await conn.execute(sql.INSERT_ASSISTANT_MESSAGE, message, state["conversation_id"],
                                    state["user_id"], text, run)
             await conn.execute(sql.FINISH_RUN, run, status, text, message, error_code, error_message)
-            return message
+            return Finished(message=message)
 
     async def set_terminal_seq(self, run: str, seq: int) -> None:
         async with self._conn() as conn:
