@@ -70,7 +70,8 @@ async def test_a_killed_workers_run_is_taken_over_and_ends_once(crashy: LocalClu
         end = await device.wait_run_end(run, 40)
         assert second != first
         assert end["event"] == "run.completed"
-        assert attempt_text(device, run, 2) == end["data"]["text"] == " ".join(f"word{i}" for i in range(1, 61))
+        expected = " ".join(f"word{i}" for i in range(1, 61))
+        assert attempt_text(device, run, 2) == end["data"]["text"] == expected
         assert device.gaps == [] and device.duplicates == 0
         assert device.seqs()[0] == start + 1
         rows = await db.fetch("SELECT content FROM messages WHERE run_id = $1 AND role = 'assistant'", run)
@@ -156,7 +157,9 @@ async def test_cancel_from_another_device_fences_the_stream(cluster: LocalCluste
                                                 if e["run"] == run and e["event"] == "token")
         # the worker really stopped calling the model: the streaming HTTP request was aborted
         await fake_llm.wait_until_async(lambda llm: llm.disconnects > aborted_before, 10)
-        stored = await db.fetchval("SELECT content FROM messages WHERE run_id = $1 AND role = 'assistant'", run)
+        stored = await db.fetchval(
+            "SELECT content FROM messages WHERE run_id = $1 AND role = 'assistant'", run
+        )
         assert stored == shown
         # Cancelling a finished run is a clear no-op error
         with pytest.raises(Exception, match="conflict"):
