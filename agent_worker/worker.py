@@ -243,6 +243,7 @@ class RunExecution:
         self.pseq = 0
         self.text: list[str] = []
         self.last_seq: int | None = None
+        self.epoch = ""
         self._checkpointed_at = 0.0
 
     async def publish(self, event: str, data: dict[str, Any]) -> int:
@@ -253,6 +254,7 @@ class RunExecution:
             producer=self.producer, pseq=self.pseq, fenced_run=c.run,
         )
         self.last_seq = result.seq
+        self.epoch = result.epoch
         return result.seq
 
     async def go(self) -> None:
@@ -308,7 +310,9 @@ class RunExecution:
             return
         self._checkpointed_at = loop.time()
         try:
-            await self.worker.store.save_partial(self.claim.run, "".join(self.text), self.last_seq)
+            await self.worker.store.save_partial(
+                self.claim.run, "".join(self.text), self.last_seq, self.epoch
+            )
         except Unavailable as exc:
             log.debug("checkpoint of run %s skipped: %r", self.claim.run, exc)
 

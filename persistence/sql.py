@@ -47,7 +47,8 @@ WHERE user_id = $1 AND id = $2 AND status = 'queued' RETURNING conversation_id
 # A run is claimable when queued, or running under a lease that ran out (its worker died).
 CLAIM_RUN = """
 UPDATE runs SET status = 'running', attempts = attempts + 1, worker = $2,
-    lease_until = now() + make_interval(secs => $3), updated_at = now()
+    lease_until = now() + make_interval(secs => $3), updated_at = now(),
+    partial = '', partial_seq = NULL, partial_epoch = NULL
 WHERE id = $1 AND (status = 'queued' OR (status = 'running' AND lease_until < now()))
 RETURNING user_id, conversation_id, message_id, attempts
 """
@@ -76,7 +77,13 @@ RETURNING user_id, conversation_id
 """
 LOCK_RUN = "SELECT user_id, conversation_id, status, worker FROM runs WHERE id = $1 FOR UPDATE"
 SET_TERMINAL_SEQ = "UPDATE runs SET terminal_seq = $2 WHERE id = $1"
-SAVE_PARTIAL = "UPDATE runs SET partial = $2, partial_seq = $3 WHERE id = $1 AND status = 'running'"
+SAVE_PARTIAL = """
+UPDATE runs SET partial = $2, partial_seq = $3, partial_epoch = $4 WHERE id = $1 AND status = 'running'
+"""
+RUNS_IN_FLIGHT = """
+SELECT id, conversation_id, status, partial, partial_seq, partial_epoch FROM runs
+WHERE user_id = $1 AND status IN ('queued', 'running') ORDER BY created_at
+"""
 # Runs whose job may have been lost: queued for a while, or running on an expired lease.
 STALE_RUNS = """
 SELECT r.id, r.user_id, r.conversation_id FROM runs r JOIN messages m ON m.id = r.message_id

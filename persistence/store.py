@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 
+from fanout.snapshot import RunInFlight
 from persistence import sql
 
 # asyncpg raises these when Postgres is down, restarting or unreachable.
@@ -235,9 +236,19 @@ class Store:
         async with self._conn() as conn:
             await conn.execute(sql.SET_TERMINAL_SEQ, run, seq)
 
-    async def save_partial(self, run: str, text: str, seq: int) -> None:
+    async def save_partial(self, run: str, text: str, seq: int, epoch: str) -> None:
+        """Checkpoint a running run's answer so far, as of `seq` in history `epoch`."""
         async with self._conn() as conn:
-            await conn.execute(sql.SAVE_PARTIAL, run, text, seq)
+            await conn.execute(sql.SAVE_PARTIAL, run, text, seq, epoch)
+
+    async def runs_in_flight(self, user: str) -> list[RunInFlight]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql.RUNS_IN_FLIGHT, user)
+        return [
+            RunInFlight(run=r["id"], conversation=r["conversation_id"], status=r["status"],
+                        partial=r["partial"], partial_seq=r["partial_seq"], partial_epoch=r["partial_epoch"])
+            for r in rows
+        ]
 
     async def stale_runs(self, *, queued_for_s: float, limit: int = 100) -> list[asyncpg.Record]:
         async with self._conn() as conn:

@@ -247,3 +247,36 @@ async def test_users_never_see_or_touch_each_other(
     finally:
         await alice.close()
         await bob.close()
+
+
+async def test_a_new_device_attaches_to_every_answer_in_progress(cluster: LocalCluster) -> None:
+    """A device without a position learns the runs in flight, in every conversation, with the
+    text so far exact as of the snapshot's seq, then follows their live tokens."""
+    token = cluster.token(unique("alice"))
+    phone = ChorusClient(node_ws(cluster, 0), token, device="phone")
+    await phone.connect()
+    try:
+        slow = "[[tokens:80]] [[slow:0.04]]"
+        first = await phone.send(f"{slow} first conversation")
+        second = await phone.send(f"{slow} second conversation")
+        for ack in (first, second):
+            await phone.wait_for(lambda a=ack: phone.run_text(a["run"]).count("word") >= 5, 20)
+        laptop = ChorusClient(node_ws(cluster, 1), token, device="laptop")
+        hello = await laptop.connect()
+        await laptop.wait_for(lambda: any(f["type"] == "snapshot" for f in laptop.frames), 5)
+        snap = next(f for f in laptop.frames if f["type"] == "snapshot")
+        assert snap["seq"] == hello["seq"] and snap["epoch"] == hello["epoch"]
+        assert {r["run"] for r in snap["runs"]} == {first["run"], second["run"]}
+        for ack in (first, second):
+            await phone.wait_run_end(ack["run"])
+            await laptop.wait_run_end(ack["run"])
+            shown = next(r["text"] for r in snap["runs"] if r["run"] == ack["run"])
+            # what the phone had at the snapshot's seq is exactly the snapshot's text
+            at_snapshot = "".join(e["data"]["text"] for e in phone.events
+                                  if e["run"] == ack["run"] and e["event"] == "token" and e["seq"] <= snap["seq"])
+            assert shown == at_snapshot and shown
+            assert shown + laptop.run_text(ack["run"]) == phone.run_end(ack["run"])["data"]["text"]  # type: ignore[index]
+        assert laptop.gaps == [] and laptop.duplicates == 0
+        await laptop.close()
+    finally:
+        await phone.close()

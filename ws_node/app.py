@@ -44,7 +44,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=settings.heartbeat_s, max_msg_size=settings.max_frame_bytes)
     await ws.prepare(request)
     conn = Connection(ws, user=ident.user, device=device, stream=svc.stream,
-                      queue_max_frames=settings.queue_max_frames)
+                      queue_max_frames=settings.queue_max_frames, runs_in_flight=svc.store.runs_in_flight)
     writer = asyncio.create_task(conn.writer(), name=f"writer-{ident.user}-{device}")
     svc.connections.add(conn)
     svc.idle.clear()
@@ -108,7 +108,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready when not draining, Pub/Sub is connected, and Redis and Postgres answer."""
     svc = request.app[SERVICES]
-    checks = {"draining": svc.draining, "pubsub": svc.hub.connected, "redis": False, "postgres": False}
+    checks = {"draining": svc.draining, "pubsub": svc.hub.healthy, "redis": False, "postgres": False}
     try:
         checks["redis"] = bool(await asyncio.wait_for(svc.redis.ping(), 2))
     except Exception:

@@ -11,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 
+import orjson
 from aiohttp import web
 
+from fanout import snapshot
 from fanout.recovery import Gate, Offer, Resync, frame_seq, plan_resume
+from fanout.snapshot import RunInFlight
 from fanout.stream import TRANSIENT, Position, UserStream
 from ws_node import protocol
 from ws_node.protocol import CloseCode
@@ -26,8 +30,10 @@ class Connection:
     """A device of `user` connected to this node."""
 
     def __init__(
-        self, ws: web.WebSocketResponse, *, user: str, device: str, stream: UserStream, queue_max_frames: int
+        self, ws: web.WebSocketResponse, *, user: str, device: str, stream: UserStream, queue_max_frames: int,
+        runs_in_flight: Callable[[str], Awaitable[list[RunInFlight]]] | None = None,
     ) -> None:
+        self.runs_in_flight = runs_in_flight
         self.ws = ws
         self.user = user
         self.device = device
@@ -114,12 +120,13 @@ class Connection:
         plan = plan_resume(after=after, client_epoch=client_epoch, epoch=position.epoch,
                            seq=position.seq, first_seq=position.first_seq)
         if plan.resync is not None:
-            self._resync(plan.resync, position)
+            await self._resync(plan.resync, position)
         elif plan.replay_after is not None:
             self.gate.last = plan.replay_after
             await self._replay(position)
         else:
             self.gate.last = plan.start
+            await self._snapshot(position)
         self._unpark()
         if self._parked is not None:
             self._start_catch_up()
@@ -134,7 +141,7 @@ class Connection:
             while self._parked is not None and self.close_code is None:
                 position = await self.stream.position(self.user)
                 if position.epoch != self.epoch:
-                    self._resync(Resync.EPOCH_CHANGED, position)
+                    await self._resync(Resync.EPOCH_CHANGED, position)
                 else:
                     await self._replay(position)
                 self._unpark()
@@ -145,16 +152,40 @@ class Connection:
     async def _replay(self, position: Position) -> None:
         frames = await self.stream.read_after(self.user, self.gate.last, upto=position.seq)
         if frames is None:
-            self._resync(Resync.HISTORY_TRIMMED, position)
+            await self._resync(Resync.HISTORY_TRIMMED, position)
             return
         for frame in frames:
             if self.gate.offer(frame_seq(frame)) is Offer.DELIVER:
                 self.send(frame)
 
-    def _resync(self, reason: Resync, position: Position) -> None:
+    async def _resync(self, reason: Resync, position: Position) -> None:
+        """The device's position is unusable: move it to `position`, with a snapshot of the runs in
+        flight so it shows every answer in progress exactly (finished ones come over REST)."""
         self.epoch = position.epoch
         self.gate.last = position.seq
         self.send(protocol.resync(str(reason), seq=position.seq, epoch=position.epoch))
+        await self._snapshot(position)
+
+    async def _snapshot(self, position: Position) -> None:
+        if self.runs_in_flight is None:
+            return
+        try:
+            runs = await self.runs_in_flight(self.user)
+        except Exception as exc:  # Postgres away: the device still gets live events
+            log.warning("no snapshot for %s/%s: %r", self.user, self.device, exc)
+            return
+        after = snapshot.scan_after(runs, epoch=position.epoch, seq=position.seq,
+                                    first_seq=position.first_seq)
+        events = []
+        if after is not None and after < position.seq:
+            frames = await self.stream.read_after(self.user, after, upto=position.seq)
+            if frames is None:
+                after = None
+            else:
+                events = [orjson.loads(f) for f in frames if frame_seq(f) <= position.seq]
+        runs_now = snapshot.build(runs, events, epoch=position.epoch, seq=position.seq,
+                                  first_seq=position.first_seq, scanned_after=after)
+        self.send(protocol.snapshot(seq=position.seq, epoch=position.epoch, runs=runs_now))
 
     def _unpark(self) -> None:
         """Deliver parked frames in seq order; if one still leaves a gap, stay parked from it."""

@@ -149,3 +149,8 @@ def resync(reason: str, *, seq: int, epoch: str) -> str:
 
 def reconnect(*, after_ms: int) -> str:
     return _encode({"type": "reconnect", "after_ms": after_ms})
+
+
+def snapshot(*, seq: int, epoch: str, runs: list[dict[str, Any]]) -> str:
+    """The user's runs in flight, each run's text exact as of `seq` (see fanout.snapshot)."""
+    return _encode({"type": "snapshot", "seq": seq, "epoch": epoch, "runs": runs})

@@ -53,6 +53,7 @@ SCHEMA = [
         answer_message_id text,
         partial           text NOT NULL DEFAULT '',
         partial_seq       bigint,
+        partial_epoch     text,
         error_code        text,
         error_message     text,
         terminal_seq      bigint,

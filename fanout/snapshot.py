@@ -1,0 +1,79 @@
+"""Snapshots of the runs in flight: the answer so far of each, exact as of one seq.
+
+A device that connects without a position, or whose position was lost (`resync`), gets one
+`snapshot` frame right after `hello`/`resync`: for every run of the user still in flight, the text
+every other device shows at seq S, then live events from S+1. The text is the worker's last
+checkpoint in Postgres (`partial`, reflecting `partial_seq`) plus the run's tokens in the history
+after it; a run whose text cannot be made exact from what is kept is left out rather than shown
+wrong. Pure: the node reads Postgres and Redis and hands the results in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# How far back to read the history for runs that have no usable checkpoint.
+SCAN_WITHOUT_CHECKPOINT = 2_000
+
+
+@dataclass(frozen=True)
+class RunInFlight:
+    """A queued or running run as Postgres has it."""
+
+    run: str
+    conversation: str
+    status: str
+    partial: str
+    partial_seq: int | None
+    partial_epoch: str | None
+
+
+def _checkpoint(run: RunInFlight, epoch: str, first_seq: int) -> int | None:
+    """The seq the run's checkpoint reflects, if it is usable against this history."""
+    if run.partial_seq is None or run.partial_epoch != epoch or run.partial_seq < first_seq - 1:
+        return None
+    return run.partial_seq
+
+
+def scan_after(runs: Sequence[RunInFlight], *, epoch: str, seq: int, first_seq: int) -> int | None:
+    """The seq after which the history must be read to build the snapshot (None: nothing to read)."""
+    if not runs or seq == 0 or first_seq == 0:
+        return None
+    bases = [_checkpoint(r, epoch, first_seq) for r in runs if r.status == "running"]
+    if not bases:
+        return None
+    if any(b is None for b in bases):
+        return max(first_seq, seq - SCAN_WITHOUT_CHECKPOINT) - 1
+    return min(b for b in bases if b is not None)
+
+
+def build(
+    runs: Sequence[RunInFlight], events: Sequence[dict[str, Any]], *, epoch: str, seq: int, first_seq: int,
+    scanned_after: int | None,
+) -> list[dict[str, Any]]:
+    """The snapshot's runs as of `seq`, from `events` (the history after `scanned_after`)."""
+    result = []
+    for run in runs:
+        if run.status == "queued":
+            result.append({"run": run.run, "conversation": run.conversation, "status": "queued", "text": ""})
+            continue
+        base = _checkpoint(run, epoch, first_seq)
+        text = run.partial if base is not None else ""
+        started = base is not None
+        if scanned_after is None or (base is not None and base < scanned_after):
+            if base != seq:
+                continue  # the checkpoint is not at seq and no history was read for it
+        for event in events:
+            if event["run"] != run.run or (base is not None and event["seq"] <= base):
+                continue
+            if event["event"] == "run.started":
+                text, started = "", True  # a restarted run begins again
+            elif event["event"] == "token":
+                text += event["data"]["text"]
+        if started:
+            result.append(
+                {"run": run.run, "conversation": run.conversation, "status": "running", "text": text}
+            )
+    return result
