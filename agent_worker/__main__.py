@@ -3,33 +3,101 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
+import orjson
 from aiohttp import web
 from redis.asyncio import Redis
 
-from agent_worker.graph import build_graph, stream_answer
-from agent_worker.model import ModelConfig, build_chat_model
+from agent_worker.agents import AgentRegistry, agents_from_env
+from agent_worker.model import ModelConfig
+from agent_worker.resilience import BreakerRegistry, RetryPolicy, endpoint_key, resilient
 from agent_worker.settings import WorkerSettings
-from agent_worker.worker import Worker
+from agent_worker.worker import AnswerStream, Worker
 from fanout.backoff import delays_s
 from fanout.config import SettingError
 from fanout.keys import Keys
-from fanout.stream import UserStream
+from fanout.stream import TRANSIENT, UserStream
 from persistence.store import Store
 
 log = logging.getLogger("agent_worker")
+AGENTS_TTL_S = 300
+
+
+@dataclasses.dataclass
+class Agents:
+    """The configured agents, each answering through retries, its breaker and the fallback."""
+
+    primary: AgentRegistry
+    fallback: AgentRegistry | None
+    policy: RetryPolicy
+    breakers: BreakerRegistry
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], settings: WorkerSettings) -> Agents:
+        primary = AgentRegistry.from_env(env)
+        fallback = None
+        if settings.fallback_base_url:
+            fallback_model = ModelConfig(
+                base_url=settings.fallback_base_url, api_key=settings.fallback_api_key,
+                model=settings.fallback_model or settings.llm_model, timeout_s=settings.llm_timeout_s,
+            )
+            specs = [dataclasses.replace(s, model=fallback_model) for s in agents_from_env(env)]
+            fallback = AgentRegistry(specs, mcp_timeout_s=primary.mcp_timeout_s)
+        return cls(primary=primary, fallback=fallback,
+                   policy=RetryPolicy(settings.retry_attempts, settings.retry_base_s, settings.retry_cap_s),
+                   breakers=BreakerRegistry(settings.breaker_failures, settings.breaker_reset_s))
+
+    def answer(self, agent: str, history: Sequence[tuple[str, str]]) -> AsyncIterator[object]:
+        spec = self.primary.spec(agent)  # UnknownAgent: the run fails with a clear code
+        fallback = self.fallback
+
+        def primary(h: Sequence[tuple[str, str]]) -> AsyncIterator[object]:
+            return self.primary.answer(spec.name, h)
+
+        def secondary(h: Sequence[tuple[str, str]]) -> AsyncIterator[object]:
+            assert fallback is not None
+            return fallback.answer(spec.name, h)
+
+        fallback_key = None
+        if fallback is not None:
+            model = fallback.spec(spec.name).model
+            fallback_key = endpoint_key(model.base_url or "demo", model.model)
+        wrapped = resilient(
+            primary, endpoint=endpoint_key(spec.model.base_url or "demo", spec.model.model),
+            policy=self.policy, breakers=self.breakers,
+            fallback=secondary if fallback is not None else None, fallback_endpoint=fallback_key,
+        )
+        return wrapped(history)
+
+    async def aclose(self) -> None:
+        await self.primary.aclose()
+        if self.fallback is not None:
+            await self.fallback.aclose()
+
+
+async def _advertise(agents: Agents, redis: Redis, keys: Keys) -> None:
+    """Tell the nodes which agents exist (GET /v1/agents, and checking `agent` on sends)."""
+    while True:
+        try:
+            described = await agents.primary.describe()
+            await redis.set(keys.agents, orjson.dumps(described), ex=AGENTS_TTL_S)
+        except TRANSIENT as exc:
+            log.warning("advertising agents failed: %r", exc)
+        await asyncio.sleep(AGENTS_TTL_S / 3)
 
 
 async def _connect_store(url: str) -> Store:
     for delay_s in delays_s(base_s=0.2, cap_s=3.0):
         try:
             return await Store.connect(url, max_size=20)
-        except Exception as exc:
+        except Exception as exc:  # Postgres may start after the worker
             log.warning("postgres not reachable yet (%r); retrying", exc)
             await asyncio.sleep(delay_s)
     raise AssertionError("unreachable")
@@ -43,7 +111,7 @@ async def _health(worker: Worker, port: int) -> web.AppRunner:
         try:
             await asyncio.wait_for(worker.redis.ping(), 2)
             await asyncio.wait_for(worker.store.ping(), 2)
-        except Exception as exc:
+        except Exception as exc:  # any failure means not ready
             return web.json_response({"ready": False, "error": type(exc).__name__}, status=503)
         return web.json_response({"ready": True, "running": len(worker.running)})
 
@@ -56,30 +124,29 @@ async def _health(worker: Worker, port: int) -> web.AppRunner:
     return runner
 
 
-async def serve(settings: WorkerSettings) -> None:
+async def serve(settings: WorkerSettings, agents: Agents) -> None:
     redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
                            socket_connect_timeout=3, health_check_interval=15)
     keys = Keys(settings.redis_prefix)
     store = await _connect_store(settings.database_url)
     stream = UserStream(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
-    model = build_chat_model(ModelConfig(base_url=settings.llm_base_url, api_key=settings.llm_api_key,
-                                         model=settings.llm_model, timeout_s=settings.llm_timeout_s))
-    graph = build_graph(model, system_prompt=settings.system_prompt)
-
-    def answer(history: Sequence[tuple[str, str]]) -> AsyncIterator[str]:
-        return stream_answer(graph, history)
-
+    answer: AnswerStream = agents.answer
     worker = Worker(settings=settings, redis=redis, keys=keys, store=store, stream=stream, answer=answer)
     health = await _health(worker, settings.internal_port) if settings.internal_port else None
+    advertise = asyncio.create_task(_advertise(agents, redis, keys))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("worker %s serving (model: %s)", settings.worker_id,
+    log.info("worker %s serving agents %s (default model: %s)", settings.worker_id, agents.primary.names(),
              settings.llm_model if settings.llm_base_url else "built-in offline demo")
     await worker.run(stop)
+    advertise.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await advertise
     if health is not None:
         await health.cleanup()
+    await agents.aclose()
     await store.close()
     await redis.aclose()
 
@@ -89,15 +156,16 @@ def main() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = WorkerSettings.from_env(os.environ)
+        agents = Agents.from_env(os.environ, settings)
     except SettingError as exc:
         print(f"agent_worker: configuration error: {exc}", file=sys.stderr)
         return 2
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, agents))
     else:
-        uvloop.run(serve(settings))
+        uvloop.run(serve(settings, agents))
     return 0
 
 

@@ -1,13 +1,23 @@
-"""The agent graph a worker runs, and the token stream it exposes.
+"""The agent graph a worker runs, and the stream of items it exposes.
 
-One LangGraph node, ``agent``, calls the chat model over the conversation. The
-graph is compiled without a checkpointer: the conversation lives in Postgres and is
+Without tools the graph is one node, ``agent``, calling the chat model over the
+conversation. With tools it is the usual tool loop::
+
+    START -> agent --(tool calls, at most max_tool_rounds)--> tools -> agent -> ... -> END
+
+``agent`` calls the model with the tools bound (OpenAI ``tools``); ``tools`` runs every tool
+call of the model's last message, concurrently, and answers each with a ``ToolMessage``. A
+tool that fails is answered with its error (the model reads it and carries on), never raised.
+After ``max_tool_rounds`` rounds the model is called with ``tool_choice="none"``, so a run
+always ends in a text answer however eager the model is.
+
+The graph is compiled without a checkpointer: the conversation lives in Postgres and is
 passed in whole for every run, so LangGraph holds no state between runs.
 
-Tokens are read with ``stream_mode="messages"``: LangGraph attaches a callback to
-the model call inside the node and forwards every ``AIMessageChunk`` as the model
-produces it, so :func:`stream_answer` yields text while the HTTP response is still
-arriving.
+:func:`stream_answer` reads the graph with ``stream_mode=["messages", "custom"]``: LangGraph
+forwards every ``AIMessageChunk`` of the ``agent`` node's model calls as it arrives (yielded as
+:class:`Text`), and the ``tools`` node writes :class:`ToolStarted` / :class:`ToolCompleted`
+into the custom stream as calls begin and end.
 
 Errors: every failure of the LLM call surfaces from :func:`stream_answer` as a
 ``langchain_core.exceptions.ModelError`` (langchain-openai's subclasses also inherit
@@ -25,14 +35,18 @@ the openai SDK's exception, so ``except openai.APIError`` works too)::
      └── ContextOverflowError         HTTP 400 that says the context window is exceeded
 
 Timeouts and drops can happen after some text was already yielded; HTTP statuses
-always come before the first piece. Anything else (e.g. an unexpected status such as
+always come before the first piece of *that* model call (a later call, after a tool
+round, may fail after earlier text). Anything else (e.g. an unexpected status such as
 422 arrives as a plain ``openai.APIStatusError``) is a bug or misconfiguration.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
 from langchain_core.exceptions import ModelTimeoutError
@@ -44,40 +58,190 @@ from langchain_core.messages import (
     BaseMessage,
     HumanMessage,
     SystemMessage,
+    ToolMessage,
 )
 from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import BaseTool
+from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 
-__all__ = ["AGENT_NODE", "AgentGraph", "build_graph", "stream_answer", "to_messages"]
+from agent_worker.mcp_client import summarize
+
+__all__ = [
+    "AGENT_NODE",
+    "DEFAULT_MAX_TOOL_ROUNDS",
+    "TOOLS_NODE",
+    "AgentGraph",
+    "Item",
+    "Text",
+    "ToolCompleted",
+    "ToolStarted",
+    "build_graph",
+    "stream_answer",
+    "to_messages",
+]
+
+log = logging.getLogger(__name__)
 
 AGENT_NODE = "agent"
 """Name of the node whose model tokens :func:`stream_answer` forwards."""
+TOOLS_NODE = "tools"
+"""Name of the node that runs tool calls (only in graphs built with tools)."""
+DEFAULT_MAX_TOOL_ROUNDS = 4
 
 AgentGraph: TypeAlias = CompiledStateGraph[MessagesState, None, MessagesState, MessagesState]
 
 
-def build_graph(model: BaseChatModel, *, system_prompt: str | None = None) -> AgentGraph:
-    """Compile the agent graph: ``START -> agent -> END`` over ``MessagesState``.
+@dataclass(frozen=True)
+class Text:
+    """A piece of the answer's text; the pieces of a run concatenate to the whole answer."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolStarted:
+    """The model called a tool. ``arguments`` are as the model gave them (``{}`` if unparseable)."""
+
+    call_id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolCompleted:
+    """A tool call ended: ``summary`` is the start of its result, ``error`` says why it failed."""
+
+    call_id: str
+    name: str
+    summary: str
+    error: str | None = None
+
+
+Item: TypeAlias = Text | ToolStarted | ToolCompleted
+"""What :func:`stream_answer` yields."""
+
+
+def build_graph(
+    model: BaseChatModel,
+    *,
+    system_prompt: str | None = None,
+    tools: Sequence[BaseTool] = (),
+    max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS,
+) -> AgentGraph:
+    """Compile the agent graph over ``MessagesState``.
 
     Args:
-        model: the chat model the ``agent`` node calls (see ``build_chat_model``).
+        model: the chat model the ``agent`` node calls (see ``build_chat_model``); with
+            ``tools`` it must support ``bind_tools`` (ChatOpenAI does, the demo model not).
         system_prompt: sent as the first message of every model call; it is not
             written into the graph state, so it never shows up in the output.
+        tools: offered to the model; none gives exactly ``START -> agent -> END``.
+        max_tool_rounds: how many times one run may go through ``tools``; the model
+            call after the last round may not call tools.
     """
     prefix: list[BaseMessage] = [SystemMessage(system_prompt)] if system_prompt else []
+    builder = StateGraph(MessagesState)
+    if not tools:
 
-    async def agent(state: MessagesState, config: RunnableConfig) -> dict[str, list[AnyMessage]]:
-        # Passing `config` on keeps LangGraph's streaming callback attached to the
-        # model call even where contextvars do not flow into the node's task.
-        reply = await model.ainvoke([*prefix, *state["messages"]], config)
+        async def agent(state: MessagesState, config: RunnableConfig) -> dict[str, list[AnyMessage]]:
+            # Passing `config` on keeps LangGraph's streaming callback attached to the
+            # model call even where contextvars do not flow into the node's task.
+            reply = await model.ainvoke([*prefix, *state["messages"]], config)
+            return {"messages": [reply]}
+
+        builder.add_node(AGENT_NODE, agent)
+        builder.add_edge(START, AGENT_NODE)
+        builder.add_edge(AGENT_NODE, END)
+        return builder.compile()
+
+    with_tools = model.bind_tools(tools)
+    # Still *offered* (the history holds tool calls and results), but not callable.
+    last_word = model.bind_tools(tools, tool_choice="none")
+
+    async def agent_with_tools(state: MessagesState, config: RunnableConfig) -> dict[str, list[AnyMessage]]:
+        callable_ = with_tools if _tool_rounds(state["messages"]) < max_tool_rounds else last_word
+        reply = await callable_.ainvoke([*prefix, *state["messages"]], config)
         return {"messages": [reply]}
 
-    builder = StateGraph(MessagesState)
-    builder.add_node(AGENT_NODE, agent)
+    def route(state: MessagesState) -> str:
+        last = state["messages"][-1]
+        wants_tools = isinstance(last, AIMessage) and bool(last.tool_calls or last.invalid_tool_calls)
+        # A model that calls tools despite tool_choice="none" is cut off here.
+        return TOOLS_NODE if wants_tools and _tool_rounds(state["messages"]) <= max_tool_rounds else END
+
+    builder.add_node(AGENT_NODE, agent_with_tools)
+    builder.add_node(TOOLS_NODE, _tools_node(tools))
     builder.add_edge(START, AGENT_NODE)
-    builder.add_edge(AGENT_NODE, END)
+    builder.add_conditional_edges(AGENT_NODE, route, [TOOLS_NODE, END])
+    builder.add_edge(TOOLS_NODE, AGENT_NODE)
     return builder.compile()
+
+
+def _tools_node(tools: Sequence[BaseTool]) -> Any:
+    """The ``tools`` node: ``async (state, config) -> {"messages": [ToolMessage, ...]}``.
+
+    (``Any``: LangGraph's node protocols want the parameter names, which a ``Callable``
+    type cannot state.)
+    """
+    by_name = {tool.name: tool for tool in tools}
+
+    async def run_tools(state: MessagesState, config: RunnableConfig) -> dict[str, list[AnyMessage]]:
+        last = state["messages"][-1]
+        assert isinstance(last, AIMessage)
+        write = get_stream_writer()
+        calls: list[tuple[str, str, dict[str, Any], str | None]] = [
+            (call["id"] or "", call["name"], call["args"], None) for call in last.tool_calls
+        ]
+        # Every call the model made needs an answer, or the next request is invalid.
+        calls += [
+            (call["id"] or "", call["name"] or "", {}, f"invalid arguments: {call['error'] or call['args']}")
+            for call in last.invalid_tool_calls
+        ]
+        for call_id, name, arguments, _ in calls:
+            write(ToolStarted(call_id=call_id, name=name, arguments=arguments))
+
+        async def one(call_id: str, name: str, arguments: dict[str, Any], error: str | None) -> ToolMessage:
+            content = ""
+            tool = by_name.get(name)
+            if error is None and tool is None:
+                error = f"unknown tool {name!r}"
+            elif error is None and tool is not None:
+                try:
+                    content = _as_text(await tool.ainvoke(arguments, config))
+                except Exception as exc:  # told to the model, which may recover; the run goes on
+                    log.warning("tool %s failed: %r", name, exc)
+                    error = str(exc) or type(exc).__name__
+            write(ToolCompleted(call_id=call_id, name=name, summary=summarize(content),
+                                error=None if error is None else summarize(error)))
+            if error is not None:
+                return ToolMessage(f"Error: {error}", tool_call_id=call_id, name=name, status="error")
+            return ToolMessage(content, tool_call_id=call_id, name=name)
+
+        replies = await asyncio.gather(*(one(*call) for call in calls))
+        return {"messages": list(replies)}
+
+    return run_tools
+
+
+def _tool_rounds(messages: Sequence[BaseMessage]) -> int:
+    """How many times the model called tools since the user's last message."""
+    rounds = 0
+    for message in reversed(messages):
+        if isinstance(message, HumanMessage):
+            break
+        if isinstance(message, AIMessage) and (message.tool_calls or message.invalid_tool_calls):
+            rounds += 1
+    return rounds
+
+
+def _as_text(output: Any) -> str:
+    if isinstance(output, str):
+        return output
+    if isinstance(output, ToolMessage):
+        return str(output.text)
+    return str(output)
 
 
 def to_messages(history: Sequence[tuple[str, str]]) -> list[AnyMessage]:
@@ -97,8 +261,8 @@ def to_messages(history: Sequence[tuple[str, str]]) -> list[AnyMessage]:
     return messages
 
 
-async def stream_answer(graph: AgentGraph, history: Sequence[tuple[str, str]]) -> AsyncGenerator[str, None]:
-    """Run ``graph`` over ``history`` and yield the assistant's text as it streams.
+async def stream_answer(graph: AgentGraph, history: Sequence[tuple[str, str]]) -> AsyncGenerator[Item, None]:
+    """Run ``graph`` over ``history`` and yield the answer's text and tool calls as they happen.
 
     Args:
         graph: from :func:`build_graph`.
@@ -106,38 +270,47 @@ async def stream_answer(graph: AgentGraph, history: Sequence[tuple[str, str]]) -
             message. Roles are ``"user"`` and ``"assistant"``.
 
     Yields:
-        The non-empty text of each ``AIMessageChunk`` the ``agent`` node's model
-        streams, in order; their concatenation is the whole answer.
+        :class:`Text` for the non-empty text of each ``AIMessageChunk`` of every ``agent``
+        model call, in order (their concatenation is the whole answer, text written before
+        and after tool rounds included); :class:`ToolStarted` when the ``tools`` node starts
+        a call and :class:`ToolCompleted` when that call ends (calls of one round run
+        concurrently, so completions may come in any order).
 
     Raises:
         ValueError: ``history`` has a role other than ``"user"``/``"assistant"``.
         langchain_core.exceptions.ModelError: the LLM call failed (tree in the
-            module docstring).
+            module docstring). Tool failures are not raised (see :class:`ToolCompleted`).
 
-    Cancelling the task while it awaits the next piece, or ``aclose()``-ing this
-    generator, cancels the node and closes the model's HTTP response, so the LLM
-    stops generating. A consumer that can be cancelled (or can stop) while doing
-    something else between pieces, e.g. publishing one, must hold the generator in
-    ``contextlib.aclosing``: otherwise the request lives on until garbage collection.
+    Cancelling the task while it awaits the next item, or ``aclose()``-ing this
+    generator, cancels the node and closes the model's HTTP response (or the tool's
+    request), so the LLM stops generating. A consumer that can be cancelled (or can stop)
+    while doing something else between items, e.g. publishing one, must hold the
+    generator in ``contextlib.aclosing``: otherwise the request lives on until garbage
+    collection.
     """
     # astream is an async generator function, though annotated as an AsyncIterator.
     stream = cast(
         AsyncGenerator[Any, None],
-        graph.astream({"messages": to_messages(history)}, stream_mode="messages"),
+        graph.astream({"messages": to_messages(history)}, stream_mode=["messages", "custom"]),
     )
     # aclosing: tear LangGraph's run down here, in this task, not whenever the
     # generator happens to be garbage-collected.
     async with aclosing(stream):
         try:
-            async for item in stream:
-                message, metadata = _unpack(item)
+            async for mode, payload in stream:
+                if mode == "custom":
+                    if isinstance(payload, ToolStarted | ToolCompleted):
+                        yield payload
+                    continue
+                message, metadata = _unpack(payload)
                 if metadata.get("langgraph_node") != AGENT_NODE or not isinstance(message, AIMessageChunk):
                     # Whole AIMessages are LangGraph re-emitting finished outputs
-                    # (deduplicated against the chunks by id), never new text.
+                    # (deduplicated against the chunks by id), never new text;
+                    # ToolMessages come from the tools node.
                     continue
                 text = str(message.text)
                 if text:
-                    yield text
+                    yield Text(text)
         except TimeoutError as exc:
             # langchain-openai's stream_chunk_timeout raises a bare TimeoutError
             # subclass; keep the contract "every LLM failure is a ModelError".

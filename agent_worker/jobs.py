@@ -4,10 +4,27 @@ and workers (consume), so it must stay free of the agent's heavy imports."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
+from fanout.backoff import retrying
 from fanout.keys import RUNS_GROUP, Keys
+from fanout.stream import UserStream
+from persistence.store import Store, Unavailable
+
+END_EVENTS = {"completed": "run.completed", "cancelled": "run.cancelled", "failed": "run.failed"}
+
+
+@dataclass(frozen=True)
+class RunDeps:
+    """What ending and starting runs needs; nodes and workers both do it."""
+
+    redis: Redis
+    keys: Keys
+    stream: UserStream
+    store: Store
+    store_retry_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -46,3 +63,49 @@ async def clear_inflight(redis: Redis, keys: Keys, *, user: str, conversation: s
     key = keys.inflight(user)
     if await redis.hget(key, conversation) == run:
         await redis.hdel(key, conversation)
+
+
+async def publish_end(
+    deps: RunDeps, user: str, conversation: str, run: str, status: str, *, text: str,
+    message: str | None, error: tuple[str, str] | None = None, stopped_at: int | None = None,
+    discarded: bool = False, by: str | None = None,
+) -> None:
+    """Publish a run's one end event (its end is already stored), then start the conversation's
+    next waiting run. The end's producer id is shared by every publisher of the run's end (this
+    worker, a later one, a node cancelling a queued run), so exactly one gets a seq."""
+    data: dict[str, Any] = {"message": message, "text": text}
+    if error is not None:
+        # run.failed: `message` is the readable reason, as in every error; the partial answer
+        # (if any was stored) is `answer_message`.
+        data = {"code": error[0], "message": error[1], "text": text, "answer_message": message}
+    if stopped_at is not None:
+        data["stopped_at"] = stopped_at
+    if discarded:
+        data["rolled_back"] = True
+    if by is not None:
+        data["by"] = by
+    published = await deps.stream.publish(
+        user, conversation=conversation, run=run, event=END_EVENTS[status], data=data,
+        producer=f"run:{run}:end", pseq=1, fenced_run=run, pass_fence=True,
+    )
+
+    async def record() -> None:
+        await deps.store.set_terminal_seq(run, published.seq)
+
+    await retrying(record, retry_on=(Unavailable,), deadline_s=deps.store_retry_s,
+                   what=f"recording the end of run {run}")
+    await clear_inflight(deps.redis, deps.keys, user=user, conversation=conversation, run=run)
+    await start_next(deps, conversation)
+
+
+async def start_next(deps: RunDeps, conversation: str) -> None:
+    """Put the conversation's next waiting run on the job stream, if nothing else is in flight."""
+
+    async def promote() -> Any:
+        return await deps.store.promote_next(conversation)
+
+    promoted = await retrying(promote, retry_on=(Unavailable,), deadline_s=deps.store_retry_s,
+                              what=f"starting the next run of {conversation}")
+    if promoted is not None:
+        await enqueue_run(deps.redis, deps.keys, run=promoted["id"], user=promoted["user_id"],
+                          conversation=conversation)

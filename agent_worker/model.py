@@ -44,7 +44,7 @@ class ModelConfig:
     api_key: str | None
     model: str = "gpt-4o-mini"
     timeout_s: float = 60.0
-    max_retries: int = 2
+    max_retries: int = 0  # retries are agent_worker.resilience's: jittered, and seen by the breaker
 
 
 def build_chat_model(config: ModelConfig) -> BaseChatModel:

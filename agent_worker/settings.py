@@ -7,7 +7,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fanout.config import env_float, env_int, env_opt, env_str, env_url
+from fanout.config import SettingError, env_float, env_int, env_opt, env_str, env_url
 
 
 @dataclass(frozen=True)
@@ -31,15 +31,23 @@ class WorkerSettings:
     history_max: int = 10_000
     history_ttl_s: int = 86_400
     system_prompt: str = "You are a helpful assistant."
+    retry_attempts: int = 3
+    retry_base_s: float = 0.2
+    retry_cap_s: float = 5.0
+    breaker_failures: int = 5
+    breaker_reset_s: float = 30.0
+    fallback_base_url: str | None = None
+    fallback_model: str | None = None
+    fallback_api_key: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
         """Raises `fanout.config.SettingError` naming the first missing or invalid variable."""
-        base_url = env_opt(env, "LLM_BASE_URL")
-        if base_url is not None and not base_url.startswith(("http://", "https://")):
-            from fanout.config import SettingError
-
-            raise SettingError("LLM_BASE_URL: expected an http:// or https:// URL")
+        base_url = _http_url(env, "LLM_BASE_URL")
+        retry_base_ms = env_int(env, "LLM_RETRY_BASE_MS", 200, low=1, high=60_000)
+        retry_cap_ms = env_int(env, "LLM_RETRY_CAP_MS", 5000, low=1, high=600_000)
+        if retry_cap_ms < retry_base_ms:
+            raise SettingError("LLM_RETRY_CAP_MS: must be at least LLM_RETRY_BASE_MS")
         return cls(
             redis_url=env_url(env, "REDIS_URL", ("redis", "rediss", "unix")),
             database_url=env_url(env, "DATABASE_URL", ("postgresql", "postgres")),
@@ -60,4 +68,19 @@ class WorkerSettings:
             history_max=env_int(env, "HISTORY_MAX_EVENTS", 10_000, low=10),
             history_ttl_s=env_int(env, "HISTORY_TTL_SECONDS", 86_400, low=60),
             system_prompt=env_str(env, "AGENT_SYSTEM_PROMPT", "You are a helpful assistant."),
+            retry_attempts=env_int(env, "LLM_RETRY_ATTEMPTS", 3, low=1, high=10),
+            retry_base_s=retry_base_ms / 1000,
+            retry_cap_s=retry_cap_ms / 1000,
+            breaker_failures=env_int(env, "LLM_BREAKER_FAILURES", 5, low=1, high=1000),
+            breaker_reset_s=env_float(env, "LLM_BREAKER_RESET_SECONDS", 30.0, low=0.1),
+            fallback_base_url=_http_url(env, "LLM_FALLBACK_BASE_URL"),
+            fallback_model=env_opt(env, "LLM_FALLBACK_MODEL"),
+            fallback_api_key=env_opt(env, "LLM_FALLBACK_API_KEY"),
         )
+
+
+def _http_url(env: Mapping[str, str], name: str) -> str | None:
+    url = env_opt(env, name)
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise SettingError(f"{name}: expected an http:// or https:// URL")
+    return url

@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from langchain_core import exceptions as llm_errors
 from redis.asyncio import Redis
 
-from agent_worker.jobs import Job, clear_inflight, enqueue_run, ensure_group
+from agent_worker.graph import Text, ToolCompleted, ToolStarted
+from agent_worker.jobs import END_EVENTS, Job, RunDeps, enqueue_run, ensure_group, publish_end, start_next
+from agent_worker.resilience import failure_code
 from agent_worker.settings import WorkerSettings
 from fanout.backoff import delays_s, retrying
 from fanout.keys import RUNS_GROUP, Keys
@@ -28,10 +29,9 @@ from persistence.store import Finished, RunClaim, Store, Unavailable
 
 log = logging.getLogger(__name__)
 
-# (history) -> the answer's text pieces as the model streams them
-AnswerStream = Callable[[Sequence[tuple[str, str]]], AsyncIterator[str]]
+# (agent, history) -> the answer's items (graph.Text, ToolStarted, ToolCompleted) as they stream
+AnswerStream = Callable[[str, Sequence[tuple[str, str]]], AsyncIterator[object]]
 
-END_EVENTS = {"completed": "run.completed", "cancelled": "run.cancelled", "failed": "run.failed"}
 STALE_SWEEP_S = 15.0
 
 
@@ -48,6 +48,11 @@ class Worker:
     @property
     def consumer(self) -> str:
         return self.settings.worker_id
+
+    @property
+    def deps(self) -> RunDeps:
+        return RunDeps(redis=self.redis, keys=self.keys, stream=self.stream, store=self.store,
+                       store_retry_s=self.settings.store_retry_s)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve jobs until `stop` is set, then let runs in progress finish for up to the drain
@@ -128,7 +133,7 @@ class Worker:
         if state is None or state["status"] not in END_EVENTS or state["terminal_seq"] is not None:
             return
         error = (state["error_code"], state["error_message"]) if state["error_code"] else None
-        await publish_end(self, state["user_id"], state["conversation_id"], run, state["status"],
+        await publish_end(self.deps, state["user_id"], state["conversation_id"], run, state["status"],
                           text=state["partial"], message=state["answer_message_id"], error=error)
 
     # Leases, reclaiming and lost jobs
@@ -199,38 +204,15 @@ class Worker:
             await pipe.execute()
 
     async def _requeue_lost(self) -> None:
-        """Runs acked to a user whose job is gone (Redis lost its data) are queued again."""
+        """Runs acked to a user whose job is gone (Redis lost its data) are queued again, and a
+        conversation whose next run was never started (its starter crashed) gets it started."""
+        for conversation in await self.store.stranded_conversations(waiting_for_s=self.settings.lease_s):
+            await start_next(self.deps, conversation)
         for row in await self.store.stale_runs(queued_for_s=max(30.0, self.settings.lease_s)):
             log.warning("requeueing run %s (job lost or lease expired)", row["id"])
             await self.store.touch_run(row["id"])
             await enqueue_run(self.redis, self.keys, run=row["id"], user=row["user_id"],
                               conversation=row["conversation_id"])
-
-
-async def publish_end(
-    worker: Worker, user: str, conversation: str, run: str, status: str, *, text: str,
-    message: str | None, error: tuple[str, str] | None = None, stopped_at: int | None = None,
-) -> None:
-    """Publish a run's one end event. Its producer id is shared by every publisher of the run's
-    end (this worker, a later one, a node cancelling a queued run), so exactly one gets a seq."""
-    data: dict[str, Any] = {"message": message, "text": text}
-    if error is not None:
-        # run.failed: `message` is the readable reason, as in every error; the partial answer
-        # (if any was stored) is `answer_message`.
-        data = {"code": error[0], "message": error[1], "text": text, "answer_message": message}
-    if stopped_at is not None:
-        data["stopped_at"] = stopped_at
-    published = await worker.stream.publish(
-        user, conversation=conversation, run=run, event=END_EVENTS[status], data=data,
-        producer=f"run:{run}:end", pseq=1, fenced_run=run, pass_fence=True,
-    )
-
-    async def record() -> None:
-        await worker.store.set_terminal_seq(run, published.seq)
-
-    await retrying(record, retry_on=(Unavailable,), deadline_s=worker.settings.store_retry_s,
-                   what=f"recording the end of run {run}")
-    await clear_inflight(worker.redis, worker.keys, user=user, conversation=conversation, run=run)
 
 
 class RunExecution:
@@ -242,6 +224,7 @@ class RunExecution:
         self.producer = f"run:{claim.run}:{claim.attempts}"
         self.pseq = 0
         self.text: list[str] = []
+        self.tools: list[dict[str, Any]] = []  # tool calls of this attempt, stored with the answer
         self.last_seq: int | None = None
         self.epoch = ""
         self._checkpointed_at = 0.0
@@ -275,7 +258,7 @@ class RunExecution:
             raise
         except Exception as exc:
             log.warning("run %s failed: %r", c.run, exc)
-            await self._end("failed", error=_error_of(exc))
+            await self._end("failed", error=failure_code(exc))
         else:
             await self._end("completed")
 
@@ -287,7 +270,7 @@ class RunExecution:
 
         async def store() -> Finished | None:
             return await worker.store.finish_run(
-                c.run, status=status, text=text, worker=worker.consumer,
+                c.run, status=status, text=text, worker=worker.consumer, tools=self.tools,
                 error_code=error[0] if error else None, error_message=error[1] if error else None,
             )
 
@@ -298,8 +281,10 @@ class RunExecution:
             # our lease ran out): their end is the one that counts.
             await worker._publish_unpublished_end(c.run)
             return
-        await publish_end(worker, c.user, c.conversation, c.run, status, text=text, message=finished.message,
-                          error=error, stopped_at=self.last_seq if status == "cancelled" else None)
+        await publish_end(worker.deps, c.user, c.conversation, c.run, status,
+                          text="" if finished.discarded else text,
+                          message=finished.message, error=error, discarded=finished.discarded,
+                          stopped_at=self.last_seq if status == "cancelled" else None)
 
     async def _checkpoint(self) -> None:
         """Save the answer so far with the seq it reflects, at most every `checkpoint_s`: a device
@@ -316,16 +301,41 @@ class RunExecution:
         except Unavailable as exc:
             log.debug("checkpoint of run %s skipped: %r", self.claim.run, exc)
 
+    async def _forward(self, items: list[object]) -> None:
+        """Publish a batch of the model's output in order: runs of text as one `token` event,
+        each tool call and result as its own event."""
+        text: list[str] = []
+        for item in [*items, None]:
+            if isinstance(item, str | Text):
+                text.append(item if isinstance(item, str) else item.text)
+                continue
+            if text:
+                chunk = "".join(text)
+                text.clear()
+                await self.publish("token", {"text": chunk})
+                self.text.append(chunk)
+            if isinstance(item, ToolStarted):
+                await self.publish("tool.started", {"call": item.call_id, "name": item.name,
+                                                    "arguments": item.arguments})
+                self.tools.append({"call": item.call_id, "name": item.name, "arguments": item.arguments})
+            elif isinstance(item, ToolCompleted):
+                await self.publish("tool.completed", {"call": item.call_id, "name": item.name,
+                                                      "summary": item.summary, "error": item.error})
+                for call in self.tools:
+                    if call["call"] == item.call_id:
+                        call.update(summary=item.summary, error=item.error)
+        await self._checkpoint()
+
     async def _stream(self, history: Sequence[tuple[str, str]]) -> None:
         """Forward the model's text as `token` events, coalesced over `coalesce_s` so a fast
         model costs a few publishes a second per run, not one per token. A cancel fence stops
         the model (its HTTP request is aborted with the task)."""
-        buffer: list[str] = []
+        buffer: list[object] = []
         arrived = asyncio.Event()
 
         async def produce() -> None:
-            async for piece in self.worker.answer(history):
-                buffer.append(piece)
+            async for item in self.worker.answer(self.claim.agent, history):
+                buffer.append(item)
                 arrived.set()
 
         model = asyncio.create_task(produce())
@@ -341,11 +351,9 @@ class RunExecution:
                     await asyncio.sleep(self.worker.settings.coalesce_s)
                 arrived.clear()
                 if buffer:
-                    chunk = "".join(buffer)
+                    items = buffer[:]
                     buffer.clear()
-                    await self.publish("token", {"text": chunk})
-                    self.text.append(chunk)
-                    await self._checkpoint()
+                    await self._forward(items)
                 if model.done() and not buffer:
                     model.result()
                     return
@@ -353,21 +361,3 @@ class RunExecution:
             if not model.done():
                 model.cancel()
                 await asyncio.gather(model, return_exceptions=True)
-
-
-def _error_of(exc: BaseException) -> tuple[str, str]:
-    """A user-readable failure code and message for a failed run."""
-    for kind, code, message in _MODEL_ERRORS:
-        if isinstance(exc, kind):
-            return code, message
-    return "internal", f"the run failed ({type(exc).__name__})"
-
-
-_MODEL_ERRORS: list[tuple[type[BaseException], str, str]] = [
-    (llm_errors.ModelRateLimitError, "llm_rate_limited", "the model is rate limited; try again shortly"),
-    (llm_errors.ModelTimeoutError, "llm_timeout", "the model did not answer in time"),
-    (llm_errors.ModelConnectionError, "llm_unreachable", "the model endpoint could not be reached"),
-    (llm_errors.ModelAuthenticationError, "llm_auth", "the model endpoint refused our credentials"),
-    (llm_errors.ContextOverflowError, "llm_context_overflow", "the conversation is too long for the model"),
-    (llm_errors.ModelError, "llm_error", "the model endpoint returned an error"),
-]

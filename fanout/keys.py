@@ -44,6 +44,11 @@ class Keys:
         """Hash conversation -> run: the run in flight per conversation."""
         return self._user(user, "inflight")
 
+    def command_bucket(self, user: str) -> str:
+        """Hash ``m`` (thousandths of a token), ``t`` (ms): the user's command rate-limit bucket,
+        shared by all nodes (fanout/ratelimit.lua); expires once it would be full again."""
+        return self._user(user, "rl:cmd")
+
     def channel(self, user: str) -> str:
         """Pub/Sub channel carrying the user's frames."""
         return self._user(user, "ch")
@@ -51,6 +56,11 @@ class Keys:
     def canary(self, hub: str) -> str:
         """Pub/Sub channel a node's hub publishes to itself, to notice a deaf subscription."""
         return f"{self.prefix}:canary:{hub}"
+
+    @property
+    def agents(self) -> str:
+        """String: JSON list of the agents the workers serve (for nodes: GET /v1/agents, checks)."""
+        return f"{self.prefix}:agents"
 
     @property
     def runs(self) -> str:

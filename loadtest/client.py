@@ -45,9 +45,12 @@ class ChorusClient:
         auto_reconnect: bool = True,
         max_backoff_s: float = 2.0,
         session: aiohttp.ClientSession | None = None,
+        first_frame_token: bool = False,
     ) -> None:
         self.url = url
         self.token = token
+        # Send the token as the first frame (``?auth=frame``) instead of in the URL.
+        self.first_frame_token = first_frame_token
         self.device = device
         self.auto_reconnect = auto_reconnect
         self.max_backoff_s = max_backoff_s
@@ -74,7 +77,7 @@ class ChorusClient:
     # Connection
 
     def _connect_url(self) -> str:
-        params = {"access_token": self.token}
+        params = {"auth": "frame"} if self.first_frame_token else {"access_token": self.token}
         if self.device:
             params["device"] = self.device
         if self.last_seq is not None:
@@ -99,6 +102,8 @@ class ChorusClient:
         )
         self._ws = ws
         self.connects += 1
+        if self.first_frame_token:
+            await ws.send_str(json.dumps({"type": "auth", "token": self.token}))
         self._reader = asyncio.create_task(self._read(ws))
         await asyncio.wait_for(self._connected.wait(), timeout_s)
         assert self.hello is not None
@@ -213,6 +218,13 @@ class ChorusClient:
 
     async def ping(self, timeout_s: float = 10.0) -> dict[str, Any]:
         return await self.request({"type": "ping"}, timeout_s)
+
+    async def auth(self, token: str, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Hand the server a fresh token before the current one expires (the server closes the
+        socket with 4001 when it does); later reconnects use it too."""
+        reply = await self.request({"type": "auth", "token": token}, timeout_s)
+        self.token = token
+        return reply
 
     # Waiting and reading
 

@@ -4,36 +4,52 @@ FIND_SEND = """
 SELECT m.id, m.conversation_id, m.run_id, m.seq FROM messages m WHERE m.user_id = $1 AND m.client_id = $2
 """
 OWNS_CONVERSATION = "SELECT agent FROM conversations WHERE user_id = $1 AND id = $2"
-INSERT_CONVERSATION = """
-INSERT INTO conversations (id, user_id, title, agent) VALUES ($2, $1, $3, $4)
-RETURNING id, title, agent, created_at, updated_at
+# Sends to one conversation are serialised on its row, so two devices double-texting at once
+# both see each other's run.
+LOCK_CONVERSATION = """
+SELECT agent, double_texting FROM conversations WHERE user_id = $1 AND id = $2 FOR UPDATE
+"""
+CONVERSATION_COLUMNS = "id, title, agent, double_texting, created_at, updated_at"
+INSERT_CONVERSATION = f"""
+INSERT INTO conversations (id, user_id, title, agent, double_texting) VALUES ($2, $1, $3, $4, $5)
+RETURNING {CONVERSATION_COLUMNS}
 """
 INSERT_USER_MESSAGE = """
-INSERT INTO messages (id, conversation_id, user_id, role, content, client_id, device, run_id)
-VALUES ($2, $3, $1, 'user', $4, $5, $6, $7)
+WITH s AS (SELECT nextval('messages_n_seq') AS n)
+INSERT INTO messages (n, pos, id, conversation_id, user_id, role, content, client_id, device, run_id)
+SELECT s.n, 2 * s.n, $2, $3, $1, 'user', $4, $5, $6, $7 FROM s
 ON CONFLICT (user_id, client_id) DO NOTHING
 RETURNING id
 """
-INSERT_RUN = "INSERT INTO runs (id, conversation_id, user_id, message_id) VALUES ($2, $3, $1, $4)"
+ACTIVE_RUNS = """
+SELECT id, status, message_id FROM runs
+WHERE conversation_id = $1 AND status IN ('waiting', 'queued', 'running') ORDER BY created_at
+"""
+INSERT_RUN = """
+INSERT INTO runs (id, conversation_id, user_id, message_id, status, policy, behind, supersedes)
+VALUES ($2, $3, $1, $4, $5, $6, $7, $8)
+"""
+MARK_DISCARD = "UPDATE runs SET discard = true WHERE id = ANY($1::text[])"
+SEND_RUN = "SELECT status, policy, behind, supersedes FROM runs WHERE id = $1"
 TOUCH_CONVERSATION = "UPDATE conversations SET updated_at = now() WHERE user_id = $1 AND id = $2"
 SET_MESSAGE_SEQ = "UPDATE messages SET seq = $3 WHERE user_id = $1 AND id = $2"
 
-LIST_CONVERSATIONS = """
-SELECT id, title, agent, created_at, updated_at FROM conversations
+LIST_CONVERSATIONS = f"""
+SELECT {CONVERSATION_COLUMNS} FROM conversations
 WHERE user_id = $1 AND ($2::timestamptz IS NULL OR updated_at < $2)
 ORDER BY updated_at DESC, id LIMIT $3
 """
-GET_CONVERSATION = """
-SELECT id, title, agent, created_at, updated_at FROM conversations WHERE user_id = $1 AND id = $2
+GET_CONVERSATION = f"""
+SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE user_id = $1 AND id = $2
 """
 DELETE_CONVERSATION = "DELETE FROM conversations WHERE user_id = $1 AND id = $2 RETURNING id"
-# Newest `limit` messages before cursor `n`, returned oldest first ("newest last").
+# Newest `limit` messages before cursor `pos`, returned oldest first ("newest last").
 LIST_MESSAGES = """
 SELECT * FROM (
-    SELECT n, id, role, content, device, run_id, seq, created_at FROM messages
-    WHERE user_id = $1 AND conversation_id = $2 AND ($3::bigint IS NULL OR n < $3)
-    ORDER BY n DESC LIMIT $4
-) page ORDER BY n
+    SELECT pos, id, role, content, device, run_id, tools, seq, created_at FROM messages
+    WHERE user_id = $1 AND conversation_id = $2 AND ($3::bigint IS NULL OR pos < $3)
+    ORDER BY pos DESC LIMIT $4
+) page ORDER BY pos
 """
 
 GET_RUN = """
@@ -42,7 +58,8 @@ FROM runs WHERE user_id = $1 AND id = $2
 """
 CANCEL_QUEUED_RUN = """
 UPDATE runs SET status = 'cancelled', updated_at = now()
-WHERE user_id = $1 AND id = $2 AND status = 'queued' RETURNING conversation_id
+WHERE user_id = $1 AND id = $2 AND status IN ('waiting', 'queued')
+RETURNING conversation_id, message_id, discard
 """
 # A run is claimable when queued, or running under a lease that ran out (its worker died).
 CLAIM_RUN = """
@@ -50,7 +67,8 @@ UPDATE runs SET status = 'running', attempts = attempts + 1, worker = $2,
     lease_until = now() + make_interval(secs => $3), updated_at = now(),
     partial = '', partial_seq = NULL, partial_epoch = NULL
 WHERE id = $1 AND (status = 'queued' OR (status = 'running' AND lease_until < now()))
-RETURNING user_id, conversation_id, message_id, attempts
+RETURNING user_id, conversation_id, message_id, attempts,
+    (SELECT agent FROM conversations c WHERE c.id = runs.conversation_id) AS agent
 """
 RENEW_LEASE = """
 UPDATE runs SET lease_until = now() + make_interval(secs => $3)
@@ -62,20 +80,40 @@ FROM runs WHERE id = $1
 """
 HISTORY = """
 SELECT role, content FROM messages
-WHERE conversation_id = $1 AND n <= (SELECT n FROM messages WHERE id = $2)
-ORDER BY n
+WHERE conversation_id = $1 AND pos <= (SELECT pos FROM messages WHERE id = $2)
+ORDER BY pos
 """
 INSERT_ASSISTANT_MESSAGE = """
-INSERT INTO messages (id, conversation_id, user_id, role, content, run_id)
-VALUES ($1, $2, $3, 'assistant', $4, $5)
+INSERT INTO messages (pos, id, conversation_id, user_id, role, content, run_id, tools)
+SELECT u.pos + 1, $1, $2, $3, 'assistant', $4, $5, $6::jsonb
+FROM runs r JOIN messages u ON u.id = r.message_id WHERE r.id = $5
 """
+DELETE_MESSAGE = "DELETE FROM messages WHERE id = $1"
 FINISH_RUN = """
 UPDATE runs SET status = $2, partial = $3, answer_message_id = $4, error_code = $5, error_message = $6,
     lease_until = NULL, updated_at = now()
-WHERE id = $1 AND status IN ('queued', 'running')
+WHERE id = $1 AND status IN ('waiting', 'queued', 'running')
 RETURNING user_id, conversation_id
 """
-LOCK_RUN = "SELECT user_id, conversation_id, status, worker FROM runs WHERE id = $1 FOR UPDATE"
+LOCK_RUN = """
+SELECT user_id, conversation_id, message_id, status, worker, discard FROM runs WHERE id = $1 FOR UPDATE
+"""
+# The next waiting run of a conversation goes on the job stream once none is queued or running.
+PROMOTE_NEXT = """
+UPDATE runs SET status = 'queued', updated_at = now()
+WHERE id = (SELECT id FROM runs WHERE conversation_id = $1 AND status = 'waiting' ORDER BY created_at LIMIT 1)
+  AND NOT EXISTS (SELECT 1 FROM runs WHERE conversation_id = $1 AND status IN ('queued', 'running'))
+RETURNING id, user_id
+"""
+LOCK_CONVERSATION_BY_ID = "SELECT id FROM conversations WHERE id = $1 FOR UPDATE"
+# Waiting runs whose conversation has nothing queued or running (a promotion lost to a crash).
+STRANDED_CONVERSATIONS = """
+SELECT DISTINCT w.conversation_id FROM runs w
+WHERE w.status = 'waiting' AND w.updated_at < now() - make_interval(secs => $1)
+  AND NOT EXISTS (SELECT 1 FROM runs a WHERE a.conversation_id = w.conversation_id
+                  AND a.status IN ('queued', 'running'))
+LIMIT $2
+"""
 SET_TERMINAL_SEQ = "UPDATE runs SET terminal_seq = $2 WHERE id = $1"
 SAVE_PARTIAL = """
 UPDATE runs SET partial = $2, partial_seq = $3, partial_epoch = $4 WHERE id = $1 AND status = 'running'

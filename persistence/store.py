@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import orjson
 
 from fanout.snapshot import RunInFlight
 from persistence import sql
@@ -41,22 +42,35 @@ def _iso(value: datetime) -> str:
     return value.isoformat()
 
 
+POLICIES = ("enqueue", "reject", "interrupt", "rollback")
+
+
+class Conflict(Exception):
+    """The conversation's double-texting policy is `reject` and a run is in flight."""
+
+    def __init__(self, run: str) -> None:
+        super().__init__(f"run {run} is still in flight in this conversation")
+        self.run = run
+
+
 @dataclass(frozen=True)
 class Conversation:
     id: str
     title: str
     agent: str
+    double_texting: str
     created_at: datetime
     updated_at: datetime
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "title": self.title, "agent": self.agent,
+                "double_texting": self.double_texting,
                 "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at)}
 
 
 @dataclass(frozen=True)
 class Message:
-    n: int
+    pos: int
     id: str
     role: str
     content: str
@@ -64,16 +78,19 @@ class Message:
     run: str | None
     seq: int | None
     created_at: datetime
+    tools: list[dict[str, Any]]
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "role": self.role, "content": self.content, "device": self.device,
-                "run": self.run, "seq": self.seq, "created_at": _iso(self.created_at)}
+                "run": self.run, "tools": self.tools, "seq": self.seq, "created_at": _iso(self.created_at)}
 
 
 @dataclass(frozen=True)
 class SendRecord:
     """What a send stored: `created` is False when the client id was seen before (a retry);
-    `seq` is the seq of its `message.created` once acked."""
+    `seq` is the seq of its `message.created` once acked. `status` is the new run's: `queued`
+    (on the job stream) or `waiting` (behind `behind`); `supersedes` are the runs in flight that
+    the policy (`interrupt`, `rollback`) cancels."""
 
     conversation: str
     message: str
@@ -81,13 +98,19 @@ class SendRecord:
     seq: int | None
     created: bool
     agent: str = "default"
+    status: str = "queued"
+    policy: str = "enqueue"
+    behind: str | None = None
+    supersedes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Finished:
-    """A run this call ended; `message` is its stored assistant message (None without text)."""
+    """A run this call ended; `message` is its stored assistant message (None without text);
+    `discarded`: the run was rolled back, so neither it nor its user message was kept."""
 
     message: str | None
+    discarded: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,7 @@ class RunClaim:
     conversation: str
     message: str
     attempts: int
+    agent: str = "default"
 
 
 class Store:
@@ -130,48 +154,67 @@ class Store:
     # Sends and runs
 
     async def accept_send(
-        self, user: str, *, client_id: str, conversation: str | None, text: str, device: str, agent: str
+        self, user: str, *, client_id: str, conversation: str | None, text: str, device: str, agent: str,
+        policy: str | None = None,
     ) -> SendRecord:
-        """Store a user message and its queued run in one transaction, or return what an earlier
-        send with the same `client_id` stored. Raises NotFound for a conversation not the user's."""
+        """Store a user message and its run in one transaction, applying the conversation's
+        double-texting policy (or `policy`, for this message) when a run is in flight; or return
+        what an earlier send with the same `client_id` stored. Raises NotFound for a conversation
+        not the user's, Conflict when the policy rejects the message."""
         async with self._conn() as conn:
             row = await conn.fetchrow(sql.FIND_SEND, user, client_id)
             if row is None:
                 try:
-                    return await self._insert_send(conn, user, client_id, conversation, text, device, agent)
+                    return await self._insert_send(
+                        conn, user, client_id, conversation, text, device, agent, policy
+                    )
                 except asyncpg.UniqueViolationError:
                     row = await conn.fetchrow(sql.FIND_SEND, user, client_id)  # a concurrent twin won
             if row is None:
                 raise Unavailable("send vanished after a unique violation")
             agent_row = await conn.fetchval(sql.OWNS_CONVERSATION, user, row["conversation_id"])
+            run = await conn.fetchrow(sql.SEND_RUN, row["run_id"])
             return SendRecord(
                 conversation=row["conversation_id"], message=row["id"], run=row["run_id"],
-                seq=row["seq"], created=False, agent=agent_row or agent,
+                seq=row["seq"], created=False, agent=agent_row or agent, status=run["status"],
+                policy=run["policy"], behind=run["behind"], supersedes=tuple(run["supersedes"]),
             )
 
     async def _insert_send(
         self, conn: asyncpg.Connection, user: str, client_id: str, conversation: str | None,
-        text: str, device: str, agent: str,
+        text: str, device: str, agent: str, policy: str | None,
     ) -> SendRecord:
         message, run = new_id("m"), new_id("r")
+        active: list[asyncpg.Record] = []
         async with conn.transaction():
             if conversation is None:
                 conversation = new_id("c")
-                await conn.execute(sql.INSERT_CONVERSATION, user, conversation, _title(text), agent)
+                await conn.execute(sql.INSERT_CONVERSATION, user, conversation, _title(text), agent,
+                                   policy or "enqueue")
+                policy = policy or "enqueue"
             else:
-                owned_agent = await conn.fetchval(sql.OWNS_CONVERSATION, user, conversation)
-                if owned_agent is None:
+                owned = await conn.fetchrow(sql.LOCK_CONVERSATION, user, conversation)
+                if owned is None:
                     raise NotFound(f"conversation {conversation}")
-                agent = owned_agent
+                agent, policy = owned["agent"], policy or owned["double_texting"]
+                active = list(await conn.fetch(sql.ACTIVE_RUNS, conversation))
                 await conn.execute(sql.TOUCH_CONVERSATION, user, conversation)
+            if active and policy == "reject":
+                raise Conflict(active[-1]["id"])
+            supersedes = [r["id"] for r in active] if policy in ("interrupt", "rollback") else []
+            status, behind = ("waiting", active[-1]["id"]) if active else ("queued", None)
             inserted = await conn.fetchval(
                 sql.INSERT_USER_MESSAGE, user, message, conversation, text, client_id, device, run
             )
             if inserted is None:
                 raise asyncpg.UniqueViolationError("duplicate client id")
-            await conn.execute(sql.INSERT_RUN, user, run, conversation, message)
+            await conn.execute(sql.INSERT_RUN, user, run, conversation, message, status, policy, behind,
+                               supersedes)
+            if policy == "rollback" and supersedes:
+                await conn.execute(sql.MARK_DISCARD, supersedes)
         return SendRecord(conversation=conversation, message=message, run=run, seq=None, created=True,
-                          agent=agent)
+                          agent=agent, status=status, policy=policy, behind=behind,
+                          supersedes=tuple(supersedes))
 
     async def set_message_seq(self, user: str, message: str, seq: int) -> None:
         async with self._conn() as conn:
@@ -184,11 +227,27 @@ class Store:
             raise NotFound(f"run {run}")
         return row
 
-    async def cancel_queued_run(self, user: str, run: str) -> str | None:
-        """Cancel a run no worker has started; returns its conversation, or None if it had started."""
+    async def cancel_queued_run(self, user: str, run: str) -> asyncpg.Record | None:
+        """Cancel a run no worker has started (waiting or queued): returns its conversation,
+        message and discard flag (a rolled-back run's message is deleted), or None if it had
+        started or ended."""
+        async with self._conn() as conn, conn.transaction():
+            row = await conn.fetchrow(sql.CANCEL_QUEUED_RUN, user, run)
+            if row is not None and row["discard"]:
+                await conn.execute(sql.DELETE_MESSAGE, row["message_id"])
+            return row
+
+    async def promote_next(self, conversation: str) -> asyncpg.Record | None:
+        """Queue the conversation's next waiting run if nothing else is queued or running;
+        returns (id, user_id) of the run to put on the job stream."""
+        async with self._conn() as conn, conn.transaction():
+            await conn.execute(sql.LOCK_CONVERSATION_BY_ID, conversation)
+            return await conn.fetchrow(sql.PROMOTE_NEXT, conversation)
+
+    async def stranded_conversations(self, *, waiting_for_s: float, limit: int = 100) -> list[str]:
         async with self._conn() as conn:
-            value: str | None = await conn.fetchval(sql.CANCEL_QUEUED_RUN, user, run)
-            return value
+            rows = await conn.fetch(sql.STRANDED_CONVERSATIONS, float(waiting_for_s), limit)
+        return [r["conversation_id"] for r in rows]
 
     async def claim_run(self, run: str, *, worker: str, lease_s: float) -> RunClaim | None:
         async with self._conn() as conn:
@@ -196,7 +255,7 @@ class Store:
         if row is None:
             return None
         return RunClaim(run=run, user=row["user_id"], conversation=row["conversation_id"],
-                        message=row["message_id"], attempts=row["attempts"])
+                        message=row["message_id"], attempts=row["attempts"], agent=row["agent"])
 
     async def renew_lease(self, run: str, *, worker: str, lease_s: float) -> bool:
         async with self._conn() as conn:
@@ -214,7 +273,7 @@ class Store:
 
     async def finish_run(
         self, run: str, *, status: str, text: str, worker: str | None, error_code: str | None = None,
-        error_message: str | None = None,
+        error_message: str | None = None, tools: list[dict[str, Any]] | None = None,
     ) -> Finished | None:
         """End a run (completed, cancelled or failed) and store its text as the assistant message.
         With `worker`, only while that worker still holds the run (a worker whose lease ran out
@@ -225,12 +284,16 @@ class Store:
                 return None
             if worker is not None and state["worker"] != worker:
                 return None
-            message = new_id("m") if text else None
+            if state["discard"]:
+                # Rolled back: the run and the message that started it leave no trace.
+                text = ""
+                await conn.execute(sql.DELETE_MESSAGE, state["message_id"])
+            message = new_id("m") if text or (tools and not state["discard"]) else None
             if message:
                 await conn.execute(sql.INSERT_ASSISTANT_MESSAGE, message, state["conversation_id"],
-                                   state["user_id"], text, run)
+                                   state["user_id"], text, run, orjson.dumps(tools or []).decode())
             await conn.execute(sql.FINISH_RUN, run, status, text, message, error_code, error_message)
-            return Finished(message=message)
+            return Finished(message=message, discarded=bool(state["discard"]))
 
     async def set_terminal_seq(self, run: str, seq: int) -> None:
         async with self._conn() as conn:
@@ -267,9 +330,13 @@ class Store:
             rows = await conn.fetch(sql.LIST_CONVERSATIONS, user, before, limit)
         return [Conversation(**dict(r)) for r in rows]
 
-    async def create_conversation(self, user: str, *, title: str, agent: str) -> Conversation:
+    async def create_conversation(
+        self, user: str, *, title: str, agent: str, double_texting: str = "enqueue"
+    ) -> Conversation:
         async with self._conn() as conn:
-            row = await conn.fetchrow(sql.INSERT_CONVERSATION, user, new_id("c"), title, agent)
+            row = await conn.fetchrow(
+                sql.INSERT_CONVERSATION, user, new_id("c"), title, agent, double_texting
+            )
         return Conversation(**dict(row))
 
     async def get_conversation(self, user: str, conversation: str) -> Conversation:
@@ -291,8 +358,9 @@ class Store:
             if await conn.fetchval(sql.OWNS_CONVERSATION, user, conversation) is None:
                 raise NotFound(f"conversation {conversation}")
             rows = await conn.fetch(sql.LIST_MESSAGES, user, conversation, before, limit)
-        return [Message(n=r["n"], id=r["id"], role=r["role"], content=r["content"], device=r["device"],
-                        run=r["run_id"], seq=r["seq"], created_at=r["created_at"]) for r in rows]
+        return [Message(pos=r["pos"], id=r["id"], role=r["role"], content=r["content"], device=r["device"],
+                        run=r["run_id"], seq=r["seq"], created_at=r["created_at"],
+                        tools=orjson.loads(r["tools"])) for r in rows]
 
 
 def _title(text: str) -> str:

@@ -15,6 +15,15 @@ Directives in the *last user message* steer a request from the outside::
     [[slow:SECONDS]]    per-token delay for this request (default: token_delay_s)
     [[tokens:N]]        answer is exactly N word tokens: "word1 word2 ... wordN"
     [[die_after:N]]     close the TCP connection abruptly after N content tokens
+    [[tool:NAME:{...}]] call tool NAME with these JSON arguments (repeat for parallel calls)
+    [[tool_rounds:N]]   keep calling the tools until N tool rounds happened (default 1)
+
+Tool calls follow OpenAI's streaming format: ``"Calling NAME. "`` as content, then
+``delta.tool_calls`` chunks (index, id, function name, then the arguments split across
+chunks) and ``finish_reason: "tool_calls"``. They are only made while the request offers
+``tools`` and its ``tool_choice`` is not ``"none"``. When the request's last message is a
+tool result, the answer is ``"Tool said: <content>."`` (one sentence per trailing result),
+so tests can see that the result reached the model.
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ from aiohttp import web
 
 __all__ = ["FakeLLM", "split_words"]
 
-_DIRECTIVE = re.compile(r"\[\[(status|stall|slow|tokens|die_after):([0-9.]+)\]\]")
+_DIRECTIVE = re.compile(r"\[\[(status|stall|slow|tokens|die_after|tool_rounds):([0-9.]+)\]\]")
+_TOOL_DIRECTIVE = re.compile(r"\[\[tool:([A-Za-z0-9_-]+):(\{.*?\})\]\]")
+_ARGUMENT_PIECES = 3
 _WORD = re.compile(r"\S+\s*")
 _START_TIMEOUT_S = 10.0
 
@@ -52,10 +63,29 @@ def _text_of(message: dict[str, Any]) -> str:
 
 def _directives(messages: list[dict[str, Any]]) -> tuple[str, dict[str, float]]:
     """Return the last user message's text without directives, and the directives."""
-    users = [m for m in messages if m.get("role") == "user"]
-    text = _text_of(users[-1]) if users else ""
+    text = _last_user_text(messages)
     found = {name: float(value) for name, value in _DIRECTIVE.findall(text)}
-    return " ".join(_DIRECTIVE.sub(" ", text).split()), found
+    return " ".join(_DIRECTIVE.sub(" ", _TOOL_DIRECTIVE.sub(" ", text)).split()), found
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    users = [m for m in messages if m.get("role") == "user"]
+    return _text_of(users[-1]) if users else ""
+
+
+def _trailing_tool_results(messages: list[dict[str, Any]]) -> list[str]:
+    results: list[str] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        results.insert(0, _text_of(message))
+    return results
+
+
+def _split_arguments(arguments: str) -> list[str]:
+    """``arguments`` in up to ``_ARGUMENT_PIECES`` pieces, as a model streams them."""
+    size = max(1, -(-len(arguments) // _ARGUMENT_PIECES))
+    return [arguments[i : i + size] for i in range(0, len(arguments), size)] or [""]
 
 
 class FakeLLM:
@@ -111,11 +141,34 @@ class FakeLLM:
         ``"Echo: <last user text>. "`` plus a sentence counting the user turns, or
         ``"word1 ... wordN"`` under ``[[tokens:N]]``. Directives are not echoed.
         """
+        results = _trailing_tool_results(messages)
+        if results:
+            return " ".join(f"Tool said: {result}." for result in results)
         text, directives = _directives(messages)
         if "tokens" in directives:
             return " ".join(f"word{i}" for i in range(1, int(directives["tokens"]) + 1))
         turns = sum(1 for m in messages if m.get("role") == "user")
         return f"Echo: {text}. This is fake answer number {turns} from the test model."
+
+    def tool_calls_for(self, body: dict[str, Any]) -> list[tuple[str, str]]:
+        """The ``(name, JSON arguments)`` calls the server makes for this request body, if any.
+
+        The ``[[tool:...]]`` directives of the last user message, while the request offers
+        tools (``tool_choice`` not ``"none"``) and fewer than ``[[tool_rounds:N]]`` (default 1)
+        assistant tool-call messages follow that user message.
+        """
+        if not body.get("tools") or body.get("tool_choice") == "none":
+            return []
+        messages: list[dict[str, Any]] = body.get("messages", [])
+        calls = _TOOL_DIRECTIVE.findall(_last_user_text(messages))
+        _, directives = _directives(messages)
+        rounds = 0
+        for message in reversed(messages):
+            if message.get("role") == "user":
+                break
+            if message.get("role") == "assistant" and message.get("tool_calls"):
+                rounds += 1
+        return calls if rounds < int(directives.get("tool_rounds", 1)) else []
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -193,11 +246,12 @@ class FakeLLM:
         _, directives = _directives(messages)
         if "status" in directives:
             return _error_response(int(directives["status"]))
-        answer = self.answer_for(messages)
+        calls = self.tool_calls_for(body)
+        answer = f"Calling {', '.join(name for name, _ in calls)}. " if calls else self.answer_for(messages)
         model = str(body.get("model", "fake-model"))
         if not body.get("stream"):
-            return web.json_response(_completion(completion_id, model, answer))
-        return await self._stream(request, completion_id, model, answer, directives, body)
+            return web.json_response(_completion(completion_id, model, answer, calls))
+        return await self._stream(request, completion_id, model, answer, directives, body, calls)
 
     async def _stream(
         self,
@@ -207,6 +261,7 @@ class FakeLLM:
         answer: str,
         directives: dict[str, float],
         body: dict[str, Any],
+        calls: list[tuple[str, str]],
     ) -> web.StreamResponse:
         delay_s = directives.get("slow", self.token_delay_s)
         die_after = int(directives["die_after"]) if "die_after" in directives else None
@@ -231,7 +286,14 @@ class FakeLLM:
                     return response
                 await asyncio.sleep(delay_s)
                 await send({"content": word})
-            await send({}, "stop")
+            for index, (name, arguments) in enumerate(calls):
+                start = {"index": index, "id": _call_id(completion_id, index), "type": "function",
+                         "function": {"name": name, "arguments": ""}}
+                await send({"tool_calls": [start]})
+                for piece in _split_arguments(arguments):
+                    await asyncio.sleep(delay_s)
+                    await send({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+            await send({}, "tool_calls" if calls else "stop")
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = _chunk(completion_id, model, None, None) | {"usage": _usage(answer)}
                 await response.write(f"data: {json.dumps(usage)}\n\n".encode())
@@ -268,14 +330,27 @@ def _usage(answer: str) -> dict[str, int]:
     return {"prompt_tokens": 1, "completion_tokens": completion_tokens, "total_tokens": completion_tokens + 1}
 
 
-def _completion(completion_id: str, model: str, answer: str) -> dict[str, Any]:
+def _call_id(completion_id: str, index: int) -> str:
+    return f"call_{completion_id.rsplit('-', 1)[-1]}_{index}"
+
+
+def _completion(
+    completion_id: str, model: str, answer: str, calls: list[tuple[str, str]] | None = None
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": answer}
+    if calls:
+        message["tool_calls"] = [
+            {"id": _call_id(completion_id, index), "type": "function",
+             "function": {"name": name, "arguments": arguments}}
+            for index, (name, arguments) in enumerate(calls)
+        ]
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+            {"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop"}
         ],
         "usage": _usage(answer),
     }

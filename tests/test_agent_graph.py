@@ -1,8 +1,13 @@
-"""The agent graph over the demo model and over ChatOpenAI against a real fake LLM server."""
+"""The agent graph over the demo model and over ChatOpenAI against a real fake LLM server.
+
+Tools here are plain LangChain tools (the graph is tool-agnostic); MCP tools are in test_tools.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
@@ -13,10 +18,20 @@ import openai
 import pytest
 from langchain_core.exceptions import ModelAPIError, ModelConnectionError, ModelTimeoutError
 from langchain_core.messages import HumanMessage
+from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from langchain_openai import ChatOpenAI
 
 from agent_worker.demo import DemoChatModel, demo_answer, split_tokens
-from agent_worker.graph import AgentGraph, build_graph, stream_answer, to_messages
+from agent_worker.graph import (
+    AgentGraph,
+    Item,
+    Text,
+    ToolCompleted,
+    ToolStarted,
+    build_graph,
+    stream_answer,
+    to_messages,
+)
 from agent_worker.model import ModelConfig, build_chat_model
 from tests.fake_llm import FakeLLM, split_words
 
@@ -35,20 +50,34 @@ async def make_graph(fake_llm: FakeLLM) -> AsyncIterator[Callable[..., AgentGrap
     """Build graphs over ChatOpenAI pointed at ``fake_llm``; close their HTTP clients after."""
     models: list[ChatOpenAI] = []
 
-    def make(*, system_prompt: str | None = None, **config: Any) -> AgentGraph:
+    def make(
+        *, system_prompt: str | None = None, tools: Sequence[BaseTool] = (), max_tool_rounds: int = 4,
+        **config: Any,
+    ) -> AgentGraph:
         model = build_chat_model(ModelConfig(base_url=fake_llm.base_url, api_key=None, **config))
         assert isinstance(model, ChatOpenAI)
         models.append(model)
-        return build_graph(model, system_prompt=system_prompt)
+        return build_graph(model, system_prompt=system_prompt, tools=tools, max_tool_rounds=max_tool_rounds)
 
     yield make
     for model in models:
         await model.root_async_client.close()
 
 
-async def collect(graph: AgentGraph, history: History) -> list[str]:
+async def collect_items(graph: AgentGraph, history: History) -> list[Item]:
     async with asyncio.timeout(WAIT_S):
-        return [piece async for piece in stream_answer(graph, history)]
+        return [item async for item in stream_answer(graph, history)]
+
+
+async def collect(graph: AgentGraph, history: History) -> list[str]:
+    """The text pieces of a run that calls no tools."""
+    items = await collect_items(graph, history)
+    assert all(isinstance(item, Text) for item in items), items
+    return [item.text for item in items if isinstance(item, Text)]
+
+
+def text_of(items: Sequence[Item]) -> str:
+    return "".join(item.text for item in items if isinstance(item, Text))
 
 
 def wire(history: History) -> list[dict[str, str]]:
@@ -96,9 +125,10 @@ async def test_stream_answer_yields_the_llm_answer_incrementally(
     arrivals: list[float] = []
     pieces: list[str] = []
     async with asyncio.timeout(WAIT_S):
-        async for piece in stream_answer(make_graph(), history):
+        async for item in stream_answer(make_graph(), history):
+            assert isinstance(item, Text)
             arrivals.append(time.monotonic())
-            pieces.append(piece)
+            pieces.append(item.text)
 
     answer = fake_llm.answer_for(wire(history))
     assert "".join(pieces) == answer
@@ -130,8 +160,9 @@ async def test_cancelling_the_consumer_aborts_the_http_stream(
     received: list[str] = []
 
     async def consume() -> None:
-        async for piece in stream_answer(graph, [("user", "[[tokens:1000]] [[slow:0.02]]")]):
-            received.append(piece)
+        async for item in stream_answer(graph, [("user", "[[tokens:1000]] [[slow:0.02]]")]):
+            assert isinstance(item, Text)
+            received.append(item.text)
             first_piece.set()
 
     task = asyncio.create_task(consume())
@@ -187,8 +218,9 @@ async def test_connection_drop_mid_answer_raises_after_the_partial_text(
     pieces: list[str] = []
     with pytest.raises(ModelConnectionError):
         async with asyncio.timeout(WAIT_S):
-            async for piece in stream_answer(make_graph(), [("user", "[[tokens:10]] [[die_after:3]]")]):
-                pieces.append(piece)
+            async for item in stream_answer(make_graph(), [("user", "[[tokens:10]] [[die_after:3]]")]):
+                assert isinstance(item, Text)
+                pieces.append(item.text)
 
     assert pieces == ["word1 ", "word2 ", "word3 "]
 
@@ -208,6 +240,173 @@ def test_unknown_history_role_is_rejected() -> None:
         to_messages([("tool", "x")])
 
 
+# -- tools -----------------------------------------------------------------------------------
+
+
+class Toolbox:
+    """Plain LangChain tools that record their calls (from the graph's thread or not)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.waiting = asyncio.Event()
+        self.cancelled = threading.Event()
+
+    def tools(self) -> list[BaseTool]:
+        async def add(a: float, b: float) -> str:
+            self.calls.append(("add", {"a": a, "b": b}))
+            return f"{a + b:g}"
+
+        async def fail(reason: str) -> str:
+            self.calls.append(("fail", {"reason": reason}))
+            raise ToolException(reason)
+
+        async def wait() -> str:
+            self.waiting.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+            return "never"
+
+        return [
+            StructuredTool.from_function(coroutine=add, name="add", description="Add two numbers."),
+            StructuredTool.from_function(coroutine=fail, name="fail", description="Always fails."),
+            StructuredTool.from_function(coroutine=wait, name="wait", description="Waits forever."),
+        ]
+
+
+def test_without_tools_the_graph_is_one_agent_node() -> None:
+    graph = build_graph(DemoChatModel(delay_s=0))
+
+    assert set(graph.get_graph().nodes) == {"__start__", "agent", "__end__"}
+
+
+async def test_a_streamed_tool_call_runs_the_tool_and_the_answer_goes_on(
+    fake_llm: FakeLLM, make_graph: Callable[..., AgentGraph]
+) -> None:
+    toolbox = Toolbox()
+    graph = make_graph(tools=toolbox.tools(), system_prompt="Use tools.")
+    items = await collect_items(graph, [("user", 'sum please [[tool:add:{"a": 2, "b": 3.5}]]')])
+
+    started = [item for item in items if isinstance(item, ToolStarted)]
+    completed = [item for item in items if isinstance(item, ToolCompleted)]
+    assert started == [ToolStarted(call_id=started[0].call_id, name="add", arguments={"a": 2, "b": 3.5})]
+    assert completed == [ToolCompleted(call_id=started[0].call_id, name="add", summary="5.5", error=None)]
+    assert items.index(started[0]) < items.index(completed[0])
+    # Text before the call (streamed with it) and the answer after the tool round.
+    assert text_of(items) == "Calling add. Tool said: 5.5."
+    assert isinstance(items[0], Text) and isinstance(items[-1], Text)
+    assert toolbox.calls == [("add", {"a": 2, "b": 3.5})]
+
+    first, second = fake_llm.requests
+    assert [tool["function"]["name"] for tool in first["tools"]] == ["add", "fail", "wait"]
+    assert first["tools"][0]["function"]["parameters"]["required"] == ["a", "b"]
+    call, result = second["messages"][-2:]
+    assert call["role"] == "assistant"
+    assert call["tool_calls"][0]["id"] == started[0].call_id
+    assert json.loads(call["tool_calls"][0]["function"]["arguments"]) == {"a": 2, "b": 3.5}
+    assert result == {"role": "tool", "content": "5.5", "tool_call_id": started[0].call_id}
+    assert second["messages"][0] == {"role": "system", "content": "Use tools."}
+
+
+async def test_parallel_tool_calls_each_get_events_and_a_result(
+    fake_llm: FakeLLM, make_graph: Callable[..., AgentGraph]
+) -> None:
+    toolbox = Toolbox()
+    history = [("user", '[[tool:add:{"a": 1, "b": 1}]] [[tool:add:{"a": 40, "b": 2}]]')]
+    items = await collect_items(make_graph(tools=toolbox.tools()), history)
+
+    started = [item for item in items if isinstance(item, ToolStarted)]
+    completed = {item.call_id: item for item in items if isinstance(item, ToolCompleted)}
+    assert [item.arguments for item in started] == [{"a": 1, "b": 1}, {"a": 40, "b": 2}]
+    assert len({item.call_id for item in started}) == 2
+    assert [completed[item.call_id].summary for item in started] == ["2", "42"]
+    assert text_of(items).endswith("Tool said: 2. Tool said: 42.")
+    assert len(fake_llm.requests) == 2
+
+
+async def test_a_failing_or_unknown_tool_is_reported_and_the_run_still_answers(
+    fake_llm: FakeLLM, make_graph: Callable[..., AgentGraph]
+) -> None:
+    toolbox = Toolbox()
+    history = [("user", '[[tool:fail:{"reason": "disk on fire"}]] [[tool:nope:{}]]')]
+    items = await collect_items(make_graph(tools=toolbox.tools()), history)
+
+    # Calls of one round run concurrently: completions come in any order.
+    completed = sorted((item for item in items if isinstance(item, ToolCompleted)), key=lambda i: i.name)
+    assert [(item.name, item.summary, item.error) for item in completed] == [
+        ("fail", "", "disk on fire"), ("nope", "", "unknown tool 'nope'")]
+    assert text_of(items).endswith("Tool said: Error: disk on fire. Tool said: Error: unknown tool 'nope'.")
+    tool_messages = [m for m in fake_llm.requests[-1]["messages"] if m["role"] == "tool"]
+    assert [m["content"] for m in tool_messages] == ["Error: disk on fire", "Error: unknown tool 'nope'"]
+
+
+async def test_a_tool_call_with_broken_arguments_is_answered_with_an_error(
+    fake_llm: FakeLLM, make_graph: Callable[..., AgentGraph]
+) -> None:
+    toolbox = Toolbox()
+    items = await collect_items(make_graph(tools=toolbox.tools()), [("user", '[[tool:add:{"a": 1,}]]')])
+
+    [started] = [item for item in items if isinstance(item, ToolStarted)]
+    [completed] = [item for item in items if isinstance(item, ToolCompleted)]
+    assert (started.name, started.arguments) == ("add", {})
+    assert completed.call_id == started.call_id
+    assert completed.error is not None and completed.error.startswith("invalid arguments")
+    assert toolbox.calls == []
+    # The broken call and its error both went back to the model, which answered.
+    call, result = fake_llm.requests[-1]["messages"][-2:]
+    assert call["tool_calls"][0]["id"] == result["tool_call_id"] == started.call_id
+    assert text_of(items).startswith("Calling add. Tool said: Error: invalid arguments")
+
+
+async def test_tool_rounds_are_capped_and_the_last_call_may_not_use_tools(
+    fake_llm: FakeLLM, make_graph: Callable[..., AgentGraph]
+) -> None:
+    toolbox = Toolbox()
+    history = [("user", '[[tool:add:{"a": 1, "b": 1}]] [[tool_rounds:10]]')]
+    items = await collect_items(make_graph(tools=toolbox.tools(), max_tool_rounds=2), history)
+
+    assert sum(isinstance(item, ToolStarted) for item in items) == 2
+    assert len(toolbox.calls) == 2
+    assert [request.get("tool_choice") for request in fake_llm.requests] == [None, None, "none"]
+    assert text_of(items) == "Calling add. Calling add. Tool said: 2."
+
+
+async def test_tool_rounds_start_again_with_each_user_message(
+    fake_llm: FakeLLM, make_graph: Callable[..., AgentGraph]
+) -> None:
+    # Earlier turns' answers are plain text in the history; only this turn's rounds count.
+    toolbox = Toolbox()
+    history = [("user", "hi"), ("assistant", "hello"), ("user", '[[tool:add:{"a": 1, "b": 2}]]')]
+    items = await collect_items(make_graph(tools=toolbox.tools(), max_tool_rounds=1), history)
+
+    assert text_of(items) == "Calling add. Tool said: 3."
+
+
+async def test_cancelling_during_a_tool_call_cancels_the_tool(
+    fake_llm: FakeLLM, make_graph: Callable[..., AgentGraph]
+) -> None:
+    toolbox = Toolbox()
+    graph = make_graph(tools=toolbox.tools())
+    items: list[Item] = []
+
+    async def consume() -> None:
+        async with aclosing(stream_answer(graph, [("user", "[[tool:wait:{}]]")])) as stream:
+            async for item in stream:
+                items.append(item)
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(toolbox.waiting.wait(), WAIT_S)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, WAIT_S)
+
+    assert toolbox.cancelled.is_set()
+    assert [type(item) for item in items if not isinstance(item, Text)] == [ToolStarted]
+    assert len(fake_llm.requests) == 1
+
+
 # -- the fake itself (other tests and worker subprocesses rely on it) ----------------------
 
 
@@ -221,3 +420,46 @@ def test_fake_llm_serves_models_and_non_streaming_completions(fake_llm: FakeLLM)
     assert completion["object"] == "chat.completion"
     assert completion["choices"][0]["message"]["content"] == fake_llm.answer_for(messages)
     assert fake_llm.answer_for(messages) == "Echo: plain. This is fake answer number 1 from the test model."
+
+
+def test_fake_llm_streams_tool_calls_in_the_openai_format(fake_llm: FakeLLM) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    body: dict[str, Any] = {"model": "m", "stream": True, "tools": tools,
+            "messages": [{"role": "user", "content": 'go [[tool:lookup:{"city": "Paris", "days": 3}]]'}]}
+    with httpx.Client(base_url=fake_llm.base_url, timeout=WAIT_S) as client:
+        with client.stream("POST", "/chat/completions", json=body) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                      if line.startswith("data: {")]
+        plain = client.post("/chat/completions", json={**body, "stream": False}).json()
+        told = client.post("/chat/completions", json={**body, "stream": False, "tool_choice": "none"}).json()
+
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks]
+    calls = [delta["tool_calls"][0] for delta in deltas if "tool_calls" in delta]
+    assert calls[0] == {"index": 0, "id": calls[0]["id"], "type": "function",
+                        "function": {"name": "lookup", "arguments": ""}}
+    pieces = [call["function"]["arguments"] for call in calls[1:]]
+    assert len(pieces) > 1 and all(call["index"] == 0 and "id" not in call for call in calls[1:])
+    assert json.loads("".join(pieces)) == {"city": "Paris", "days": 3}
+    assert "".join(delta.get("content") or "" for delta in deltas) == "Calling lookup. "
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+    [choice] = plain["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["tool_calls"][0]["function"]["name"] == "lookup"
+    assert told["choices"][0]["message"]["content"] == fake_llm.answer_for(body["messages"])
+    assert fake_llm.answer_for(body["messages"]).startswith("Echo: go. This is")
+
+
+def test_fake_llm_answers_a_tool_result_with_it(fake_llm: FakeLLM) -> None:
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": '[[tool:lookup:{"city": "Oslo"}]]'},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+    ]
+
+    assert fake_llm.answer_for(messages) == "Tool said: rain."
+    assert fake_llm.tool_calls_for({"tools": [{}], "messages": messages}) == []
+    first_call = fake_llm.tool_calls_for({"tools": [{}], "messages": messages[:1]})
+    assert first_call == [("lookup", '{"city": "Oslo"}')]
+    assert fake_llm.tool_calls_for({"messages": messages[:1]}) == []  # no tools offered

@@ -43,6 +43,8 @@ async def test_bad_frames_get_error_frames_and_the_socket_lives_on(cluster: Loca
     async with http.ws_connect(node_url(cluster, f"/ws?access_token={token}")) as ws:
         hello = await ws.receive_json(timeout=5)
         assert hello["type"] == "hello"
+        snapshot = await ws.receive_json(timeout=5)  # a new device learns the runs in flight: none
+        assert snapshot == {"type": "snapshot", "seq": hello["seq"], "epoch": hello["epoch"], "runs": []}
         cases: list[tuple[str | bytes, str]] = [
             ("this is not json", "bad_request"),
             ("[1, 2, 3]", "bad_request"),

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ws_node import protocol
-from ws_node.protocol import Cancel, ErrorCode, Ping, ProtocolError, Send, parse_command
+from ws_node.protocol import Auth, Cancel, ErrorCode, Ping, ProtocolError, Send, parse_command
 
 
 def parse(raw: str | bytes) -> protocol.Command:
@@ -24,6 +24,8 @@ def test_valid_commands() -> None:
     assert parse('{"type":"cancel","id":"c2","run":"r_1"}') == Cancel(id="c2", run="r_1")
     assert parse('{"type":"ping","id":"c3"}') == Ping(id="c3")
     assert parse('{"type":"ping"}') == Ping(id=None)
+    assert parse('{"type":"auth","id":"a1","token":"x.y.z"}') == Auth(id="a1", token="x.y.z")
+    assert "x.y.z" not in repr(Auth(id="a1", token="x.y.z"))  # a token never lands in a log line
 
 
 @pytest.mark.parametrize(
@@ -43,6 +45,19 @@ def test_valid_commands() -> None:
         ('{"type":"ping","id":5}', ErrorCode.BAD_REQUEST, "id must be"),
         ('{"type":"ping","id":""}', ErrorCode.BAD_REQUEST, "id must be"),
         ("[" * 100_000 + "]" * 100_000, ErrorCode.BAD_REQUEST, "not valid JSON"),
+        ('{"type":"ping","x":' + "9" * 5000 + "}", ErrorCode.BAD_REQUEST, "not valid JSON"),  # int limit
+        ("\ufeff{}", ErrorCode.BAD_REQUEST, "not valid JSON"),
+        ('{"type":"auth","id":"x"}', ErrorCode.BAD_REQUEST, "token must be"),
+        ('{"type":"auth","id":"x","token":5}', ErrorCode.BAD_REQUEST, "token must be"),
+        ('{"type":"auth","id":"x","token":"' + "t" * 8193 + '"}', ErrorCode.TOO_LARGE, "token is too long"),
+        # Postgres text refuses NUL; a lone surrogate cannot be encoded to UTF-8 (asyncpg, orjson, socket)
+        ('{"type":"send","id":"x","text":"a\\u0000b"}', ErrorCode.BAD_REQUEST, "without NUL"),
+        ('{"type":"send","id":"x","text":"\\ud800"}', ErrorCode.BAD_REQUEST, "without NUL"),
+        ('{"type":"send","id":"x","text":"hi","conversation":"c\\u0000"}', ErrorCode.BAD_REQUEST,
+         "conversation"),
+        ('{"type":"cancel","id":"x","run":"\\udfff"}', ErrorCode.BAD_REQUEST, "run must be"),
+        ('{"type":"ping","id":"\\u0000"}', ErrorCode.BAD_REQUEST, "id must be"),
+        ('{"type":"ping","id":"\\ud800"}', ErrorCode.BAD_REQUEST, "id must be"),
     ],
 )
 def test_malformed_frames(raw: str, code: ErrorCode, fragment: str) -> None:
@@ -74,6 +89,29 @@ def test_any_json_parses_or_is_a_protocol_error(value: object) -> None:
         parse(json.dumps(value))
     except ProtocolError as exc:
         assert exc.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(exclude_categories=()), max_size=30))
+def test_any_string_field_is_storable_or_refused(value: str) -> None:
+    """Whatever a client puts in a string field, what gets through encodes to UTF-8 without NUL."""
+    frame = json.dumps({"type": "send", "id": "x", "text": f"t{value}", "conversation": value or None})
+    try:
+        cmd = parse(frame)
+    except ProtocolError as exc:
+        assert exc.code in (ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE)
+        return
+    assert isinstance(cmd, Send)
+    for field in (cmd.text, cmd.conversation or ""):
+        assert "\x00" not in field
+        field.encode("utf-8")
+
+
+def test_rate_limited_errors_say_when_to_retry() -> None:
+    frame = json.loads(protocol.error(ErrorCode.RATE_LIMITED, "slow down", "c1", retry_after_ms=250))
+    assert frame == {"type": "error", "id": "c1", "code": "rate_limited", "message": "slow down",
+                     "retry_after_ms": 250}
+    assert "retry_after_ms" not in json.loads(protocol.error(ErrorCode.BAD_REQUEST, "no"))
 
 
 def test_server_frames_are_compact_json() -> None:

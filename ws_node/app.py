@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import WSMsgType, web
 from redis.asyncio import Redis
@@ -17,9 +20,21 @@ from fanout.keys import Keys
 from fanout.stream import TRANSIENT, UserStream
 from persistence.store import Store
 from persistence.store import Unavailable as StoreUnavailable
-from ws_node import commands, presence, protocol, rest
-from ws_node.auth import Unauthorized, authenticate
+from ws_node import commands, limits, presence, protocol, rest
+from ws_node.auth import (
+    IDENTITY,
+    AuthUnavailable,
+    Identity,
+    JwksKeys,
+    TokenLease,
+    Unauthorized,
+    Verifier,
+    origin_allowed,
+    token_of,
+    wants_frame_auth,
+)
 from ws_node.connection import Connection
+from ws_node.limits import LocalBucket, Rate, RedisBuckets
 from ws_node.protocol import CloseCode, ErrorCode, ProtocolError
 from ws_node.services import SERVICES, Services
 from ws_node.settings import NodeSettings
@@ -27,31 +42,58 @@ from ws_node.settings import NodeSettings
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class Admission:
+    """Who gets in and how often: the token verifier and the node's rate limits."""
+
+    verifier: Verifier
+    connections: LocalBucket
+    commands: RedisBuckets
+
+
+ADMISSION = web.AppKey("admission", Admission)
+
+
 async def ws_handler(request: web.Request) -> web.StreamResponse:
-    svc = request.app[SERVICES]
+    """One device's socket: admitted, upgraded, authenticated (by its first frame when it came
+    without a token), held to the device limit, then served until it closes or its token expires."""
+    svc, guard = request.app[SERVICES], request.app[ADMISSION]
     settings = svc.settings
-    if svc.draining:
-        raise web.HTTPServiceUnavailable(text="draining")
-    try:
-        ident = authenticate(request, settings.jwt_secret)
-    except Unauthorized:
-        raise web.HTTPUnauthorized(text="missing or invalid token") from None
-    device = request.query.get("device") or f"d_{secrets.token_hex(6)}"
-    after_raw, client_epoch = request.query.get("after"), request.query.get("epoch") or None
-    if len(device) > 128 or (after_raw is not None and not after_raw.isdigit()):
-        raise web.HTTPBadRequest(text="device must be at most 128 characters; after a non-negative integer")
+    device, after, client_epoch, ident = await _admit(request, svc, guard)
 
     ws = web.WebSocketResponse(heartbeat=settings.heartbeat_s, max_msg_size=settings.max_frame_bytes)
     await ws.prepare(request)
+    auth_id = None
+    if ident is None:
+        first = await _first_frame_auth(ws, guard.verifier, settings)
+        if first is None:
+            return ws
+        ident, auth_id = first
+    try:
+        too_many = await limits.devices_exceeded(svc.redis, svc.keys, ident.user, device,
+                                                 settings.max_devices_per_user)
+    except TRANSIENT as exc:
+        log.warning("cannot serve %s/%s: %r", ident.user, device, exc)
+        await ws.close(code=CloseCode.TRY_AGAIN_LATER, message=b"stream unavailable; reconnect later")
+        return ws
+    if too_many:
+        await ws.close(code=CloseCode.TOO_MANY_DEVICES,
+                       message=f"at most {settings.max_devices_per_user} devices at once".encode())
+        return ws
+
     conn = Connection(ws, user=ident.user, device=device, stream=svc.stream,
                       queue_max_frames=settings.queue_max_frames, runs_in_flight=svc.store.runs_in_flight)
+    lease = TokenLease(guard.verifier, ident, on_expire=lambda: conn.close(
+        CloseCode.UNAUTHORIZED, "token expired; refresh it and reconnect"))
+    lease.start()
+    if auth_id is not None:
+        conn.send(protocol.ack(auth_id, expires_at=int(ident.expires_at)))
     writer = asyncio.create_task(conn.writer(), name=f"writer-{ident.user}-{device}")
     svc.connections.add(conn)
     svc.idle.clear()
     try:
         try:
             await svc.hub.attach(conn)
-            after = int(after_raw) if after_raw is not None else None
             await conn.open(after=after, client_epoch=client_epoch, node=settings.node_id,
                             heartbeat_s=settings.heartbeat_s)
             await presence.mark_online(svc.redis, svc.keys, [(conn.user, conn.device)], settings.node_id)
@@ -61,10 +103,11 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         else:
             async for msg in ws:
                 if msg.type is WSMsgType.TEXT:
-                    await handle_frame(svc, conn, msg.data)
+                    await handle_frame(svc, guard, conn, lease, msg.data)
                 elif msg.type is WSMsgType.BINARY:
                     conn.send(protocol.error(ErrorCode.BAD_REQUEST, "binary frames are not supported"))
     finally:
+        lease.stop()
         svc.connections.discard(conn)
         if not svc.connections:
             svc.idle.set()
@@ -77,20 +120,101 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     return ws
 
 
+async def _admit(
+    request: web.Request, svc: Services, guard: Admission
+) -> tuple[str, int | None, str | None, Identity | None]:
+    """Everything a client can be refused before the upgrade is refused here, with an HTTP status
+    (503 draining or keys unavailable, 403 origin, 429 rate, 400 parameters, 401 token); after the
+    upgrade, with a close code (docs/security.md). The identity is None for ``?auth=frame``."""
+    settings = svc.settings
+    if svc.draining:
+        raise web.HTTPServiceUnavailable(text="draining")
+    if not origin_allowed(request.headers.get("Origin"), host=request.headers.get("Host"),
+                          allowed=settings.allowed_origins, dev=settings.dev):
+        raise web.HTTPForbidden(text="origin not allowed")
+    admitted = guard.connections.take()
+    if not admitted.allowed:
+        retry_s = max(1, math.ceil(admitted.retry_after_ms / 1000))
+        raise web.HTTPTooManyRequests(text="too many new connections; retry later",
+                                      headers={"Retry-After": str(retry_s)})
+    device, after, epoch = _position(request)
+    token = token_of(request)
+    if token is None:
+        if wants_frame_auth(request):
+            return device, after, epoch, None
+        raise web.HTTPUnauthorized(text="missing token: send it as a Bearer header or access_token, "
+                                        "or connect with auth=frame and send an auth frame")
+    try:
+        return device, after, epoch, await guard.verifier.verify(token)
+    except Unauthorized:
+        raise web.HTTPUnauthorized(text="missing or invalid token") from None
+    except AuthUnavailable:
+        raise web.HTTPServiceUnavailable(text="cannot verify tokens right now") from None
+
+
+def _position(request: web.Request) -> tuple[str, int | None, str | None]:
+    """`device`, `after` and `epoch` from the query, or 400."""
+    device = request.query.get("device") or f"d_{secrets.token_hex(6)}"
+    after, epoch = request.query.get("after"), request.query.get("epoch") or None
+    # isdigit() alone lets "²" through, which int() refuses.
+    after_ok = after is None or (after.isascii() and after.isdigit() and len(after) <= 18)
+    # Printable: no NUL (Postgres), no lone surrogate (UTF-8), no control characters in frames.
+    device_ok = len(device) <= 128 and device.isprintable()
+    epoch_ok = epoch is None or (len(epoch) <= 64 and epoch.isprintable())
+    if not (device_ok and epoch_ok and after_ok):
+        raise web.HTTPBadRequest(text="device must be at most 128 printable characters, epoch at most 64, "
+                                      "after a non-negative integer")
+    return device, int(after) if after is not None else None, epoch
+
+
+async def _first_frame_auth(
+    ws: web.WebSocketResponse, verifier: Verifier, settings: NodeSettings
+) -> tuple[Identity, str | None] | None:
+    """Wait for the auth frame of a socket opened with ``?auth=frame``; on anything else close
+    with 4001 (1013 when the keys cannot be fetched) and return None. The handler is the only
+    task touching the socket here: no writer exists yet."""
+    try:
+        msg = await ws.receive(timeout=settings.auth_frame_timeout_s)
+    except TimeoutError:
+        await ws.close(code=CloseCode.UNAUTHORIZED, message=b"no auth frame in time")
+        return None
+    if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+        return None
+    cmd = None
+    if msg.type is WSMsgType.TEXT:
+        with contextlib.suppress(ProtocolError):
+            cmd = protocol.parse_command(msg.data, max_text_chars=settings.max_text_chars)
+    if not isinstance(cmd, protocol.Auth):
+        await ws.close(code=CloseCode.UNAUTHORIZED, message=b"the first frame must be an auth frame")
+        return None
+    try:
+        return await verifier.verify(cmd.token), cmd.id
+    except Unauthorized:
+        await ws.close(code=CloseCode.UNAUTHORIZED, message=b"invalid token")
+    except AuthUnavailable:
+        await ws.close(code=CloseCode.TRY_AGAIN_LATER, message=b"cannot verify tokens right now")
+    return None
+
+
 async def _detach(svc: Services, conn: Connection) -> None:
     await svc.hub.detach(conn)
     await presence.mark_offline(svc.redis, svc.keys, conn.user, conn.device, svc.settings.node_id)
 
 
-async def handle_frame(svc: Services, conn: Connection, raw: str) -> None:
+async def handle_frame(svc: Services, guard: Admission, conn: Connection, lease: TokenLease | None,
+                       raw: str) -> None:
     """Serve one client frame. Nothing a client sends may end the socket or the node."""
     cmd_id = None
     try:
         cmd = protocol.parse_command(raw, max_text_chars=svc.settings.max_text_chars)
         cmd_id = cmd.id
-        reply = await commands.execute(svc, conn, cmd)
+        allowed = await guard.commands.take(conn.user)
+        if not allowed.allowed:
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "too many commands; slow down", cmd_id,
+                                retry_after_ms=allowed.retry_after_ms)
+        reply = await commands.execute(svc, conn, cmd, lease)
     except ProtocolError as exc:
-        reply = protocol.error(exc.code, exc.message, exc.id)
+        reply = protocol.error(exc.code, exc.message, exc.id, retry_after_ms=exc.retry_after_ms)
     except (StoreUnavailable, *TRANSIENT) as exc:
         log.warning("command from %s failed: %r", conn.user, exc)
         reply = protocol.error(ErrorCode.UNAVAILABLE, "storage unavailable; retry with the same id", cmd_id)
@@ -99,6 +223,23 @@ async def handle_frame(svc: Services, conn: Connection, raw: str) -> None:
         reply = protocol.error(ErrorCode.INTERNAL, "internal error; retry with the same id", cmd_id)
     if cmd_id is not None or reply.startswith('{"type":"error"'):
         conn.send(reply)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Verify the token of every REST request once, under the full policy (JWKS included), and
+    leave the identity on the request for `ws_node.auth.authenticate`."""
+    if request.path.startswith("/v1/"):
+        token = token_of(request)
+        if token is not None:
+            try:
+                request[IDENTITY] = await request.app[ADMISSION].verifier.verify(token)
+            except Unauthorized:
+                pass  # the handler answers 401
+            except AuthUnavailable:
+                return rest.error_response(503, "unavailable", "cannot verify tokens right now")
+    response: web.StreamResponse = await handler(request)
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -143,6 +284,7 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
         stream = UserStream(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
         svc = Services(settings=settings, redis=redis, keys=keys, stream=stream, hub=hub, store=store)
         app[SERVICES] = svc
+        app[ADMISSION] = build_admission(settings, redis, keys)
         await hub.start()
         refresher = asyncio.create_task(_presence_refresher(svc))
         yield
@@ -152,6 +294,20 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
         await redis.aclose()
 
     return services_ctx
+
+
+def build_admission(settings: NodeSettings, redis: Redis, keys: Keys) -> Admission:
+    jwks = None
+    if settings.jwks_url:
+        jwks = JwksKeys(settings.jwks_url, cache_s=settings.jwks_cache_s, cooldown_s=settings.jwks_cooldown_s)
+    verifier = Verifier(algorithms=settings.jwt_algorithms, secret=settings.jwt_secret,
+                        public_key=settings.jwt_public_key, jwks=jwks, audience=settings.jwt_audience,
+                        issuer=settings.jwt_issuer, leeway_s=settings.jwt_leeway_s)
+    return Admission(
+        verifier=verifier,
+        connections=LocalBucket(Rate(settings.connections_per_s, settings.connections_burst)),
+        commands=RedisBuckets(redis, keys, Rate(settings.commands_per_s, settings.commands_burst)),
+    )
 
 
 async def _connect_store(database_url: str) -> Store:
@@ -173,7 +329,8 @@ async def _connect_store(database_url: str) -> Store:
 
 
 def create_app(settings: NodeSettings) -> web.Application:
-    app = web.Application(middlewares=[rest.errors_middleware], client_max_size=settings.max_frame_bytes)
+    app = web.Application(middlewares=[rest.errors_middleware, auth_middleware],
+                          client_max_size=settings.max_frame_bytes)
     app.cleanup_ctx.append(build_services_ctx(settings))
     app.router.add_get("/ws", ws_handler)
     app.router.add_get("/healthz", healthz)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -19,21 +19,24 @@ MAX_ID_CHARS = 128
 
 class CloseCode(enum.IntEnum):
     """WebSocket close codes. 4xxx are Chorus's own; the client reconnects after each of these
-    except `UNAUTHORIZED` (get a new token first) and `POLICY`."""
+    except `UNAUTHORIZED` (get a new token first), `TOO_MANY_DEVICES`, `INVALID_TEXT` and `POLICY`."""
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    INVALID_TEXT = 1007  # a text frame that is not UTF-8 (aiohttp fails the socket, as RFC 6455 says)
     POLICY = 1008
-    TOO_BIG = 1009
+    TOO_BIG = 1009  # a frame above MAX_FRAME_BYTES (aiohttp)
     INTERNAL = 1011
     SERVICE_RESTART = 1012  # the node is draining: reconnect (elsewhere) with after/epoch
     TRY_AGAIN_LATER = 1013  # the node cannot serve right now (Redis unreachable): reconnect later
-    UNAUTHORIZED = 4001  # token expired or revoked: refresh it, then reconnect
+    UNAUTHORIZED = 4001  # token expired, invalid, or no auth frame in time: get a new token, reconnect
     SLOW_CONSUMER = 4008  # the socket's outgoing queue overflowed: reconnect with after/epoch
+    TOO_MANY_DEVICES = 4029  # the user has USER_MAX_DEVICES other devices online: do not retry at once
 
 
 class ErrorCode(enum.StrEnum):
     BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
     NOT_FOUND = "not_found"
     FORBIDDEN = "forbidden"
     CONFLICT = "conflict"
@@ -46,11 +49,14 @@ class ErrorCode(enum.StrEnum):
 class ProtocolError(Exception):
     """A command that cannot be served; becomes one `error` frame with the command's id."""
 
-    def __init__(self, code: ErrorCode, message: str, id: str | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, id: str | None = None, *, retry_after_ms: int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.id = id
+        self.retry_after_ms = retry_after_ms
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class Send:
     text: str
     conversation: str | None = None
     agent: str | None = None
+    double_texting: str | None = None  # overrides the conversation's policy for this message
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,15 @@ class Ping:
     id: str | None
 
 
-Command = Send | Cancel | Ping
+@dataclass(frozen=True)
+class Auth:
+    """A fresh token: the first frame of a socket opened with ``?auth=frame``, or a renewal."""
+
+    id: str | None
+    token: str = field(repr=False)
+
+
+Command = Send | Cancel | Ping | Auth
 
 
 def parse_command(raw: str | bytes, *, max_text_chars: int) -> Command:
@@ -86,7 +101,7 @@ def parse_command(raw: str | bytes, *, max_text_chars: int) -> Command:
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "frame must be a JSON object")
     id_ = obj.get("id")
-    if id_ is not None and (not isinstance(id_, str) or not 0 < len(id_) <= MAX_ID_CHARS):
+    if id_ is not None and not (isinstance(id_, str) and 0 < len(id_) <= MAX_ID_CHARS and storable(id_)):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"id must be a string of 1-{MAX_ID_CHARS} characters")
     kind = obj.get("type")
     if kind == "send":
@@ -100,11 +115,14 @@ def parse_command(raw: str | bytes, *, max_text_chars: int) -> Command:
             text=text,
             conversation=_field(obj, "conversation", str, id_, required=False),
             agent=_field(obj, "agent", str, id_, required=False),
+            double_texting=_policy(obj, id_),
         )
     if kind == "cancel":
         return Cancel(id=id_, run=_field(obj, "run", str, id_))
     if kind == "ping":
         return Ping(id=id_)
+    if kind == "auth":
+        return Auth(id=id_, token=_field(obj, "token", str, id_))
     if not isinstance(kind, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "type must be a string", id_)
     raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown type {kind[:40]!r}", id_)
@@ -119,7 +137,21 @@ def _field(obj: dict[str, Any], name: str, kind: type, id_: str | None, *, requi
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must be {article}", id_)
     if isinstance(value, str) and len(value) > MAX_ID_CHARS * 64:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"{name} is too long", id_)
+    if isinstance(value, str) and not storable(value):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{name} must be UTF-8 text without NUL characters", id_)
     return value
+
+
+def storable(value: str) -> bool:
+    """Can `value` be stored and sent on? Postgres text refuses NUL, and a JSON escape such as
+    "\\ud800" decodes to a lone surrogate that no UTF-8 encoder (asyncpg, orjson, the socket) takes."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _encode(obj: dict[str, Any]) -> str:
@@ -135,8 +167,11 @@ def ack(id_: str | None, **fields: Any) -> str:
     return _encode({"type": "ack", "id": id_, **fields})
 
 
-def error(code: ErrorCode, message: str, id_: str | None = None) -> str:
-    return _encode({"type": "error", "id": id_, "code": str(code), "message": message})
+def error(code: ErrorCode, message: str, id_: str | None = None, *, retry_after_ms: int | None = None) -> str:
+    frame: dict[str, Any] = {"type": "error", "id": id_, "code": str(code), "message": message}
+    if retry_after_ms is not None:
+        frame["retry_after_ms"] = retry_after_ms
+    return _encode(frame)
 
 
 def pong(id_: str | None) -> str:
@@ -154,3 +189,14 @@ def reconnect(*, after_ms: int) -> str:
 def snapshot(*, seq: int, epoch: str, runs: list[dict[str, Any]]) -> str:
     """The user's runs in flight, each run's text exact as of `seq` (see fanout.snapshot)."""
     return _encode({"type": "snapshot", "seq": seq, "epoch": epoch, "runs": runs})
+
+
+DOUBLE_TEXTING = ("enqueue", "reject", "interrupt", "rollback")
+
+
+def _policy(obj: dict[str, Any], id_: str | None) -> str | None:
+    value = obj.get("double_texting")
+    if value is not None and value not in DOUBLE_TEXTING:
+        choices = ", ".join(DOUBLE_TEXTING)
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"double_texting must be one of {choices}", id_)
+    return value

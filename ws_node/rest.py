@@ -9,7 +9,8 @@ import orjson
 from aiohttp import web
 
 from fanout.stream import TRANSIENT
-from persistence.store import NotFound, Unavailable
+from persistence.store import POLICIES, NotFound, Unavailable
+from ws_node import agents
 from ws_node.auth import Identity, Unauthorized, authenticate
 from ws_node.services import SERVICES, Services
 
@@ -75,11 +76,19 @@ async def create_conversation(request: web.Request) -> web.Response:
     svc, ident = _auth(request)
     body = await _body(request)
     title, agent = body.get("title", ""), body.get("agent", "default")
+    double_texting = body.get("double_texting", "enqueue")
+    if double_texting not in POLICIES:
+        raise RestError(400, "bad_request", f"double_texting must be one of {', '.join(POLICIES)}")
     if not isinstance(title, str) or len(title) > 200:
         raise RestError(400, "bad_request", "title must be a string of at most 200 characters")
     if not isinstance(agent, str) or not agent:
         raise RestError(400, "bad_request", "agent must be a non-empty string")
-    conversation = await svc.store.create_conversation(ident.user, title=title, agent=agent)
+    try:
+        await agents.check(svc.redis, svc.keys, agent)
+    except agents.UnknownAgent as exc:
+        raise RestError(400, "bad_request", str(exc)) from None
+    conversation = await svc.store.create_conversation(ident.user, title=title, agent=agent,
+                                                       double_texting=double_texting)
     return json_response(conversation.to_json(), 201)
 
 
@@ -104,7 +113,7 @@ async def list_messages(request: web.Request) -> web.Response:
     messages = await svc.store.list_messages(
         ident.user, request.match_info["id"], limit=limit, before=int(before) if before else None
     )
-    next_before = messages[0].n if len(messages) == limit else None
+    next_before = messages[0].pos if len(messages) == limit else None
     return json_response({"messages": [m.to_json() for m in messages], "next_before": next_before})
 
 
@@ -122,7 +131,16 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return error_response(503, "unavailable", f"storage unavailable: {type(exc).__name__}")
 
 
+async def list_agents(request: web.Request) -> web.Response:
+    svc, _ = _auth(request)
+    described = await agents.advertised(svc.redis, svc.keys)
+    if described is None:
+        raise RestError(503, "unavailable", "no agent worker has registered its agents yet")
+    return json_response({"agents": described})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/agents", list_agents)
     app.router.add_get("/v1/conversations", list_conversations)
     app.router.add_post("/v1/conversations", create_conversation)
     app.router.add_get("/v1/conversations/{id}", get_conversation)

@@ -16,6 +16,9 @@ SCHEMA = [
         user_id     text NOT NULL,
         title       text NOT NULL DEFAULT '',
         agent       text NOT NULL DEFAULT 'default',
+        -- What a message sent while a run is in flight does (docs/protocol.md, double-texting).
+        double_texting text NOT NULL DEFAULT 'enqueue'
+                    CHECK (double_texting IN ('enqueue', 'reject', 'interrupt', 'rollback')),
         created_at  timestamptz NOT NULL DEFAULT now(),
         updated_at  timestamptz NOT NULL DEFAULT now()
     )
@@ -24,6 +27,9 @@ SCHEMA = [
     """
     CREATE TABLE messages (
         n               bigserial UNIQUE,
+        -- Display and model order: a user message at 2n, its run's answer right after it at
+        -- 2n+1, even when a later message was sent while the answer was being written.
+        pos             bigint NOT NULL,
         id              text PRIMARY KEY,
         conversation_id text NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
         user_id         text NOT NULL,
@@ -32,21 +38,29 @@ SCHEMA = [
         client_id       text,
         device          text,
         run_id          text,
+        -- An answer's tool calls: [{call, name, arguments, summary, error}]
+        tools           jsonb NOT NULL DEFAULT '[]',
         seq             bigint,
         created_at      timestamptz NOT NULL DEFAULT now(),
         -- A send retried with the same id (another device, node or reconnect) is one message.
         UNIQUE (user_id, client_id)
     )
     """,
-    "CREATE INDEX messages_conversation ON messages (conversation_id, n)",
+    "CREATE INDEX messages_conversation ON messages (conversation_id, pos)",
     """
     CREATE TABLE runs (
         id                text PRIMARY KEY,
         conversation_id   text NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
         user_id           text NOT NULL,
         message_id        text NOT NULL,
+        -- waiting: behind another run of its conversation; queued: on the job stream
         status            text NOT NULL DEFAULT 'queued'
-                          CHECK (status IN ('queued', 'running', 'completed', 'cancelled', 'failed')),
+                          CHECK (status IN ('waiting', 'queued', 'running',
+                                            'completed', 'cancelled', 'failed')),
+        policy            text NOT NULL DEFAULT 'enqueue',
+        behind            text,
+        supersedes        text[] NOT NULL DEFAULT '{}',
+        discard           boolean NOT NULL DEFAULT false,
         attempts          integer NOT NULL DEFAULT 0,
         worker            text,
         lease_until       timestamptz,
@@ -63,6 +77,8 @@ SCHEMA = [
     """,
     "CREATE INDEX runs_user_status ON runs (user_id, status)",
     "CREATE INDEX runs_unfinished ON runs (status, lease_until) WHERE status IN ('queued', 'running')",
+    """CREATE INDEX runs_conversation_active ON runs (conversation_id, created_at)
+       WHERE status IN ('waiting', 'queued', 'running')""",
 ]
 
 

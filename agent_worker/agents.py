@@ -1,0 +1,393 @@
+"""Named agents: a registry of (system prompt, model, MCP tools) chosen per conversation.
+
+The agent ``"default"`` comes from the ``LLM_*`` / ``AGENT_*`` variables; more agents (or a
+replacement ``default``) from ``AGENTS_JSON`` (the JSON text) or ``AGENTS_FILE`` (a path to
+it): a list of objects ::
+
+    [{"name": "researcher",                     required; [A-Za-z0-9][A-Za-z0-9_.-]{0,63}
+      "description": "Looks things up",         shown by GET /v1/agents
+      "system_prompt": "You research ...",      default AGENT_SYSTEM_PROMPT
+      "model": "gpt-4o",                        default LLM_MODEL
+      "base_url": "http://vllm:8000/v1",        default LLM_BASE_URL (null: the offline demo)
+      "api_key_env": "RESEARCHER_LLM_KEY",      a variable holding the key; LLM_API_KEY is
+                                                inherited only together with LLM_BASE_URL
+      "timeout_s": 60,                          default LLM_TIMEOUT_SECONDS
+      "mcp_servers": ["http://tools:8000/mcp"], MCP servers (Streamable HTTP) giving tools
+      "max_tool_rounds": 4}]                    default AGENT_MAX_TOOL_ROUNDS
+
+Everything is read once (:meth:`AgentRegistry.from_env`), and an invalid setting raises
+``fanout.config.SettingError`` naming the variable. Nothing touches the network until an agent
+is used: an agent's tools are listed from its MCP servers on its first run (or
+:meth:`AgentRegistry.describe`) and cached; a server that cannot be reached is left out (logged)
+and asked again by the first run ``relist_after_s`` later (so a server that hangs does not
+add its timeout to every run), and a tool call that cannot reach its server makes the next
+run list that server's tools again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import math
+import re
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.tools import BaseTool, StructuredTool, ToolException
+from langchain_openai import ChatOpenAI
+
+from agent_worker.graph import DEFAULT_MAX_TOOL_ROUNDS, AgentGraph, Item, build_graph, stream_answer
+from agent_worker.mcp_client import McpClient, McpError, McpTool
+from agent_worker.model import ModelConfig, build_chat_model
+from fanout.config import SettingError, env_float, env_int, env_opt, env_str
+
+__all__ = ["DEFAULT_AGENT", "AgentRegistry", "AgentSpec", "UnknownAgent", "agents_from_env", "langchain_tool"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AGENT = "default"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+DEFAULT_MCP_TIMEOUT_S = 30.0
+DEFAULT_RELIST_AFTER_S = 30.0
+_MAX_ROUNDS_LIMIT = 50
+_AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# OpenAI function names: ^[a-zA-Z0-9_-]{1,64}$; MCP tool names may hold more ('.', '/').
+_NOT_IN_TOOL_NAME = re.compile(r"[^A-Za-z0-9_-]")
+_SPEC_KEYS = frozenset({"name", "description", "system_prompt", "model", "base_url", "api_key_env",
+                        "timeout_s", "mcp_servers", "max_tool_rounds"})
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One named agent: what it is told, which model it calls and which tools it may use."""
+
+    name: str
+    system_prompt: str | None
+    model: ModelConfig
+    mcp_servers: tuple[str, ...] = ()
+    max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS
+    description: str = ""
+
+
+class UnknownAgent(LookupError):
+    """No agent has this name; the message lists the known ones."""
+
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        super().__init__(f"unknown agent {name!r} (known: {', '.join(known)})")
+        self.name = name
+        self.known = tuple(known)
+
+
+class AgentRegistry:
+    """The configured agents, and their runs.
+
+    Build once per process (:meth:`from_env` needs no event loop), use from one event loop,
+    :meth:`aclose` at shutdown (MCP sessions and model HTTP clients).
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[AgentSpec],
+        *,
+        mcp_timeout_s: float = DEFAULT_MCP_TIMEOUT_S,
+        relist_after_s: float = DEFAULT_RELIST_AFTER_S,
+    ) -> None:
+        if not specs:
+            raise ValueError("at least one agent is needed")
+        self._specs: dict[str, AgentSpec] = {}
+        for spec in specs:
+            if spec.name in self._specs:
+                raise ValueError(f"two agents are named {spec.name!r}")
+            self._specs[spec.name] = spec
+        self.mcp_timeout_s = mcp_timeout_s
+        self.relist_after_s = relist_after_s
+        self._models: dict[str, BaseChatModel] = {}
+        self._graphs: dict[str, AgentGraph] = {}
+        self._clients: dict[str, McpClient] = {}
+        self._server_tools: dict[str, list[BaseTool]] = {}  # by server URL, once listed
+        self._listing: dict[str, asyncio.Lock] = {}
+        self._failed_at: dict[str, float] = {}  # server URL -> loop time of its last failed listing
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> AgentRegistry:
+        """Read the agents (module docstring) and ``MCP_TIMEOUT_SECONDS`` from ``env``.
+
+        Raises:
+            fanout.config.SettingError: naming the first invalid variable.
+        """
+        timeout_s = env_float(env, "MCP_TIMEOUT_SECONDS", DEFAULT_MCP_TIMEOUT_S, low=0.1)
+        return cls(agents_from_env(env), mcp_timeout_s=timeout_s)
+
+    def names(self) -> list[str]:
+        """The agents' names, in configuration order (``"default"`` first unless replaced)."""
+        return list(self._specs)
+
+    def spec(self, name: str) -> AgentSpec:
+        """The agent ``name``. Raises :class:`UnknownAgent`."""
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise UnknownAgent(name, self.names()) from None
+
+    async def describe(self) -> list[dict[str, Any]]:
+        """For ``GET /v1/agents``: each agent's name, description, model and tool names.
+
+        No URLs, keys or prompts. Lists tools from MCP servers not asked yet (bounded by
+        ``mcp_timeout_s``); ``tools_error`` says when some could not be reached.
+        """
+        described = []
+        for spec in self._specs.values():
+            tools, missing = await self._tools(spec)
+            error = f"{missing} of {len(spec.mcp_servers)} tool servers unreachable" if missing else None
+            described.append({
+                "name": spec.name,
+                "description": spec.description,
+                "model": spec.model.model if spec.model.base_url else "chorus-demo",
+                "tools": [tool.name for tool in tools],
+                "tools_error": error,
+            })
+        return described
+
+    def answer(self, agent: str | None, history: Sequence[tuple[str, str]]) -> AsyncGenerator[Item, None]:
+        """Run agent ``agent`` (``None``: the default) over ``history``; see ``graph.stream_answer``.
+
+        Raises :class:`UnknownAgent` at once, before anything is awaited. The items, errors
+        and cancellation are those of ``agent_worker.graph.stream_answer``.
+        """
+        return self._answer(self.spec(agent or DEFAULT_AGENT), history)
+
+    async def aclose(self) -> None:
+        """End MCP sessions and close the models' HTTP clients; the registry is done after."""
+        clients, self._clients = list(self._clients.values()), {}
+        self._server_tools.clear()
+        await asyncio.gather(*(client.aclose() for client in clients), return_exceptions=True)
+        for model in self._models.values():
+            if isinstance(model, ChatOpenAI):
+                await model.root_async_client.close()
+        self._models.clear()
+        self._graphs.clear()
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _answer(
+        self, spec: AgentSpec, history: Sequence[tuple[str, str]]
+    ) -> AsyncGenerator[Item, None]:
+        graph = await self._graph(spec)
+        async with aclosing(stream_answer(graph, history)) as items:
+            async for item in items:
+                yield item
+
+    async def _graph(self, spec: AgentSpec) -> AgentGraph:
+        graph = self._graphs.get(spec.name)
+        if graph is not None:
+            return graph
+        tools, missing = await self._tools(spec)
+        model = self._models.get(spec.name)
+        if model is None:
+            model = self._models[spec.name] = build_chat_model(spec.model)
+        graph = build_graph(model, system_prompt=spec.system_prompt, tools=tools,
+                            max_tool_rounds=spec.max_tool_rounds)
+        if not missing:  # a graph short of tools is rebuilt next run, when its servers may be back
+            self._graphs[spec.name] = graph
+        return graph
+
+    async def _tools(self, spec: AgentSpec) -> tuple[list[BaseTool], int]:
+        """The agent's tools (first server wins a name clash), and how many servers failed."""
+        listed = await asyncio.gather(*(self._list(url) for url in spec.mcp_servers))
+        tools: dict[str, BaseTool] = {}
+        for url, server_tools in zip(spec.mcp_servers, listed, strict=True):
+            for tool in server_tools or ():
+                if tool.name in tools:
+                    log.warning("agent %s: tool %s of %s hidden by another server's",
+                                spec.name, tool.name, url)
+                    continue
+                tools[tool.name] = tool
+        return list(tools.values()), sum(1 for server_tools in listed if server_tools is None)
+
+    async def _list(self, url: str) -> list[BaseTool] | None:
+        """The tools of server ``url``, listed once; ``None`` if it cannot be reached now."""
+        async with self._listing.setdefault(url, asyncio.Lock()):
+            if url in self._server_tools:
+                return self._server_tools[url]
+            now = asyncio.get_running_loop().time()
+            if now - self._failed_at.get(url, -math.inf) < self.relist_after_s:
+                return None
+            client = self._clients.get(url)
+            if client is None:
+                client = self._clients[url] = McpClient(url, timeout_s=self.mcp_timeout_s)
+            try:
+                listed = await client.list_tools()
+            except McpError as exc:
+                log.warning("tools unavailable for %g s: %s", self.relist_after_s, exc)
+                self._failed_at[url] = asyncio.get_running_loop().time()
+                return None
+            self._failed_at.pop(url, None)
+            forget = functools.partial(self._forget, url)
+            tools: list[BaseTool] = [langchain_tool(client, tool, on_unreachable=forget) for tool in listed]
+            self._server_tools[url] = tools
+            log.info("%d tools from %s: %s", len(tools), url, ", ".join(t.name for t in tools))
+            return tools
+
+    def _forget(self, url: str) -> None:
+        """List ``url``'s tools again on the next run (it may have restarted with others)."""
+        self._server_tools.pop(url, None)
+        for spec in self._specs.values():
+            if url in spec.mcp_servers:
+                self._graphs.pop(spec.name, None)
+
+
+def langchain_tool(client: McpClient, tool: McpTool, *,
+                   on_unreachable: Callable[[], None] | None = None) -> StructuredTool:
+    """``tool`` of ``client``'s server as a LangChain tool (its input schema as the arguments).
+
+    The tool returns the result's text; a result with ``isError`` raises ``ToolException``
+    with the tool's message, and an :class:`McpError` (server unreachable, JSON-RPC error)
+    is raised after calling ``on_unreachable``.
+    """
+
+    async def call(**arguments: Any) -> str:
+        try:
+            result = await client.call_tool(tool.name, arguments)
+        except McpError:
+            if on_unreachable is not None:
+                on_unreachable()
+            raise
+        if result.is_error:
+            raise ToolException(result.text or f"tool {tool.name} failed")
+        return result.text
+
+    return StructuredTool.from_function(
+        coroutine=call,
+        name=_NOT_IN_TOOL_NAME.sub("_", tool.name)[:64],
+        description=tool.description or tool.name,
+        args_schema=tool.input_schema,
+    )
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def agents_from_env(env: Mapping[str, str]) -> list[AgentSpec]:
+    """The default agent from ``LLM_*``/``AGENT_*``, then those of ``AGENTS_JSON``/``AGENTS_FILE``.
+
+    Raises:
+        fanout.config.SettingError: naming the first invalid variable.
+    """
+    base_url = env_opt(env, "LLM_BASE_URL")
+    if base_url is not None and not base_url.startswith(("http://", "https://")):
+        raise SettingError("LLM_BASE_URL: expected an http:// or https:// URL")
+    model = ModelConfig(base_url=base_url, api_key=env_opt(env, "LLM_API_KEY"),
+                        model=env_str(env, "LLM_MODEL", "gpt-4o-mini"),
+                        timeout_s=env_float(env, "LLM_TIMEOUT_SECONDS", 60.0, low=0.1))
+    servers = tuple(url.strip() for url in env.get("AGENT_MCP_SERVERS", "").split(",") if url.strip())
+    for url in servers:
+        _check_url("AGENT_MCP_SERVERS", url)
+    default = AgentSpec(
+        name=DEFAULT_AGENT,
+        system_prompt=env_str(env, "AGENT_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
+        model=model,
+        mcp_servers=servers,
+        max_tool_rounds=env_int(env, "AGENT_MAX_TOOL_ROUNDS", DEFAULT_MAX_TOOL_ROUNDS, low=0,
+                                high=_MAX_ROUNDS_LIMIT),
+    )
+    if servers and base_url is None:
+        raise SettingError("AGENT_MCP_SERVERS: tools need an LLM (set LLM_BASE_URL); "
+                           "the offline demo model cannot call them")
+    specs = {DEFAULT_AGENT: default}
+    variable, entries = _agent_entries(env)
+    named: set[str] = set()
+    for index, entry in enumerate(entries):
+        spec = _spec(entry, default, env, where=f"{variable}: agent #{index + 1}")
+        if spec.name in named:
+            raise SettingError(f"{variable}: two agents are named {spec.name!r}")
+        named.add(spec.name)
+        specs[spec.name] = spec
+    return list(specs.values())
+
+
+def _agent_entries(env: Mapping[str, str]) -> tuple[str, list[Any]]:
+    text, path = env_opt(env, "AGENTS_JSON"), env_opt(env, "AGENTS_FILE")
+    if text is not None and path is not None:
+        raise SettingError("AGENTS_JSON: set AGENTS_JSON or AGENTS_FILE, not both")
+    variable = "AGENTS_JSON" if text is not None else "AGENTS_FILE"
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SettingError(f"AGENTS_FILE: cannot read {path}: {exc.strerror or exc}") from None
+    if text is None:
+        return variable, []
+    try:
+        entries = json.loads(text)
+    except ValueError as exc:
+        raise SettingError(f"{variable}: not valid JSON ({exc})") from None
+    if not isinstance(entries, list):
+        raise SettingError(f"{variable}: expected a JSON list of agents, got {type(entries).__name__}")
+    return variable, entries
+
+
+def _spec(entry: Any, default: AgentSpec, env: Mapping[str, str], *, where: str) -> AgentSpec:
+    if not isinstance(entry, dict):
+        raise SettingError(f"{where}: expected an object, got {type(entry).__name__}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not _AGENT_NAME.fullmatch(name):
+        raise SettingError(f"{where}: name must match {_AGENT_NAME.pattern}, got {name!r}")
+    where = f"{where} ({name})"
+    if unknown := sorted(set(entry) - _SPEC_KEYS):
+        raise SettingError(f"{where}: unknown keys {unknown}; known: {sorted(_SPEC_KEYS)}")
+
+    def text(key: str, fallback: str | None) -> str | None:
+        value = entry.get(key, fallback)
+        if value is not None and not isinstance(value, str):
+            raise SettingError(f"{where}: {key} must be a string")
+        return value
+
+    base_url, api_key = default.model.base_url, default.model.api_key
+    if "base_url" in entry:
+        # Another endpoint never gets LLM_API_KEY: a key goes only where it was meant to.
+        base_url, api_key = text("base_url", None), None
+        if base_url is not None:
+            _check_url(where, base_url, key="base_url")
+    if (key_variable := text("api_key_env", None)) is not None:
+        api_key = env_opt(env, key_variable)
+        if api_key is None:
+            raise SettingError(f"{where}: api_key_env names {key_variable}, which is not set")
+    timeout_s = entry.get("timeout_s", default.model.timeout_s)
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s < 0.1:
+        raise SettingError(f"{where}: timeout_s must be a number of seconds >= 0.1, got {timeout_s!r}")
+    rounds = entry.get("max_tool_rounds", default.max_tool_rounds)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 0 <= rounds <= _MAX_ROUNDS_LIMIT:
+        raise SettingError(f"{where}: max_tool_rounds must be an integer 0..{_MAX_ROUNDS_LIMIT}, "
+                           f"got {rounds!r}")
+    model = text("model", default.model.model)
+    if not model:
+        raise SettingError(f"{where}: model must be a model name")
+    servers = entry.get("mcp_servers", [])
+    if not isinstance(servers, list) or not all(isinstance(url, str) for url in servers):
+        raise SettingError(f"{where}: mcp_servers must be a list of URLs")
+    for url in servers:
+        _check_url(where, url, key="mcp_servers")
+    if servers and base_url is None:
+        raise SettingError(f"{where}: mcp_servers need an LLM (base_url or LLM_BASE_URL); "
+                           "the offline demo model cannot call tools")
+    return AgentSpec(
+        name=name,
+        system_prompt=text("system_prompt", default.system_prompt),
+        model=ModelConfig(base_url=base_url, api_key=api_key, model=model,
+                          timeout_s=float(timeout_s), max_retries=default.model.max_retries),
+        mcp_servers=tuple(servers),
+        max_tool_rounds=rounds,
+        description=text("description", "") or "",
+    )
+
+
+def _check_url(where: str, url: str, *, key: str | None = None) -> None:
+    if not url.startswith(("http://", "https://")):
+        field = f"{key} " if key else ""
+        raise SettingError(f"{where}: {field}expected an http:// or https:// URL, got {url!r}")

@@ -1,0 +1,126 @@
+"""Several agents and MCP tools, end to end: workers advertise agents, nodes check and list them,
+tool calls stream as events to every device and are stored with the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from loadtest.client import ChorusClient, ClientError
+from loadtest.cluster import ClusterConfig, LocalCluster
+from tests.conftest import unique
+from tests.fake_llm import FakeLLM
+from tests.test_tools import McpTestServer
+
+
+@pytest.fixture(scope="module")
+def tool_server() -> Iterator[McpTestServer]:
+    server = McpTestServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def agents_cluster(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLM,
+                   tool_server: McpTestServer) -> Iterator[LocalCluster]:
+    agents = [{"name": "calc", "description": "adds numbers", "system_prompt": "You add.",
+               "mcp_servers": [tool_server.url]}]
+    config = ClusterConfig(nodes=2, workers=1, nginx=False, env={
+        "LLM_BASE_URL": fake_llm.base_url, "AGENTS_JSON": json.dumps(agents),
+    })
+    with LocalCluster(tmp_path_factory.mktemp("agents"), config) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def get_agents(http: aiohttp.ClientSession, cluster: LocalCluster, token: str) -> list[dict[str, Any]]:
+    """GET /v1/agents, waiting (bounded) for the worker to have advertised them."""
+    url = f"http://127.0.0.1:{cluster.node_ports[0]}/v1/agents"
+    for _ in range(100):
+        async with http.get(url, headers={"Authorization": f"Bearer {token}"}) as response:
+            if response.status == 200:
+                body: dict[str, Any] = await response.json()
+                return list(body["agents"])
+            assert response.status == 503
+        await asyncio.sleep(0.1)
+    raise TimeoutError("no agents advertised")
+
+
+async def test_agents_are_listed_with_their_tools(agents_cluster: LocalCluster, http: aiohttp.ClientSession) -> None:
+    agents = await get_agents(http, agents_cluster, agents_cluster.token(unique("alice")))
+    by_name = {a["name"]: a for a in agents}
+    assert set(by_name) == {"default", "calc"}
+    assert by_name["calc"]["description"] == "adds numbers"
+    assert {"add", "lookup_weather"} <= set(by_name["calc"]["tools"])
+    assert by_name["default"]["tools"] == []
+    assert "mcp_servers" not in by_name["calc"] and "system_prompt" not in by_name["calc"]
+
+
+async def test_a_tool_call_streams_to_every_device_and_is_stored(
+    agents_cluster: LocalCluster, http: aiohttp.ClientSession, tool_server: McpTestServer, fake_llm: FakeLLM
+) -> None:
+    token = agents_cluster.token(unique("alice"))
+    await get_agents(http, agents_cluster, token)
+    phone = ChorusClient(f"ws://127.0.0.1:{agents_cluster.node_ports[0]}/ws", token, device="phone")
+    laptop = ChorusClient(f"ws://127.0.0.1:{agents_cluster.node_ports[1]}/ws", token, device="laptop")
+    await phone.connect()
+    await laptop.connect()
+    try:
+        ack = await phone.send('[[tool:add:{"a": 20, "b": 22}]] what is 20 + 22?', agent="calc")
+        run = ack["run"]
+        for device in (phone, laptop):
+            end = await device.wait_run_end(run, 30)
+            assert end["event"] == "run.completed"
+            names = [e["event"] for e in device.events if e["run"] == run]
+            assert names.index("tool.started") < names.index("tool.completed") < names.index("run.completed")
+            started = next(e for e in device.events if e["run"] == run and e["event"] == "tool.started")
+            completed = next(e for e in device.events if e["run"] == run and e["event"] == "tool.completed")
+            assert (started["data"]["name"], started["data"]["arguments"]) == ("add", {"a": 20, "b": 22})
+            assert completed["data"]["summary"] == "42" and completed["data"]["error"] is None
+            assert device.run_text(run) == end["data"]["text"]
+            assert "42" in end["data"]["text"]
+        assert ("add", {"a": 20, "b": 22}) in tool_server.tool_calls()
+        # the model was called with the calc agent's system prompt
+        assert any(m == {"role": "system", "content": "You add."} for m in fake_llm.requests[-1]["messages"])
+        async with http.get(f"http://127.0.0.1:{agents_cluster.node_ports[0]}/v1/conversations/"
+                            f"{ack['conversation']}/messages", headers={"Authorization": f"Bearer {token}"}) as r:
+            stored = (await r.json())["messages"]
+        answer = stored[-1]
+        assert answer["role"] == "assistant" and answer["content"] == phone.run_text(run)
+        assert [(t["name"], t["arguments"], t["summary"]) for t in answer["tools"]] == [
+            ("add", {"a": 20, "b": 22}, "42")]
+    finally:
+        await phone.close()
+        await laptop.close()
+
+
+async def test_an_unknown_agent_is_a_clear_error(agents_cluster: LocalCluster, http: aiohttp.ClientSession) -> None:
+    token = agents_cluster.token(unique("alice"))
+    await get_agents(http, agents_cluster, token)
+    device = ChorusClient(f"ws://127.0.0.1:{agents_cluster.node_ports[0]}/ws", token, device="phone")
+    await device.connect()
+    try:
+        with pytest.raises(ClientError) as info:
+            await device.send("hi", agent="nope")
+        assert info.value.code == "bad_request"
+        assert "unknown agent 'nope'" in str(info.value) and "calc" in str(info.value)
+    finally:
+        await device.close()
+    async with http.post(f"http://127.0.0.1:{agents_cluster.node_ports[0]}/v1/conversations",
+                         json={"agent": "nope"}, headers={"Authorization": f"Bearer {token}"}) as response:
+        assert response.status == 400
+        assert "unknown agent" in (await response.json())["error"]["message"]
+    async with http.post(f"http://127.0.0.1:{agents_cluster.node_ports[0]}/v1/conversations",
+                         json={"agent": "calc"}, headers={"Authorization": f"Bearer {token}"}) as response:
+        assert response.status == 201
