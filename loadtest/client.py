@@ -165,11 +165,12 @@ class ChorusClient:
             self.epoch = frame["epoch"] if self.epoch is None else self.epoch
             self._connected.set()
         elif kind == "event":
-            seq = frame["seq"]
+            # Merged tokens (a device that fell behind) cover seq_from..seq in one frame.
+            seq, first = frame["seq"], frame.get("seq_from", frame["seq"])
             if self.last_seq is not None and seq <= self.last_seq:
                 self.duplicates += 1
             else:
-                if self.last_seq is not None and seq != self.last_seq + 1:
+                if self.last_seq is not None and first != self.last_seq + 1:
                     self.gaps.append((self.last_seq, seq))
                 self.last_seq = seq
                 self.events.append(frame)
@@ -248,4 +249,5 @@ class ChorusClient:
         return "".join(e["data"]["text"] for e in self.events if e["run"] == run and e["event"] == "token")
 
     def seqs(self) -> list[int]:
-        return [e["seq"] for e in self.events]
+        """Every seq this device accepted, merged frames counted for each seq they cover."""
+        return [s for e in self.events for s in range(e.get("seq_from", e["seq"]), e["seq"] + 1)]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import socket
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -214,37 +215,62 @@ class RawSocket:
         data, self.buffer = self.buffer[:n], self.buffer[n:]
         return data
 
+    def frame(self) -> tuple[int, bytes]:
+        """The next frame: (opcode, payload)."""
+        self.sock.settimeout(20)
+        first, second = self._read(2)
+        length = second & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", self._read(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", self._read(8))[0]
+        return first & 0x0F, self._read(length)
+
     def frames_until_close(self) -> tuple[int, int]:
         """Read every frame; returns (text frames read, close code)."""
-        self.sock.settimeout(20)
         texts = 0
         while True:
-            first, second = self._read(2)
-            length = second & 0x7F
-            if length == 126:
-                length = struct.unpack("!H", self._read(2))[0]
-            elif length == 127:
-                length = struct.unpack("!Q", self._read(8))[0]
-            payload = self._read(length)
-            opcode = first & 0x0F
+            opcode, payload = self.frame()
             if opcode == 0x8:
                 return texts, struct.unpack("!H", payload[:2])[0]
             texts += opcode == 0x1
 
+    def events_until(self, last_seq: int) -> list[dict[str, Any]]:
+        """Read event frames until one reaches `last_seq`."""
+        events: list[dict[str, Any]] = []
+        while not events or events[-1]["seq"] < last_seq:
+            opcode, payload = self.frame()
+            assert opcode == 0x1, f"unexpected opcode {opcode}: {payload[:80]!r}"
+            frame = json.loads(payload)
+            if frame["type"] == "event":
+                events.append(frame)
+        return events
 
-async def test_slow_consumer_is_closed_with_4008_and_others_keep_up(cluster: LocalCluster, tmp_path: Path) -> None:
-    """A client that stops reading fills its bounded queue and is closed with 4008 (reconnect with
-    `after`); a healthy device of the same user on the same node gets every event meanwhile."""
+
+@pytest.fixture
+def small_queue_node(cluster: LocalCluster, tmp_path: Path) -> Iterator[int]:
+    """A node whose sockets may queue only 64 frames."""
     port = free_port()
     node = Proc("slow-node", [sys.executable, "-m", "ws_node"], workdir=tmp_path, env={
         "REDIS_URL": cluster.redis_url, "DATABASE_URL": cluster.database_url,
         "AUTH_JWT_SECRET": cluster.config.jwt_secret, "PORT": str(port), "NODE_ID": "slow-node",
-        "HOST": "127.0.0.1", "SEND_QUEUE_MAX_FRAMES": "64",
+        "HOST": "127.0.0.1", "SEND_QUEUE_MAX_FRAMES": "64", "MERGED_TOKEN_MAX_CHARS": "262144",
     })
     node.start()
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/readyz", 30)
+        yield port
+    finally:
+        node.stop()
+
+
+async def test_slow_consumer_is_closed_with_4008_and_others_keep_up(cluster: LocalCluster,
+                                                                    small_queue_node: int) -> None:
+    """A client that stops reading fills its bounded queue and is closed with 4008 (reconnect with
+    `after`); a healthy device of the same user on the same node gets every event meanwhile."""
+    port = small_queue_node
     redis = Redis.from_url(cluster.redis_url, decode_responses=True)
     try:
-        await asyncio.to_thread(wait_http_ok, f"http://127.0.0.1:{port}/readyz", 30)
         user = unique("alice")
         token = cluster.token(user)
         slow = await asyncio.to_thread(RawSocket, port, f"/ws?access_token={token}&device=slow")
@@ -252,9 +278,9 @@ async def test_slow_consumer_is_closed_with_4008_and_others_keep_up(cluster: Loc
         start = (await healthy.connect())["seq"]
         stream = UserStream(redis, Keys())
         padding = "x" * 2000
-        for n in range(3000):
-            await stream.publish(user, conversation="c", run="r", event="token", data={"text": padding, "n": n})
-        await healthy.wait_for(lambda: len(healthy.events) == 3000, 30)
+        for n in range(3000):  # not tokens: nothing to merge
+            await stream.publish(user, conversation="c", run="r", event="note", data={"text": padding, "n": n})
+        await healthy.wait_for(lambda: len(healthy.seqs()) == 3000, 30)
         assert healthy.gaps == [] and healthy.seqs()[0] == start + 1
         texts, code = await asyncio.to_thread(slow.frames_until_close)
         assert code == 4008
@@ -262,4 +288,30 @@ async def test_slow_consumer_is_closed_with_4008_and_others_keep_up(cluster: Loc
         await healthy.close()
     finally:
         await redis.aclose()
-        node.stop()
+
+
+async def test_a_slow_devices_queued_tokens_are_merged_instead_of_closing_it(
+    cluster: LocalCluster, small_queue_node: int
+) -> None:
+    """The queued events are tokens of one run: they are merged into fewer frames covering
+    seq_from..seq, and the device that stopped reading gets every seq and all the text, unclosed."""
+    port = small_queue_node
+    redis = Redis.from_url(cluster.redis_url, decode_responses=True)
+    try:
+        user = unique("alice")
+        slow = await asyncio.to_thread(RawSocket, port, f"/ws?access_token={cluster.token(user)}&device=slow")
+        for expected in ("hello", "snapshot"):  # the device is live once it has these
+            _, payload = await asyncio.to_thread(slow.frame)
+            assert json.loads(payload)["type"] == expected
+        stream = UserStream(redis, Keys())
+        # ~4.5 MB: more than the kernel's socket buffers hold, so the node's queue fills
+        texts = [f"token-{n:04d}-" + "y" * 1500 for n in range(3000)]
+        for text in texts:
+            last = await stream.publish(user, conversation="c", run="r", event="token", data={"text": text})
+        events = await asyncio.to_thread(slow.events_until, last.seq)
+        covered = [s for e in events for s in range(e.get("seq_from", e["seq"]), e["seq"] + 1)]
+        assert covered == list(range(last.seq - 2999, last.seq + 1)), "every seq exactly once, in order"
+        assert "".join(e["data"]["text"] for e in events) == "".join(texts)
+        assert len(events) < 3000 and any(e.get("seq_from", e["seq"]) < e["seq"] for e in events)
+    finally:
+        await redis.aclose()

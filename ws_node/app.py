@@ -82,7 +82,8 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         return ws
 
     conn = Connection(ws, user=ident.user, device=device, stream=svc.stream,
-                      queue_max_frames=settings.queue_max_frames, runs_in_flight=svc.store.runs_in_flight)
+                      queue_max_frames=settings.queue_max_frames, runs_in_flight=svc.store.runs_in_flight,
+                      merged_token_max_chars=settings.merged_token_max_chars)
     lease = TokenLease(guard.verifier, ident, on_expire=lambda: conn.close(
         CloseCode.UNAUTHORIZED, "token expired; refresh it and reconnect"))
     lease.start()

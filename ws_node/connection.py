@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from fanout import snapshot
+from fanout import merge, snapshot
 from fanout.recovery import Gate, Offer, Resync, frame_seq, plan_resume
 from fanout.snapshot import RunInFlight
 from fanout.stream import TRANSIENT, Position, UserStream
@@ -32,7 +32,9 @@ class Connection:
     def __init__(
         self, ws: web.WebSocketResponse, *, user: str, device: str, stream: UserStream, queue_max_frames: int,
         runs_in_flight: Callable[[str], Awaitable[list[RunInFlight]]] | None = None,
+        merged_token_max_chars: int = 65_536,
     ) -> None:
+        self.merged_token_max_chars = merged_token_max_chars
         self.runs_in_flight = runs_in_flight
         self.ws = ws
         self.user = user
@@ -52,12 +54,16 @@ class Connection:
     # Outgoing
 
     def send(self, frame: str) -> None:
-        """Queue one frame; if the queue is full the client is too slow and gets closed."""
+        """Queue one frame. When the queue is full, the tokens in it are merged (fanout.merge);
+        if that frees no room the client is too slow and gets closed (4008)."""
         if self.close_code is not None:
             return
         if len(self._queue) >= self.queue_max_frames:
-            self.close(CloseCode.SLOW_CONSUMER, "outgoing queue full; reconnect with after")
-            return
+            # Memory stays bounded: at most queue_max_frames frames of merged_token_max_chars.
+            self._queue = deque(merge.compact(self._queue, max_chars=self.merged_token_max_chars))
+            if len(self._queue) >= self.queue_max_frames * 3 // 4:
+                self.close(CloseCode.SLOW_CONSUMER, "outgoing queue full; reconnect with after")
+                return
         self._queue.append(frame)
         self._wake.set()
 

@@ -39,9 +39,14 @@ def _auth(request: web.Request) -> tuple[Services, Identity]:
         raise RestError(401, "unauthorized", "missing or invalid token") from None
 
 
+def _is_count(raw: str) -> bool:
+    """Plain ASCII digits of a sane length (str.isdigit() alone lets "²" through to int())."""
+    return raw.isascii() and raw.isdigit() and len(raw) <= 18
+
+
 def _limit(request: web.Request, default: int = 50) -> int:
     raw = request.query.get("limit", str(default))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+    if not _is_count(raw) or not 1 <= int(raw) <= MAX_PAGE:
         raise RestError(400, "bad_request", f"limit must be an integer from 1 to {MAX_PAGE}")
     return int(raw)
 
@@ -107,7 +112,7 @@ async def delete_conversation(request: web.Request) -> web.Response:
 async def list_messages(request: web.Request) -> web.Response:
     svc, ident = _auth(request)
     before = request.query.get("before")
-    if before is not None and not before.isdigit():
+    if before is not None and not _is_count(before):
         raise RestError(400, "bad_request", "before must be a message cursor from next_before")
     limit = _limit(request)
     messages = await svc.store.list_messages(

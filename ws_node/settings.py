@@ -29,6 +29,7 @@ class NodeSettings:
     heartbeat_s: int = 25
     drain_s: float = 10.0
     queue_max_frames: int = 1024
+    merged_token_max_chars: int = 65_536
     max_frame_bytes: int = 65_536
     max_text_chars: int = 8_000
     history_max: int = 10_000
@@ -82,6 +83,7 @@ class NodeSettings:
             heartbeat_s=env_int(env, "HEARTBEAT_SECONDS", 25, low=1, high=3600),
             drain_s=env_float(env, "DRAIN_SECONDS", 10.0),
             queue_max_frames=env_int(env, "SEND_QUEUE_MAX_FRAMES", 1024, low=8),
+            merged_token_max_chars=env_int(env, "MERGED_TOKEN_MAX_CHARS", 65_536, low=1024),
             max_frame_bytes=env_int(env, "MAX_FRAME_BYTES", 65_536, low=1024),
             max_text_chars=env_int(env, "MAX_TEXT_CHARS", 8_000, low=1),
             history_max=env_int(env, "HISTORY_MAX_EVENTS", 10_000, low=10),
