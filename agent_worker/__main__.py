@@ -54,16 +54,18 @@ class Agents:
                    policy=RetryPolicy(settings.retry_attempts, settings.retry_base_s, settings.retry_cap_s),
                    breakers=BreakerRegistry(settings.breaker_failures, settings.breaker_reset_s))
 
-    def answer(self, agent: str, history: Sequence[tuple[str, str]]) -> AsyncIterator[object]:
+    def answer(
+        self, agent: str, history: Sequence[tuple[str, str]], thread: str, resume: str | None
+    ) -> AsyncIterator[object]:
         spec = self.primary.spec(agent)  # UnknownAgent: the run fails with a clear code
         fallback = self.fallback
 
         def primary(h: Sequence[tuple[str, str]]) -> AsyncIterator[object]:
-            return self.primary.answer(spec.name, h)
+            return self.primary.answer(spec.name, h, thread=thread, resume=resume)
 
         def secondary(h: Sequence[tuple[str, str]]) -> AsyncIterator[object]:
             assert fallback is not None
-            return fallback.answer(spec.name, h)
+            return fallback.answer(spec.name, h, thread=thread, resume=resume)
 
         fallback_key = None
         if fallback is not None:
@@ -75,6 +77,11 @@ class Agents:
             fallback=secondary if fallback is not None else None, fallback_endpoint=fallback_key,
         )
         return wrapped(history)
+
+    def forget(self, thread: str) -> None:
+        self.primary.forget(thread)
+        if self.fallback is not None:
+            self.fallback.forget(thread)
 
     async def aclose(self) -> None:
         await self.primary.aclose()
@@ -131,7 +138,8 @@ async def serve(settings: WorkerSettings, agents: Agents) -> None:
     store = await _connect_store(settings.database_url)
     stream = UserStream(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
     answer: AnswerStream = agents.answer
-    worker = Worker(settings=settings, redis=redis, keys=keys, store=store, stream=stream, answer=answer)
+    worker = Worker(settings=settings, redis=redis, keys=keys, store=store, stream=stream, answer=answer,
+                    forget=agents.forget)
     health = await _health(worker, settings.internal_port) if settings.internal_port else None
     advertise = asyncio.create_task(_advertise(agents, redis, keys))
     stop = asyncio.Event()

@@ -13,7 +13,9 @@ it): a list of objects ::
                                                 inherited only together with LLM_BASE_URL
       "timeout_s": 60,                          default LLM_TIMEOUT_SECONDS
       "mcp_servers": ["http://tools:8000/mcp"], MCP servers (Streamable HTTP) giving tools
-      "max_tool_rounds": 4}]                    default AGENT_MAX_TOOL_ROUNDS
+      "max_tool_rounds": 4,                     default AGENT_MAX_TOOL_ROUNDS
+      "ask_user": true}]                        human in the loop: the model may pause the run
+                                                to ask the user (default AGENT_ASK_USER)
 
 Everything is read once (:meth:`AgentRegistry.from_env`), and an invalid setting raises
 ``fanout.config.SettingError`` naming the variable. Nothing touches the network until an agent
@@ -41,11 +43,12 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from langchain_openai import ChatOpenAI
+from langgraph.checkpoint.memory import InMemorySaver
 
 from agent_worker.graph import DEFAULT_MAX_TOOL_ROUNDS, AgentGraph, Item, build_graph, stream_answer
 from agent_worker.mcp_client import McpClient, McpError, McpTool
 from agent_worker.model import ModelConfig, build_chat_model
-from fanout.config import SettingError, env_float, env_int, env_opt, env_str
+from fanout.config import SettingError, env_bool, env_float, env_int, env_opt, env_str
 
 __all__ = ["DEFAULT_AGENT", "AgentRegistry", "AgentSpec", "UnknownAgent", "agents_from_env", "langchain_tool"]
 
@@ -60,7 +63,7 @@ _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # OpenAI function names: ^[a-zA-Z0-9_-]{1,64}$; MCP tool names may hold more ('.', '/').
 _NOT_IN_TOOL_NAME = re.compile(r"[^A-Za-z0-9_-]")
 _SPEC_KEYS = frozenset({"name", "description", "system_prompt", "model", "base_url", "api_key_env",
-                        "timeout_s", "mcp_servers", "max_tool_rounds"})
+                        "timeout_s", "mcp_servers", "max_tool_rounds", "ask_user"})
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class AgentSpec:
     mcp_servers: tuple[str, ...] = ()
     max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS
     description: str = ""
+    ask_user: bool = False
 
 
 class UnknownAgent(LookupError):
@@ -113,6 +117,8 @@ class AgentRegistry:
         self._server_tools: dict[str, list[BaseTool]] = {}  # by server URL, once listed
         self._listing: dict[str, asyncio.Lock] = {}
         self._failed_at: dict[str, float] = {}  # server URL -> loop time of its last failed listing
+        # Runs paused for the user (ask_user), by thread; shared so a rebuilt graph resumes them.
+        self._paused = InMemorySaver()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AgentRegistry:
@@ -154,13 +160,20 @@ class AgentRegistry:
             })
         return described
 
-    def answer(self, agent: str | None, history: Sequence[tuple[str, str]]) -> AsyncGenerator[Item, None]:
+    def answer(
+        self, agent: str | None, history: Sequence[tuple[str, str]], *, thread: str | None = None,
+        resume: str | None = None,
+    ) -> AsyncGenerator[Item, None]:
         """Run agent ``agent`` (``None``: the default) over ``history``; see ``graph.stream_answer``.
 
         Raises :class:`UnknownAgent` at once, before anything is awaited. The items, errors
         and cancellation are those of ``agent_worker.graph.stream_answer``.
         """
-        return self._answer(self.spec(agent or DEFAULT_AGENT), history)
+        return self._answer(self.spec(agent or DEFAULT_AGENT), history, thread, resume)
+
+    def forget(self, thread: str) -> None:
+        """Drop a finished run's paused state (ask_user)."""
+        self._paused.delete_thread(thread)
 
     async def aclose(self) -> None:
         """End MCP sessions and close the models' HTTP clients; the registry is done after."""
@@ -176,10 +189,10 @@ class AgentRegistry:
     # -- internals ------------------------------------------------------------------------
 
     async def _answer(
-        self, spec: AgentSpec, history: Sequence[tuple[str, str]]
+        self, spec: AgentSpec, history: Sequence[tuple[str, str]], thread: str | None, resume: str | None
     ) -> AsyncGenerator[Item, None]:
         graph = await self._graph(spec)
-        async with aclosing(stream_answer(graph, history)) as items:
+        async with aclosing(stream_answer(graph, history, thread=thread, resume=resume)) as items:
             async for item in items:
                 yield item
 
@@ -192,7 +205,8 @@ class AgentRegistry:
         if model is None:
             model = self._models[spec.name] = build_chat_model(spec.model)
         graph = build_graph(model, system_prompt=spec.system_prompt, tools=tools,
-                            max_tool_rounds=spec.max_tool_rounds)
+                            max_tool_rounds=spec.max_tool_rounds, ask_user=spec.ask_user,
+                            checkpointer=self._paused)
         if not missing:  # a graph short of tools is rebuilt next run, when its servers may be back
             self._graphs[spec.name] = graph
         return graph
@@ -295,7 +309,11 @@ def agents_from_env(env: Mapping[str, str]) -> list[AgentSpec]:
         mcp_servers=servers,
         max_tool_rounds=env_int(env, "AGENT_MAX_TOOL_ROUNDS", DEFAULT_MAX_TOOL_ROUNDS, low=0,
                                 high=_MAX_ROUNDS_LIMIT),
+        ask_user=env_bool(env, "AGENT_ASK_USER"),
     )
+    if default.ask_user and base_url is None:
+        raise SettingError("AGENT_ASK_USER: asking the user is a tool call, which needs an LLM "
+                           "(set LLM_BASE_URL)")
     if servers and base_url is None:
         raise SettingError("AGENT_MCP_SERVERS: tools need an LLM (set LLM_BASE_URL); "
                            "the offline demo model cannot call them")
@@ -376,6 +394,11 @@ def _spec(entry: Any, default: AgentSpec, env: Mapping[str, str], *, where: str)
     if servers and base_url is None:
         raise SettingError(f"{where}: mcp_servers need an LLM (base_url or LLM_BASE_URL); "
                            "the offline demo model cannot call tools")
+    ask = entry.get("ask_user", default.ask_user)
+    if not isinstance(ask, bool):
+        raise SettingError(f"{where}: ask_user must be true or false")
+    if ask and base_url is None:
+        raise SettingError(f"{where}: ask_user needs an LLM (base_url or LLM_BASE_URL)")
     return AgentSpec(
         name=name,
         system_prompt=text("system_prompt", default.system_prompt),
@@ -384,6 +407,7 @@ def _spec(entry: Any, default: AgentSpec, env: Mapping[str, str], *, where: str)
         mcp_servers=tuple(servers),
         max_tool_rounds=rounds,
         description=text("description", "") or "",
+        ask_user=ask,
     )
 
 

@@ -61,18 +61,24 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.runnables import RunnableConfig
-from langchain_core.tools import BaseTool
+from langchain_core.tools import BaseTool, tool
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.config import get_stream_writer
+from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.state import CompiledStateGraph
+from langgraph.types import Command, interrupt
 
 from agent_worker.mcp_client import summarize
 
 __all__ = [
     "AGENT_NODE",
+    "ASK_USER",
     "DEFAULT_MAX_TOOL_ROUNDS",
     "TOOLS_NODE",
     "AgentGraph",
+    "InputRequired",
+    "InputTimeout",
     "Item",
     "Text",
     "ToolCompleted",
@@ -119,8 +125,35 @@ class ToolCompleted:
     error: str | None = None
 
 
-Item: TypeAlias = Text | ToolStarted | ToolCompleted
+@dataclass(frozen=True)
+class InputRequired:
+    """The graph paused for the user (LangGraph ``interrupt``): resume it with the answer to
+    ``prompt`` by calling :func:`stream_answer` again with the same ``thread`` and ``resume``."""
+
+    request: str
+    prompt: str
+
+
+Item: TypeAlias = Text | ToolStarted | ToolCompleted | InputRequired
 """What :func:`stream_answer` yields."""
+
+
+ASK_USER = "ask_user"
+
+
+class InputTimeout(Exception):
+    """A run asked the user a question and no device answered in time.
+
+    (Not a TimeoutError: that is an OSError, which the worker takes for an infrastructure
+    outage and retries.)"""
+
+
+@tool(ASK_USER)
+def ask_user_tool(question: str) -> str:
+    """Ask the user a question and wait for their answer. Use it when you need a decision or a
+    fact only the user has."""
+    answer = interrupt({"question": question})
+    return str(answer)
 
 
 def build_graph(
@@ -129,6 +162,8 @@ def build_graph(
     system_prompt: str | None = None,
     tools: Sequence[BaseTool] = (),
     max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS,
+    ask_user: bool = False,
+    checkpointer: InMemorySaver | None = None,
 ) -> AgentGraph:
     """Compile the agent graph over ``MessagesState``.
 
@@ -140,9 +175,13 @@ def build_graph(
         tools: offered to the model; none gives exactly ``START -> agent -> END``.
         max_tool_rounds: how many times one run may go through ``tools``; the model
             call after the last round may not call tools.
+        ask_user: offer the ``ask_user`` tool, which pauses the run for the user (human in
+            the loop); the graph then keeps its state in `checkpointer` (memory), per ``thread``.
     """
     prefix: list[BaseMessage] = [SystemMessage(system_prompt)] if system_prompt else []
     builder = StateGraph(MessagesState)
+    if ask_user:
+        tools = [*tools, ask_user_tool]
     if not tools:
 
         async def agent(state: MessagesState, config: RunnableConfig) -> dict[str, list[AnyMessage]]:
@@ -176,7 +215,7 @@ def build_graph(
     builder.add_edge(START, AGENT_NODE)
     builder.add_conditional_edges(AGENT_NODE, route, [TOOLS_NODE, END])
     builder.add_edge(TOOLS_NODE, AGENT_NODE)
-    return builder.compile()
+    return builder.compile(checkpointer=(checkpointer or InMemorySaver()) if ask_user else None)
 
 
 def _tools_node(tools: Sequence[BaseTool]) -> Any:
@@ -200,7 +239,8 @@ def _tools_node(tools: Sequence[BaseTool]) -> Any:
             for call in last.invalid_tool_calls
         ]
         for call_id, name, arguments, _ in calls:
-            write(ToolStarted(call_id=call_id, name=name, arguments=arguments))
+            if name != ASK_USER:  # the question travels as InputRequired, not as a tool call
+                write(ToolStarted(call_id=call_id, name=name, arguments=arguments))
 
         async def one(call_id: str, name: str, arguments: dict[str, Any], error: str | None) -> ToolMessage:
             content = ""
@@ -210,11 +250,14 @@ def _tools_node(tools: Sequence[BaseTool]) -> Any:
             elif error is None and tool is not None:
                 try:
                     content = _as_text(await tool.ainvoke(arguments, config))
+                except GraphBubbleUp:
+                    raise  # ask_user's interrupt: the run pauses here
                 except Exception as exc:  # told to the model, which may recover; the run goes on
                     log.warning("tool %s failed: %r", name, exc)
                     error = str(exc) or type(exc).__name__
-            write(ToolCompleted(call_id=call_id, name=name, summary=summarize(content),
-                                error=None if error is None else summarize(error)))
+            if name != ASK_USER:
+                write(ToolCompleted(call_id=call_id, name=name, summary=summarize(content),
+                                    error=None if error is None else summarize(error)))
             if error is not None:
                 return ToolMessage(f"Error: {error}", tool_call_id=call_id, name=name, status="error")
             return ToolMessage(content, tool_call_id=call_id, name=name)
@@ -261,7 +304,10 @@ def to_messages(history: Sequence[tuple[str, str]]) -> list[AnyMessage]:
     return messages
 
 
-async def stream_answer(graph: AgentGraph, history: Sequence[tuple[str, str]]) -> AsyncGenerator[Item, None]:
+async def stream_answer(
+    graph: AgentGraph, history: Sequence[tuple[str, str]], *, thread: str | None = None,
+    resume: str | None = None,
+) -> AsyncGenerator[Item, None]:
     """Run ``graph`` over ``history`` and yield the answer's text and tool calls as they happen.
 
     Args:
@@ -281,6 +327,10 @@ async def stream_answer(graph: AgentGraph, history: Sequence[tuple[str, str]]) -
         langchain_core.exceptions.ModelError: the LLM call failed (tree in the
             module docstring). Tool failures are not raised (see :class:`ToolCompleted`).
 
+    Human in the loop: with a graph built with ``ask_user=True``, the stream ends with an
+    :class:`InputRequired` when the model asks the user; pass the same ``thread`` (one per run
+    attempt) and the user's answer as ``resume`` to continue from there.
+
     Cancelling the task while it awaits the next item, or ``aclose()``-ing this
     generator, cancels the node and closes the model's HTTP response (or the tool's
     request), so the LLM stops generating. A consumer that can be cancelled (or can stop)
@@ -288,16 +338,23 @@ async def stream_answer(graph: AgentGraph, history: Sequence[tuple[str, str]]) -
     generator in ``contextlib.aclosing``: otherwise the request lives on until garbage
     collection.
     """
+    config: RunnableConfig = {"configurable": {"thread_id": thread}} if thread else {}
+    start: Any = Command(resume=resume) if resume is not None else {"messages": to_messages(history)}
     # astream is an async generator function, though annotated as an AsyncIterator.
     stream = cast(
         AsyncGenerator[Any, None],
-        graph.astream({"messages": to_messages(history)}, stream_mode=["messages", "custom"]),
+        graph.astream(start, config, stream_mode=["messages", "custom", "updates"]),
     )
     # aclosing: tear LangGraph's run down here, in this task, not whenever the
     # generator happens to be garbage-collected.
     async with aclosing(stream):
         try:
             async for mode, payload in stream:
+                if mode == "updates":
+                    for paused in payload.get("__interrupt__", ()) if isinstance(payload, dict) else ():
+                        value = paused.value if isinstance(paused.value, dict) else {"question": paused.value}
+                        yield InputRequired(request=paused.id, prompt=str(value.get("question", "")))
+                    continue
                 if mode == "custom":
                     if isinstance(payload, ToolStarted | ToolCompleted):
                         yield payload

@@ -41,6 +41,7 @@ from typing import Any, Literal, TypeAlias, TypeVar
 from langchain_core import exceptions as llm_errors
 from langchain_core.exceptions import ModelError
 
+from agent_worker.graph import InputTimeout
 from fanout.backoff import delays_s
 
 __all__ = [
@@ -344,4 +345,5 @@ _FAILURE_CODES: list[tuple[type[BaseException], str, str]] = [
     (ModelError, "llm_error", "the model endpoint returned an error"),
     # agents.UnknownAgent: the conversation names an agent no worker serves (any more).
     (LookupError, "unknown_agent", "this conversation's agent is not configured"),
+    (InputTimeout, "input_timeout", "nobody answered the agent's question in time"),
 ]

@@ -25,6 +25,7 @@ class WorkerSettings:
     max_deliveries: int = 3
     coalesce_s: float = 0.03
     checkpoint_s: float = 1.0
+    input_timeout_s: float = 3600.0
     store_retry_s: float = 600.0
     internal_port: int | None = None
     redis_prefix: str = "chorus"
@@ -62,6 +63,7 @@ class WorkerSettings:
             max_deliveries=env_int(env, "RUN_MAX_DELIVERIES", 3, low=1, high=100),
             coalesce_s=env_int(env, "TOKEN_COALESCE_MS", 30, low=0, high=1000) / 1000,
             checkpoint_s=env_float(env, "CHECKPOINT_SECONDS", 1.0, low=0.05),
+            input_timeout_s=env_float(env, "INPUT_TIMEOUT_SECONDS", 3600.0, low=1.0),
             store_retry_s=env_float(env, "STORE_RETRY_SECONDS", 600.0, low=1.0),
             internal_port=env_int(env, "INTERNAL_PORT", 0, low=0, high=65535) or None,
             redis_prefix=env_str(env, "REDIS_PREFIX", "chorus"),

@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 
-from agent_worker.graph import Text, ToolCompleted, ToolStarted
+from agent_worker.graph import InputRequired, InputTimeout, Text, ToolCompleted, ToolStarted
 from agent_worker.jobs import END_EVENTS, Job, RunDeps, enqueue_run, ensure_group, publish_end, start_next
 from agent_worker.resilience import failure_code
 from agent_worker.settings import WorkerSettings
@@ -29,8 +30,10 @@ from persistence.store import Finished, RunClaim, Store, Unavailable
 
 log = logging.getLogger(__name__)
 
-# (agent, history) -> the answer's items (graph.Text, ToolStarted, ToolCompleted) as they stream
-AnswerStream = Callable[[str, Sequence[tuple[str, str]]], AsyncIterator[object]]
+
+# (agent, history, thread, resume) -> the answer's items (graph.Text, ToolStarted, ToolCompleted,
+# InputRequired) as they stream; `thread` names the attempt, `resume` answers its InputRequired.
+AnswerStream = Callable[[str, Sequence[tuple[str, str]], str, str | None], AsyncIterator[object]]
 
 STALE_SWEEP_S = 15.0
 
@@ -43,6 +46,7 @@ class Worker:
     store: Store
     stream: UserStream
     answer: AnswerStream
+    forget: Callable[[str], None] = lambda thread: None  # drop an ended attempt's paused state
     running: dict[str, Job] = field(default_factory=dict)  # entry id -> job in progress
 
     @property
@@ -225,6 +229,7 @@ class RunExecution:
         self.pseq = 0
         self.text: list[str] = []
         self.tools: list[dict[str, Any]] = []  # tool calls of this attempt, stored with the answer
+        self.question: InputRequired | None = None  # what the model asked the user, if it paused
         self.last_seq: int | None = None
         self.epoch = ""
         self._checkpointed_at = 0.0
@@ -247,7 +252,9 @@ class RunExecution:
             # attempt > 1: a restart after a worker died; devices drop this run's partial text.
             await self.publish("run.started", {"message": c.message, "attempt": c.attempts,
                                                "worker": worker.consumer})
-            await self._stream(history)
+            resume = None
+            while (question := await self._stream(history, resume)) is not None:
+                resume = await self._await_answer(question)
             if await worker.stream.is_fenced(c.user, c.run):
                 raise Fenced(c.run)
         except Fenced:
@@ -261,6 +268,8 @@ class RunExecution:
             await self._end("failed", error=failure_code(exc))
         else:
             await self._end("completed")
+        finally:
+            worker.forget(self.producer)
 
     async def _end(self, status: str, error: tuple[str, str] | None = None) -> None:
         """Store the end, then publish it. Postgres being away does not lose the answer the
@@ -301,6 +310,24 @@ class RunExecution:
         except Unavailable as exc:
             log.debug("checkpoint of run %s skipped: %r", self.claim.run, exc)
 
+    async def _await_answer(self, question: InputRequired) -> str:
+        """Wait for the first answer from any device (the node that takes it tells every device);
+        a cancel still stops the run while it waits. No answer in time fails the run."""
+        c, worker = self.claim, self.worker
+        key = worker.keys.answers(c.user, c.run)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + worker.settings.input_timeout_s
+        while loop.time() < deadline:
+            popped = await worker.redis.blpop([key], timeout=1)
+            if popped is not None:
+                answer = orjson.loads(popped[1])
+                if answer.get("request") == question.request:
+                    return str(answer["text"])
+                continue  # an answer to an earlier question of this run, repeated
+            if await worker.stream.is_fenced(c.user, c.run):
+                raise Fenced(c.run)
+        raise InputTimeout(f"no answer to {question.prompt!r} within {worker.settings.input_timeout_s:g}s")
+
     async def _forward(self, items: list[object]) -> None:
         """Publish a batch of the model's output in order: runs of text as one `token` event,
         each tool call and result as its own event."""
@@ -318,6 +345,9 @@ class RunExecution:
                 await self.publish("tool.started", {"call": item.call_id, "name": item.name,
                                                     "arguments": item.arguments})
                 self.tools.append({"call": item.call_id, "name": item.name, "arguments": item.arguments})
+            elif isinstance(item, InputRequired):
+                await self.publish("run.input_required", {"request": item.request, "prompt": item.prompt})
+                self.question = item
             elif isinstance(item, ToolCompleted):
                 await self.publish("tool.completed", {"call": item.call_id, "name": item.name,
                                                       "summary": item.summary, "error": item.error})
@@ -326,15 +356,17 @@ class RunExecution:
                         call.update(summary=item.summary, error=item.error)
         await self._checkpoint()
 
-    async def _stream(self, history: Sequence[tuple[str, str]]) -> None:
+    async def _stream(self, history: Sequence[tuple[str, str]], resume: str | None) -> InputRequired | None:
         """Forward the model's text as `token` events, coalesced over `coalesce_s` so a fast
         model costs a few publishes a second per run, not one per token. A cancel fence stops
         the model (its HTTP request is aborted with the task)."""
         buffer: list[object] = []
         arrived = asyncio.Event()
 
+        self.question = None
+
         async def produce() -> None:
-            async for item in self.worker.answer(self.claim.agent, history):
+            async for item in self.worker.answer(self.claim.agent, history, self.producer, resume):
                 buffer.append(item)
                 arrived.set()
 
@@ -356,7 +388,7 @@ class RunExecution:
                     await self._forward(items)
                 if model.done() and not buffer:
                     model.result()
-                    return
+                    return self.question
         finally:
             if not model.done():
                 model.cancel()

@@ -49,6 +49,14 @@ class Keys:
         shared by all nodes (fanout/ratelimit.lua); expires once it would be full again."""
         return self._user(user, "rl:cmd")
 
+    def answers(self, user: str, run: str) -> str:
+        """List: the user's answers to a run's questions (human in the loop), read by its worker."""
+        return self._user(user, f"answers:{run}")
+
+    def answered(self, user: str, run: str) -> str:
+        """Hash request -> device: who answered each question of a run first."""
+        return self._user(user, f"answered:{run}")
+
     def channel(self, user: str) -> str:
         """Pub/Sub channel carrying the user's frames."""
         return self._user(user, "ch")

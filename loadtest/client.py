@@ -217,6 +217,12 @@ class ChorusClient:
     async def cancel(self, run: str, timeout_s: float = 10.0) -> dict[str, Any]:
         return await self.request({"type": "cancel", "run": run}, timeout_s)
 
+    async def respond(self, run: str, request: str, text: str,
+                      timeout_s: float = 10.0) -> dict[str, Any]:
+        """Answer a run's question (`run.input_required`)."""
+        frame = {"type": "respond", "run": run, "request": request, "text": text}
+        return await self.request(frame, timeout_s)
+
     async def ping(self, timeout_s: float = 10.0) -> dict[str, Any]:
         return await self.request({"type": "ping"}, timeout_s)
 

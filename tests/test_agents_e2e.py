@@ -30,9 +30,10 @@ def tool_server() -> Iterator[McpTestServer]:
 def agents_cluster(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLM,
                    tool_server: McpTestServer) -> Iterator[LocalCluster]:
     agents = [{"name": "calc", "description": "adds numbers", "system_prompt": "You add.",
-               "mcp_servers": [tool_server.url]}]
+               "mcp_servers": [tool_server.url]},
+              {"name": "asker", "description": "asks before it answers", "ask_user": True}]
     config = ClusterConfig(nodes=2, workers=1, nginx=False, env={
-        "LLM_BASE_URL": fake_llm.base_url, "AGENTS_JSON": json.dumps(agents),
+        "LLM_BASE_URL": fake_llm.base_url, "AGENTS_JSON": json.dumps(agents), "INPUT_TIMEOUT_SECONDS": "3",
     })
     with LocalCluster(tmp_path_factory.mktemp("agents"), config) as cluster:
         yield cluster
@@ -60,7 +61,7 @@ async def get_agents(http: aiohttp.ClientSession, cluster: LocalCluster, token: 
 async def test_agents_are_listed_with_their_tools(agents_cluster: LocalCluster, http: aiohttp.ClientSession) -> None:
     agents = await get_agents(http, agents_cluster, agents_cluster.token(unique("alice")))
     by_name = {a["name"]: a for a in agents}
-    assert set(by_name) == {"default", "calc"}
+    assert set(by_name) == {"default", "calc", "asker"}
     assert by_name["calc"]["description"] == "adds numbers"
     assert {"add", "lookup_weather"} <= set(by_name["calc"]["tools"])
     assert by_name["default"]["tools"] == []
@@ -124,3 +125,61 @@ async def test_an_unknown_agent_is_a_clear_error(agents_cluster: LocalCluster, h
     async with http.post(f"http://127.0.0.1:{agents_cluster.node_ports[0]}/v1/conversations",
                          json={"agent": "calc"}, headers={"Authorization": f"Bearer {token}"}) as response:
         assert response.status == 201
+
+
+async def test_a_question_reaches_every_device_and_the_first_answer_resumes_the_run(
+    agents_cluster: LocalCluster, http: aiohttp.ClientSession, fake_llm: FakeLLM
+) -> None:
+    token = agents_cluster.token(unique("alice"))
+    await get_agents(http, agents_cluster, token)
+    phone = ChorusClient(f"ws://127.0.0.1:{agents_cluster.node_ports[0]}/ws", token, device="phone")
+    laptop = ChorusClient(f"ws://127.0.0.1:{agents_cluster.node_ports[1]}/ws", token, device="laptop")
+    await phone.connect()
+    await laptop.connect()
+    try:
+        ack = await phone.send('[[tool:ask_user:{"question": "Which city?"}]] plan my trip', agent="asker")
+        run = ack["run"]
+
+        def asked(device: ChorusClient) -> dict[str, Any] | None:
+            return next((e for e in device.events if e["run"] == run and e["event"] == "run.input_required"), None)
+
+        for device in (phone, laptop):
+            await device.wait_for(lambda d=device: asked(d) is not None, 20)
+        question = asked(laptop)
+        assert question is not None and question["data"]["prompt"] == "Which city?"
+        request = question["data"]["request"]
+        reply = await laptop.respond(run, request, "Paris")
+        assert reply["type"] == "ack"
+        with pytest.raises(ClientError) as info:
+            await phone.respond(run, request, "Rome")
+        assert info.value.code == "conflict" and "laptop" in str(info.value)
+        for device in (phone, laptop):
+            end = await device.wait_run_end(run, 30)
+            assert end["event"] == "run.completed"
+            received = [e for e in device.events if e["run"] == run and e["event"] == "run.input_received"]
+            assert [(e["data"]["by"], e["data"]["text"]) for e in received] == [("laptop", "Paris")]
+            assert "Paris" in end["data"]["text"] and "Rome" not in end["data"]["text"]
+            assert not [e for e in device.events if e["run"] == run and e["event"].startswith("tool.")]
+        # the model got the answer as the ask_user tool's result
+        assert any(m.get("role") == "tool" and m.get("content") == "Paris" for m in fake_llm.requests[-1]["messages"])
+        with pytest.raises(ClientError) as info:
+            await laptop.respond(run, request, "too late")
+        assert info.value.code == "conflict"
+    finally:
+        await phone.close()
+        await laptop.close()
+
+
+async def test_an_unanswered_question_fails_the_run_after_the_timeout(
+    agents_cluster: LocalCluster, http: aiohttp.ClientSession
+) -> None:
+    token = agents_cluster.token(unique("alice"))
+    await get_agents(http, agents_cluster, token)
+    phone = ChorusClient(f"ws://127.0.0.1:{agents_cluster.node_ports[0]}/ws", token, device="phone")
+    await phone.connect()
+    try:
+        ack = await phone.send('[[tool:ask_user:{"question": "Anyone?"}]] hello', agent="asker")
+        end = await phone.wait_run_end(ack["run"], 30)
+        assert end["event"] == "run.failed" and end["data"]["code"] == "input_timeout"
+    finally:
+        await phone.close()

@@ -209,7 +209,12 @@ async def handle_frame(svc: Services, guard: Admission, conn: Connection, lease:
     try:
         cmd = protocol.parse_command(raw, max_text_chars=svc.settings.max_text_chars)
         cmd_id = cmd.id
-        allowed = await guard.commands.take(conn.user)
+        try:
+            allowed = await guard.commands.take(conn.user)
+        except TRANSIENT:
+            # Redis away: the limit fails open (ping and auth keep working); commands that need
+            # Redis fail by themselves with `unavailable`.
+            allowed = limits.Decision(True, 0, limits.Bucket(0, 0))
         if not allowed.allowed:
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many commands; slow down", cmd_id,
                                 retry_after_ms=allowed.retry_after_ms)

@@ -77,6 +77,7 @@ class JwksKeys:
         self.fetches = 0
         self._keys: jwt.PyJWKSet | None = None
         self._fetched_at = -math.inf
+        self._retry_at = -math.inf
         self._lock = asyncio.Lock()
 
     async def key(self, kid: Any) -> jwt.PyJWK:
@@ -103,15 +104,19 @@ class JwksKeys:
         async with self._lock:
             if self._fetched_at >= started:
                 return  # another task fetched while this one waited
+            if time.monotonic() < self._retry_at:  # a fetch failed a moment ago: not again yet
+                if self._keys is None:
+                    raise AuthUnavailable("JWKS fetch failed recently")
+                return
             try:
                 self.fetches += 1
                 keys = await asyncio.to_thread(self._client.get_jwk_set, True)
             except (jwt.PyJWTError, ValueError, OSError) as exc:
+                # A key server that is down must not be asked again by every connecting client.
+                self._retry_at = time.monotonic() + min(self.cooldown_s, 5.0)
                 if self._keys is None:
                     raise AuthUnavailable(f"JWKS fetch failed: {type(exc).__name__}") from None
                 log.warning("JWKS refresh from %s failed (%s); keeping the cached keys", self.url, exc)
-                # Try again after a cooldown, not on every token.
-                self._fetched_at = time.monotonic() - max(0.0, self.cache_s - self.cooldown_s)
                 return
             self._keys, self._fetched_at = keys, time.monotonic()
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import orjson
+
 from agent_worker.jobs import RunDeps, enqueue_run, publish_end, start_next
+from fanout.stream import Fenced
 from persistence.store import Conflict, NotFound, SendRecord, new_id
 from ws_node import agents, limits, protocol
 from ws_node.auth import AuthUnavailable, Forbidden, TokenLease, Unauthorized
 from ws_node.connection import Connection
-from ws_node.protocol import Auth, Cancel, Command, ErrorCode, Ping, ProtocolError, Send
+from ws_node.protocol import Auth, Cancel, Command, ErrorCode, Ping, ProtocolError, Respond, Send
 from ws_node.services import Services
 
 TERMINAL = ("completed", "cancelled", "failed")
@@ -22,6 +25,8 @@ async def execute(svc: Services, conn: Connection, cmd: Command, lease: TokenLea
         return protocol.pong(cmd.id)
     if isinstance(cmd, Auth):
         return await auth(lease, cmd)
+    if isinstance(cmd, Respond):
+        return await respond(svc, conn, cmd)
     raise AssertionError(cmd)
 
 
@@ -123,3 +128,34 @@ async def cancel(svc: Services, conn: Connection, cmd: Cancel) -> str:
         raise ProtocolError(ErrorCode.CONFLICT, f"run {cmd.run} already {run['status']}", cmd.id)
     await _cancel(svc, conn.user, cmd.run, by=conn.device)
     return protocol.ack(cmd.id, run=cmd.run)
+
+
+async def respond(svc: Services, conn: Connection, cmd: Respond) -> str:
+    """Answer a run's question. The first answer from any device wins (HSETNX); every device is
+    told who answered (`run.input_received`), later answers get `conflict`. Repeating one's own
+    answer (a retry) is harmless: the event is deduped and the worker takes one answer per question."""
+    try:
+        run = await svc.store.get_run(conn.user, cmd.run)
+    except NotFound:
+        raise ProtocolError(ErrorCode.NOT_FOUND, f"no run {cmd.run}", cmd.id) from None
+    if run["status"] != "running":
+        raise ProtocolError(ErrorCode.CONFLICT, f"run {cmd.run} is {run['status']}, not waiting for input",
+                            cmd.id)
+    answered = svc.keys.answered(conn.user, cmd.run)
+    if not await svc.redis.hsetnx(answered, cmd.request, conn.device):
+        by: str | None = await svc.redis.hget(answered, cmd.request)  # type: ignore[assignment]
+        if by != conn.device:
+            raise ProtocolError(ErrorCode.CONFLICT, f"already answered from {by}", cmd.id)
+    await svc.redis.expire(answered, svc.settings.history_ttl_s)
+    try:
+        await svc.stream.publish(
+            conn.user, conversation=run["conversation_id"], run=cmd.run, event="run.input_received",
+            data={"request": cmd.request, "text": cmd.text, "by": conn.device},
+            producer=f"run:{cmd.run}:input:{cmd.request}", pseq=1, fenced_run=cmd.run,
+        )
+    except Fenced:
+        raise ProtocolError(ErrorCode.CONFLICT, f"run {cmd.run} was cancelled", cmd.id) from None
+    answers = svc.keys.answers(conn.user, cmd.run)
+    await svc.redis.rpush(answers, orjson.dumps({"request": cmd.request, "text": cmd.text}).decode())
+    await svc.redis.expire(answers, svc.settings.history_ttl_s)
+    return protocol.ack(cmd.id, run=cmd.run, request=cmd.request)

@@ -87,7 +87,17 @@ class Auth:
     token: str = field(repr=False)
 
 
-Command = Send | Cancel | Ping | Auth
+@dataclass(frozen=True)
+class Respond:
+    """The user's answer to a run's question (`run.input_required`, human in the loop)."""
+
+    id: str | None
+    run: str
+    request: str
+    text: str
+
+
+Command = Send | Cancel | Ping | Auth | Respond
 
 
 def parse_command(raw: str | bytes, *, max_text_chars: int) -> Command:
@@ -123,6 +133,12 @@ def parse_command(raw: str | bytes, *, max_text_chars: int) -> Command:
         return Ping(id=id_)
     if kind == "auth":
         return Auth(id=id_, token=_field(obj, "token", str, id_))
+    if kind == "respond":
+        text = _field(obj, "text", str, id_)
+        if len(text) > max_text_chars:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"text is longer than {max_text_chars} characters", id_)
+        return Respond(id=id_, run=_field(obj, "run", str, id_), request=_field(obj, "request", str, id_),
+                       text=text)
     if not isinstance(kind, str):
         raise ProtocolError(ErrorCode.BAD_REQUEST, "type must be a string", id_)
     raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown type {kind[:40]!r}", id_)
