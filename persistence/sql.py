@@ -118,6 +118,12 @@ SET_TERMINAL_SEQ = "UPDATE runs SET terminal_seq = $2 WHERE id = $1"
 SAVE_PARTIAL = """
 UPDATE runs SET partial = $2, partial_seq = $3, partial_epoch = $4 WHERE id = $1 AND status = 'running'
 """
+# Every run not yet ended counts: waiting, queued or running (index runs_user_status).
+COUNT_RUNS_IN_FLIGHT = """
+SELECT (SELECT count(*) FROM runs
+        WHERE user_id = $1 AND status NOT IN ('completed', 'cancelled', 'failed')) AS in_flight,
+       EXISTS (SELECT 1 FROM messages WHERE user_id = $1 AND client_id = $2) AS seen
+"""
 RUNS_IN_FLIGHT = """
 SELECT id, conversation_id, status, partial, partial_seq, partial_epoch FROM runs
 WHERE user_id = $1 AND status IN ('queued', 'running') ORDER BY created_at

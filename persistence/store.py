@@ -304,6 +304,12 @@ class Store:
         async with self._conn() as conn:
             await conn.execute(sql.SAVE_PARTIAL, run, text, seq, epoch)
 
+    async def count_runs_in_flight(self, user: str, client_id: str) -> tuple[int, bool]:
+        """The user's runs not yet ended, and whether `client_id` was already sent."""
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.COUNT_RUNS_IN_FLIGHT, user, client_id)
+        return int(row["in_flight"]), bool(row["seen"])
+
     async def runs_in_flight(self, user: str) -> list[RunInFlight]:
         async with self._conn() as conn:
             rows = await conn.fetch(sql.RUNS_IN_FLIGHT, user)

@@ -532,6 +532,26 @@ async def test_the_command_bucket_is_shared_by_all_nodes(cluster: LocalCluster) 
             await client.close()
 
 
+async def test_the_command_limit_fails_open_when_redis_is_away(cluster: LocalCluster, fresh_redis: RedisServer,
+                                                               tmp_path: Path) -> None:
+    """Without Redis the bucket cannot be read: commands that do not need Redis (ping, auth) keep
+    working rather than failing on the limit; those that do fail by themselves (`unavailable`)."""
+    proc, port = await asyncio.to_thread(start_node, cluster, tmp_path, "redisless-node", {
+        "REDIS_URL": fresh_redis.url, "AUTH_JWT_SECRET": cluster.config.jwt_secret,
+    })
+    user = unique("alice")
+    client = ChorusClient(f"ws://127.0.0.1:{port}/ws", cluster.token(user), auto_reconnect=False)
+    try:
+        await client.connect()
+        await asyncio.to_thread(fresh_redis.stop)
+        assert (await client.ping())["type"] == "pong"
+        assert (await client.auth(cluster.token(user)))["type"] == "ack"
+    finally:
+        await client.close()
+        await asyncio.to_thread(proc.stop)
+    assert not SERVER_ERROR.search(proc.log_text()), proc.log_text()[-2000:]
+
+
 async def test_runs_in_flight_are_limited_per_user(strict: StrictNode) -> None:
     user = unique("alice")
     client = ChorusClient(strict.ws_url, strict_token(user), auto_reconnect=False)
@@ -594,7 +614,7 @@ async def test_new_connections_per_node_are_rate_limited(cluster: LocalCluster, 
                             headers={"Authorization": f"Bearer {cluster.token(unique('bob'))}"}) as response:
             assert response.status == 200
     finally:
-        proc.stop()
+        await asyncio.to_thread(proc.stop)
     assert not SERVER_ERROR.search(proc.log_text())
 
 
@@ -645,8 +665,15 @@ async def test_jwks_keys_are_cached_and_refreshed_on_an_unknown_kid() -> None:
     server = JwksServer()
     await server.start()
     try:
+        # The key server is down and nothing is cached: unavailable (not unauthorized), and a
+        # crowd of clients connecting meanwhile costs the key server one request, not one each.
         server.status = 503
-        keys = JwksKeys(server.url, cache_s=300, cooldown_s=3600)
+        crowded = Verifier(algorithms=("RS256",), jwks=JwksKeys(server.url, cache_s=300, cooldown_s=2))
+        results = await asyncio.gather(*(crowded.verify(rs_token(0, "alice")) for _ in range(5)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, AuthUnavailable) for r in results)
+        assert server.fetches == 1
+        keys = JwksKeys(server.url, cache_s=300, cooldown_s=0)
         verifier = Verifier(algorithms=("RS256",), jwks=keys)
         with pytest.raises(AuthUnavailable):
             await verifier.verify(rs_token(0, "alice"))
@@ -655,8 +682,8 @@ async def test_jwks_keys_are_cached_and_refreshed_on_an_unknown_kid() -> None:
         fetched = server.fetches
         for _ in range(5):  # cached
             await verifier.verify(rs_token(0, "alice"))
-        assert server.fetches == fetched
         # Unknown kids within the cooldown: refused without asking the server again.
+        keys.cooldown_s = 3600
         for kid in ("key-9", "key-10"):
             with pytest.raises(Unauthorized):
                 await verifier.verify(rs_token(0, "alice", kid=kid))
@@ -667,9 +694,11 @@ async def test_jwks_keys_are_cached_and_refreshed_on_an_unknown_kid() -> None:
         assert (await verifier.verify(rs_token(0, "alice"))).user == "alice"
         with pytest.raises(Unauthorized):
             await verifier.verify(rs_token(1, "alice"))  # refresh failed, key-1 unknown
+        assert server.fetches == fetched + 1
         # Rotation: key-1 appears; a token with the new kid triggers one refresh and verifies.
         server.status, server.keys = 200, [jwk(0), jwk(1)]
         assert (await verifier.verify(rs_token(1, "bob"))).user == "bob"
+        assert server.fetches == fetched + 2
         # A token signed by key-0's private key but claiming key-1 does not verify.
         forged = jwt.encode({"sub": "mallory", "exp": int(time.time()) + 60}, RSA_KEYS[0], "RS256",
                             headers={"kid": "key-1"})
@@ -710,7 +739,7 @@ async def test_a_node_with_a_jwks_url(cluster: LocalCluster, tmp_path: Path,
                             headers={"Authorization": f"Bearer {rs_token(1, user)}"}) as response:
             assert response.status == 200
     finally:
-        proc.stop()
+        await asyncio.to_thread(proc.stop)
         assert server.runner is not None
         await server.runner.cleanup()
     assert not SERVER_ERROR.search(proc.log_text()), proc.log_text()[-2000:]

@@ -199,7 +199,9 @@ async def _first_frame_auth(
 
 async def _detach(svc: Services, conn: Connection) -> None:
     await svc.hub.detach(conn)
-    await presence.mark_offline(svc.redis, svc.keys, conn.user, conn.device, svc.settings.node_id)
+    # A device may hold two sockets here for a moment (a reconnect racing the old socket's close).
+    if not any(c.user == conn.user and c.device == conn.device for c in svc.connections):
+        await presence.mark_offline(svc.redis, svc.keys, conn.user, conn.device, svc.settings.node_id)
 
 
 async def handle_frame(svc: Services, guard: Admission, conn: Connection, lease: TokenLease | None,

@@ -195,14 +195,6 @@ def wants_frame_auth(request: web.Request) -> bool:
     return request.query.get("auth") == "frame"
 
 
-def authenticate(request: web.Request, secret: str | None = None) -> Identity:
-    """The identity the node's auth middleware verified for this request. `secret` is ignored
-    (the middleware applies the full policy); it is kept for callers written before it."""
-    if IDENTITY not in request:
-        raise Unauthorized("no valid token")
-    return request[IDENTITY]
-
-
 class TokenLease:
     """The identity a socket holds and the timer that ends the socket when its token expires.
     A renewal with a fresh token of the same user moves the deadline."""

@@ -16,11 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
-import asyncpg
 from redis.asyncio import Redis
 
 from fanout.keys import Keys
-from persistence.store import Store, Unavailable
+from persistence.store import Store
 from ws_node import presence
 
 _RATELIMIT_LUA = resources.files("fanout").joinpath("ratelimit.lua").read_text()
@@ -106,29 +105,14 @@ class RedisBuckets:
         return Decision(bool(allowed), int(retry_after_ms), Bucket(int(milli), int(at_ms)))
 
 
-# Runs in flight: counted in Postgres, where run status lives (index runs_user_status). Every run
-# not yet ended counts: waiting behind another run in its conversation, queued, or running.
-COUNT_RUNS_IN_FLIGHT = """
-SELECT (SELECT count(*) FROM runs
-        WHERE user_id = $1 AND status NOT IN ('completed', 'cancelled', 'failed')) AS in_flight,
-       EXISTS (SELECT 1 FROM messages WHERE user_id = $1 AND client_id = $2) AS seen
-"""
-_PG_UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                   asyncpg.CannotConnectNowError)
-
-
 async def runs_in_flight_exceeded(store: Store, user: str, client_id: str | None, limit: int) -> bool:
-    """True when a new send would start one run more than `limit` queued or running runs. A retry
+    """True when a new send would start one run more than `limit` runs not yet ended. A retry
     of a send already stored (same client id) is never refused: it starts nothing new. Racy by
     design: two sends at once may both pass, so the limit can be exceeded by concurrent sends."""
     if limit <= 0:
         return False
-    try:
-        async with store.pool.acquire() as conn:
-            row = await conn.fetchrow(COUNT_RUNS_IN_FLIGHT, user, client_id or "")
-    except _PG_UNAVAILABLE as exc:
-        raise Unavailable(f"postgres: {type(exc).__name__}") from exc
-    return not row["seen"] and row["in_flight"] >= limit
+    in_flight, seen = await store.count_runs_in_flight(user, client_id or "")
+    return not seen and in_flight >= limit
 
 
 async def devices_exceeded(redis: Redis, keys: Keys, user: str, device: str, limit: int) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -11,7 +11,7 @@ from aiohttp import web
 from fanout.stream import TRANSIENT
 from persistence.store import POLICIES, NotFound, Unavailable
 from ws_node import agents
-from ws_node.auth import Identity, Unauthorized, authenticate
+from ws_node.auth import IDENTITY, Identity
 from ws_node.services import SERVICES, Services
 
 MAX_PAGE = 200
@@ -32,16 +32,24 @@ class RestError(Exception):
 
 
 def _auth(request: web.Request) -> tuple[Services, Identity]:
-    svc = request.app[SERVICES]
-    try:
-        return svc, authenticate(request, svc.settings.jwt_secret)
-    except Unauthorized:
-        raise RestError(401, "unauthorized", "missing or invalid token") from None
+    """The services and the identity the node's auth middleware verified for this request."""
+    if IDENTITY not in request:
+        raise RestError(401, "unauthorized", "missing or invalid token")
+    return request.app[SERVICES], request[IDENTITY]
 
 
 def _is_count(raw: str) -> bool:
     """Plain ASCII digits of a sane length (str.isdigit() alone lets "²" through to int())."""
     return raw.isascii() and raw.isdigit() and len(raw) <= 18
+
+
+def _id(request: web.Request) -> str:
+    """The path's object id; one that cannot exist (NUL, control characters) is simply not found
+    (Postgres text refuses NUL: the query would fail, not miss)."""
+    value = request.match_info["id"]
+    if not value.isprintable() or len(value) > 128:
+        raise NotFound(f"conversation {value[:40]!r}")
+    return value
 
 
 def _limit(request: web.Request, default: int = 50) -> int:
@@ -69,8 +77,11 @@ async def list_conversations(request: web.Request) -> web.Response:
     if "before" in request.query:
         try:
             before = datetime.fromisoformat(request.query["before"])
-        except ValueError:
+            before = (before if before.tzinfo else before.replace(tzinfo=UTC)).astimezone(UTC)
+        except (ValueError, OverflowError):  # OverflowError: year 1 with a positive offset, ...
             raise RestError(400, "bad_request", "before must be an ISO 8601 timestamp") from None
+        if not 1970 <= before.year <= 9000:  # Postgres refuses some dates Python allows
+            raise RestError(400, "bad_request", "before is out of range")
     limit = _limit(request)
     items = await svc.store.list_conversations(ident.user, limit=limit, before=before)
     next_before = items[-1].updated_at.isoformat() if len(items) == limit else None
@@ -84,9 +95,9 @@ async def create_conversation(request: web.Request) -> web.Response:
     double_texting = body.get("double_texting", "enqueue")
     if double_texting not in POLICIES:
         raise RestError(400, "bad_request", f"double_texting must be one of {', '.join(POLICIES)}")
-    if not isinstance(title, str) or len(title) > 200:
+    if not isinstance(title, str) or len(title) > 200 or "\x00" in title:
         raise RestError(400, "bad_request", "title must be a string of at most 200 characters")
-    if not isinstance(agent, str) or not agent:
+    if not isinstance(agent, str) or not agent or len(agent) > 128 or not agent.isprintable():
         raise RestError(400, "bad_request", "agent must be a non-empty string")
     try:
         await agents.check(svc.redis, svc.keys, agent)
@@ -99,13 +110,13 @@ async def create_conversation(request: web.Request) -> web.Response:
 
 async def get_conversation(request: web.Request) -> web.Response:
     svc, ident = _auth(request)
-    conversation = await svc.store.get_conversation(ident.user, request.match_info["id"])
+    conversation = await svc.store.get_conversation(ident.user, _id(request))
     return json_response(conversation.to_json())
 
 
 async def delete_conversation(request: web.Request) -> web.Response:
     svc, ident = _auth(request)
-    await svc.store.delete_conversation(ident.user, request.match_info["id"])
+    await svc.store.delete_conversation(ident.user, _id(request))
     return web.Response(status=204)
 
 
@@ -116,7 +127,7 @@ async def list_messages(request: web.Request) -> web.Response:
         raise RestError(400, "bad_request", "before must be a message cursor from next_before")
     limit = _limit(request)
     messages = await svc.store.list_messages(
-        ident.user, request.match_info["id"], limit=limit, before=int(before) if before else None
+        ident.user, _id(request), limit=limit, before=int(before) if before else None
     )
     next_before = messages[0].pos if len(messages) == limit else None
     return json_response({"messages": [m.to_json() for m in messages], "next_before": next_before})
