@@ -26,6 +26,7 @@ ENV PATH=/opt/chorus/bin:$PATH \
     HOME=/tmp
 # Numeric, so the kubelet can verify runAsNonRoot without reading /etc/passwd.
 USER 10001:10001
-# 8080: WebSocket /ws and REST /v1. 9090: /healthz, /readyz, /metrics (9091 for the worker).
+# 8080: WebSocket /ws and REST /v1. 9090: /healthz, /readyz when INTERNAL_PORT=9090 is set, as the
+# Helm chart does (the worker's internal port is 9091).
 EXPOSE 8080 9090
 CMD ["python", "-m", "ws_node"]

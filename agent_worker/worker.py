@@ -65,8 +65,7 @@ class Worker:
         slots = asyncio.Semaphore(self.settings.concurrency)
         maintenance = asyncio.create_task(self._maintain(slots, tasks, stop))
         delays = delays_s(base_s=0.1, cap_s=2.0)
-        while not stop.is_set():
-            await slots.acquire()
+        while await _acquire_unless_stopped(slots, stop):
             try:
                 await ensure_group(self.redis, self.keys)
                 reply: Any = await self.redis.xreadgroup(
@@ -393,3 +392,19 @@ class RunExecution:
             if not model.done():
                 model.cancel()
                 await asyncio.gather(model, return_exceptions=True)
+
+
+async def _acquire_unless_stopped(slots: asyncio.Semaphore, stop: asyncio.Event) -> bool:
+    """Take a free slot, unless `stop` comes first (a busy worker must still notice SIGTERM)."""
+    if stop.is_set():
+        return False
+    acquire = asyncio.ensure_future(slots.acquire())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if stop.is_set():
+        if acquire.done() and not acquire.cancelled():
+            slots.release()
+        acquire.cancel()
+        return False
+    return True

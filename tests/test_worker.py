@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import asyncpg
@@ -168,3 +169,19 @@ async def test_cancel_from_another_device_fences_the_stream(cluster: LocalCluste
         await db.close()
         await phone.close()
         await laptop.close()
+
+
+async def test_a_busy_worker_still_notices_it_must_stop() -> None:
+    """run() waits for a free slot; SIGTERM (stop) must end that wait even when none frees up."""
+    from agent_worker.worker import _acquire_unless_stopped
+
+    slots, stop = asyncio.Semaphore(1), asyncio.Event()
+    assert await _acquire_unless_stopped(slots, stop)  # a free slot: taken
+    waiting = asyncio.create_task(_acquire_unless_stopped(slots, stop))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    stop.set()
+    assert await asyncio.wait_for(waiting, 2) is False
+    slots.release()
+    assert not slots.locked(), "a slot taken while stopping is given back"
+    assert await _acquire_unless_stopped(slots, stop) is False

@@ -55,8 +55,21 @@ ADMISSION = web.AppKey("admission", Admission)
 
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
-    """One device's socket: admitted, upgraded, authenticated (by its first frame when it came
-    without a token), held to the device limit, then served until it closes or its token expires."""
+    """One device's socket, counted from the first byte (a drain waits for sockets still opening)."""
+    svc = request.app[SERVICES]
+    svc.sockets += 1
+    svc.idle.clear()
+    try:
+        return await _serve_socket(request)
+    finally:
+        svc.sockets -= 1
+        if svc.sockets == 0:
+            svc.idle.set()
+
+
+async def _serve_socket(request: web.Request) -> web.StreamResponse:
+    """Admitted, upgraded, authenticated (by its first frame when it came without a token), held
+    to the device limit, then served until it closes or its token expires."""
     svc, guard = request.app[SERVICES], request.app[ADMISSION]
     settings = svc.settings
     device, after, client_epoch, ident = await _admit(request, svc, guard)
@@ -91,13 +104,14 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         conn.send(protocol.ack(auth_id, expires_at=int(ident.expires_at)))
     writer = asyncio.create_task(conn.writer(), name=f"writer-{ident.user}-{device}")
     svc.connections.add(conn)
-    svc.idle.clear()
     try:
         try:
             await svc.hub.attach(conn)
             await conn.open(after=after, client_epoch=client_epoch, node=settings.node_id,
                             heartbeat_s=settings.heartbeat_s)
             await presence.mark_online(svc.redis, svc.keys, [(conn.user, conn.device)], settings.node_id)
+            if svc.draining:  # it opened while the node began to drain: send it on at once
+                _send_elsewhere(conn)
         except (HubUnavailable, *TRANSIENT) as exc:
             log.warning("cannot serve %s/%s: %r", conn.user, conn.device, exc)
             conn.close(CloseCode.TRY_AGAIN_LATER, "stream unavailable; reconnect later")
@@ -110,8 +124,6 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     finally:
         lease.stop()
         svc.connections.discard(conn)
-        if not svc.connections:
-            svc.idle.set()
         conn.close(CloseCode.NORMAL, "bye")
         await asyncio.gather(_detach(svc, conn), return_exceptions=True)
         try:
@@ -361,20 +373,24 @@ def create_internal_app(main: web.Application) -> web.Application:
     return internal
 
 
+def _send_elsewhere(conn: Connection) -> None:
+    conn.send(protocol.reconnect(after_ms=0))
+    conn.close(CloseCode.SERVICE_RESTART, "node draining; reconnect")
+
+
 async def drain(svc: Services) -> None:
     """Turn not-ready, then tell every socket to reconnect elsewhere, spread over the drain
-    window so the other nodes are not hit by all of them at once."""
+    window so the other nodes are not hit by all of them at once. Sockets still opening when
+    the drain began are sent on as soon as they are open (ws_handler checks `draining`)."""
     svc.draining = True
     connections = list(svc.connections)
-    if not connections:
-        return
     window_s = svc.settings.drain_s
     batches = max(1, min(len(connections), int(window_s * 10)))
-    for index in range(batches):
+    for index in range(batches if connections else 0):
         for conn in connections[index::batches]:
-            conn.send(protocol.reconnect(after_ms=0))
-            conn.close(CloseCode.SERVICE_RESTART, "node draining; reconnect")
+            _send_elsewhere(conn)
         await asyncio.sleep(window_s / batches)
-    if svc.connections:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(svc.idle.wait(), 5)
+    for conn in list(svc.connections):  # opened during the window
+        _send_elsewhere(conn)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(svc.idle.wait(), 5)

@@ -26,7 +26,13 @@ class Services:
     store: Store
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False
-    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while no socket is open
+    sockets: int = 0  # WebSocket requests in progress, from handshake to close
+    idle: asyncio.Event = field(default_factory=lambda: _set(asyncio.Event()))  # set while sockets == 0
+
+
+def _set(event: asyncio.Event) -> asyncio.Event:
+    event.set()
+    return event
 
 
 SERVICES = web.AppKey("services", Services)

@@ -97,15 +97,27 @@ imagePullSecrets:
 {{- end }}
 
 {{/*
+Seconds `python -m ws_node` may still take after its DRAIN_SECONDS window (ws_node/app.py drain(),
+ws_node/__main__.py): it waits up to 5 s for sockets that have not closed (half-open peers that never
+answer the close), then aiohttp's shutdown cancels them, which measured ~4.3 s more. Keep in step
+with the node; docs/operations.md has the timeline.
+*/}}
+{{- define "chorus.nodeExitTailSeconds" -}}
+10
+{{- end }}
+
+{{/*
 Fail rendering, with a message a user can act on, when the shutdown timings cannot work:
 Kubernetes sends SIGKILL once terminationGracePeriodSeconds have passed since the pod started
-terminating, and that clock includes the preStop sleep.
+terminating, and that clock includes the preStop sleep. After its DRAIN_SECONDS window a node still
+needs up to chorus.nodeExitTailSeconds to exit (see that helper).
 */}}
 {{- define "chorus.validateValues" -}}
 {{- $node := .Values.node }}
-{{- $nodeNeeds := add $node.preStopSleepSeconds $node.drainSeconds }}
-{{- if le (int $node.terminationGracePeriodSeconds) (int $nodeNeeds) }}
-{{- fail (printf "node.terminationGracePeriodSeconds (%d) must be greater than node.preStopSleepSeconds (%d) + node.drainSeconds (%d) = %d, or ws-node pods are killed before their sockets finish draining; set it to at least %d" (int $node.terminationGracePeriodSeconds) (int $node.preStopSleepSeconds) (int $node.drainSeconds) (int $nodeNeeds) (add $nodeNeeds 5)) }}
+{{- $tail := int (include "chorus.nodeExitTailSeconds" .) }}
+{{- $nodeNeeds := add $node.preStopSleepSeconds $node.drainSeconds $tail }}
+{{- if lt (int $node.terminationGracePeriodSeconds) (int $nodeNeeds) }}
+{{- fail (printf "node.terminationGracePeriodSeconds (%d) must be at least node.preStopSleepSeconds (%d) + node.drainSeconds (%d) + %d s for the node to exit after its drain window = %d, or ws-node pods are killed before their sockets finish draining" (int $node.terminationGracePeriodSeconds) (int $node.preStopSleepSeconds) (int $node.drainSeconds) $tail (int $nodeNeeds)) }}
 {{- end }}
 {{- $worker := .Values.worker }}
 {{- if le (int $worker.terminationGracePeriodSeconds) (int $worker.drainSeconds) }}
