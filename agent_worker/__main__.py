@@ -20,6 +20,7 @@ from agent_worker.model import ModelConfig
 from agent_worker.resilience import BreakerRegistry, RetryPolicy, endpoint_key, resilient
 from agent_worker.settings import WorkerSettings
 from agent_worker.worker import AnswerStream, Worker
+from fanout import redis_client
 from fanout.backoff import delays_s
 from fanout.config import SettingError
 from fanout.keys import Keys
@@ -132,8 +133,7 @@ async def _health(worker: Worker, port: int) -> web.AppRunner:
 
 
 async def serve(settings: WorkerSettings, agents: Agents) -> None:
-    redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=10,
-                           socket_connect_timeout=3, health_check_interval=15)
+    redis = redis_client.connect(settings.redis_url, socket_timeout_s=10)
     keys = Keys(settings.redis_prefix)
     store = await _connect_store(settings.database_url)
     stream = UserStream(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)

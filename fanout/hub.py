@@ -132,6 +132,10 @@ class Hub:
             except (TimeoutError, *TRANSIENT) as exc:
                 self._users_by_channel.pop(channel, None)
                 self._subs.get(user, set()).discard(sub)
+                if self._pubsub is not None and self.connected:
+                    # The subscribe may still be confirmed later: don't leave it behind untracked.
+                    with contextlib.suppress(*TRANSIENT):
+                        await self._pubsub.unsubscribe(channel)
                 raise Unavailable(f"subscribe {channel}: {exc!r}") from exc
             finally:
                 self._confirmations.pop(channel, None)

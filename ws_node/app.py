@@ -7,13 +7,14 @@ import contextlib
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import WSMsgType, web
 from redis.asyncio import Redis
 
+from fanout import redis_client
 from fanout.hub import Hub
 from fanout.hub import Unavailable as HubUnavailable
 from fanout.keys import Keys
@@ -270,17 +271,25 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready when not draining, Pub/Sub is connected, and Redis and Postgres answer."""
     svc = request.app[SERVICES]
     checks = {"draining": svc.draining, "pubsub": svc.hub.healthy, "redis": False, "postgres": False}
-    try:
-        checks["redis"] = bool(await asyncio.wait_for(svc.redis.ping(), 2))
-    except Exception:
-        pass
-    try:
-        await asyncio.wait_for(svc.store.ping(), 2)
-        checks["postgres"] = True
-    except Exception:
-        pass
+    checks["redis"], checks["postgres"] = await _answer_within(2.0, svc.redis.ping(), svc.store.ping())
     ready = checks["pubsub"] and checks["redis"] and checks["postgres"] and not checks["draining"]
     return rest.json_response({"ready": ready, "node": svc.settings.node_id, **checks}, 200 if ready else 503)
+
+
+async def _answer_within(timeout_s: float, *probes: Awaitable[object]) -> list[bool]:
+    """Which probes succeed within `timeout_s`, run together. A probe still running then is
+    cancelled but not awaited: cancelling an asyncpg query on a dead network path can take until
+    its command timeout, and readiness must answer in time (tests/test_faults.py)."""
+    tasks = [asyncio.ensure_future(probe) for probe in probes]
+    await asyncio.wait(tasks, timeout=timeout_s)
+    results = []
+    for task in tasks:
+        ok = task.done() and not task.cancelled() and task.exception() is None
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieve, don't log
+        results.append(ok)
+    return results
 
 
 async def _presence_refresher(svc: Services) -> None:
@@ -296,8 +305,7 @@ async def _presence_refresher(svc: Services) -> None:
 
 def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
-        redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5,
-                               socket_connect_timeout=3, health_check_interval=15)
+        redis = redis_client.connect(settings.redis_url, socket_timeout_s=5)
         keys = Keys(settings.redis_prefix)
         store = await _connect_store(settings.database_url)
         hub = Hub(redis, keys)

@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from fanout import merge, snapshot
+from fanout.backoff import delays_s
 from fanout.recovery import Gate, Offer, Resync, frame_seq, plan_resume
 from fanout.snapshot import RunInFlight
 from fanout.stream import TRANSIENT, Position, UserStream
@@ -142,18 +143,23 @@ class Connection:
             self._catching_up = asyncio.create_task(self._catch_up())
 
     async def _catch_up(self) -> None:
-        """Fill a gap from history, repeating while the parked frames still show one."""
-        try:
-            while self._parked is not None and self.close_code is None:
+        """Fill a gap from history, repeating while the parked frames still show one, and
+        through Redis errors (after a restart the first command on each pooled connection
+        fails): nothing else would call it again, and the device's stream would stay parked."""
+        delays = delays_s(base_s=0.05, cap_s=2.0)
+        while self._parked is not None and self.close_code is None:
+            try:
                 position = await self.stream.position(self.user)
-                if position.epoch != self.epoch:
+                if position.epoch != self.epoch or position.seq < self.gate.last:
+                    # A lost history, or one restored from an older snapshot with the same epoch
+                    # (its seqs would be reused and dropped as duplicates): the position is void.
                     await self._resync(Resync.EPOCH_CHANGED, position)
                 else:
                     await self._replay(position)
                 self._unpark()
-        except TRANSIENT as exc:
-            # Redis is away; the hub calls resume() once its subscription is back.
-            log.warning("catch-up for %s/%s deferred: %r", self.user, self.device, exc)
+            except TRANSIENT as exc:
+                log.warning("catch-up for %s/%s failed, retrying: %r", self.user, self.device, exc)
+                await asyncio.sleep(next(delays))
 
     async def _replay(self, position: Position) -> None:
         frames = await self.stream.read_after(self.user, self.gate.last, upto=position.seq)
