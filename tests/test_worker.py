@@ -21,9 +21,11 @@ LONG = "[[tokens:60]] [[slow:0.05]] a long answer please"
 
 @pytest.fixture(scope="module")
 def crashy(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLM) -> Iterator[LocalCluster]:
-    """One node, two workers, short leases so a dead worker's run is taken over quickly."""
+    """One node, two workers, short leases so a dead worker's run is taken over quickly, and a
+    tiny history (10 events, trimmed approximately) so a device can fall off its end."""
     config = ClusterConfig(nodes=1, workers=2, nginx=False, env={
         "LLM_BASE_URL": fake_llm.base_url, "RUN_LEASE_SECONDS": "2", "RUN_MAX_DELIVERIES": "2",
+        "HISTORY_MAX_EVENTS": "10", "CHECKPOINT_SECONDS": "0.2",
     })
     with LocalCluster(tmp_path_factory.mktemp("crashy"), config) as cluster:
         yield cluster
@@ -185,3 +187,43 @@ async def test_a_busy_worker_still_notices_it_must_stop() -> None:
     slots.release()
     assert not slots.locked(), "a slot taken while stopping is given back"
     assert await _acquire_unless_stopped(slots, stop) is False
+
+
+@pytest.mark.timeout(120)
+async def test_a_device_back_after_its_history_was_trimmed_gets_the_answer_so_far_exactly(
+    crashy: LocalCluster,
+) -> None:
+    """No cliff: the history no longer reaches the device's position, yet the run in flight is
+    shown exactly (checkpoint in Postgres plus the history's tail), then streams on."""
+    token = crashy.token(unique("alice"))
+    url = f"ws://127.0.0.1:{crashy.node_ports[0]}/ws"
+    phone = ChorusClient(url, token, device="phone")
+    laptop = ChorusClient(url, token, device="laptop")
+    await phone.connect()
+    await laptop.connect()
+    try:
+        ack = await phone.send("[[tokens:1000]] [[slow:0.02]] a very long answer")
+        run = ack["run"]
+        await laptop.wait_for(lambda: laptop.run_text(run).count("word") >= 3, 20)
+        await laptop.drop()
+        away_at = laptop.last_seq
+        assert away_at is not None
+        # the phone streams on until the history has moved well past the laptop's position
+        await phone.wait_for(lambda: (phone.last_seq or 0) > away_at + 200, 40)
+        hello = await laptop.connect()
+        await laptop.wait_for(lambda: any(f["type"] == "snapshot" for f in laptop.frames[-5:]), 10)
+        resync = next(f for f in laptop.frames if f["type"] == "resync")
+        snapshot = [f for f in laptop.frames if f["type"] == "snapshot"][-1]  # the reconnect's
+        assert resync["reason"] == "history_trimmed" and hello["seq"] == resync["seq"] == snapshot["seq"]
+        shown = next(r["text"] for r in snapshot["runs"] if r["run"] == run)
+        at_snapshot = "".join(e["data"]["text"] for e in phone.events
+                              if e["run"] == run and e["event"] == "token" and e["seq"] <= snapshot["seq"])
+        assert shown == at_snapshot, "the snapshot is exactly what the phone had at that seq"
+        end = await laptop.wait_run_end(run, 40)
+        after = "".join(e["data"]["text"] for e in laptop.events
+                        if e["run"] == run and e["event"] == "token" and e["seq"] > snapshot["seq"])
+        assert shown + after == end["data"]["text"] == " ".join(f"word{i}" for i in range(1, 1001))
+        assert [g for g in laptop.gaps if g[0] != away_at] == [], "no gap but the one the resync covered"
+    finally:
+        await phone.close()
+        await laptop.close()
