@@ -58,6 +58,19 @@ async def get_agents(http: aiohttp.ClientSession, cluster: LocalCluster, token: 
     raise TimeoutError("no agents advertised")
 
 
+async def two_devices(
+    cluster: LocalCluster, http: aiohttp.ClientSession
+) -> tuple[str, ChorusClient, ChorusClient]:
+    """A new user's phone on node A and laptop on node B, once the agents are advertised."""
+    token = cluster.token(unique("alice"))
+    await get_agents(http, cluster, token)
+    phone = ChorusClient(f"ws://127.0.0.1:{cluster.node_ports[0]}/ws", token, device="phone")
+    laptop = ChorusClient(f"ws://127.0.0.1:{cluster.node_ports[1]}/ws", token, device="laptop")
+    await phone.connect()
+    await laptop.connect()
+    return token, phone, laptop
+
+
 async def test_agents_are_listed_with_their_tools(agents_cluster: LocalCluster, http: aiohttp.ClientSession) -> None:
     agents = await get_agents(http, agents_cluster, agents_cluster.token(unique("alice")))
     by_name = {a["name"]: a for a in agents}
@@ -71,12 +84,7 @@ async def test_agents_are_listed_with_their_tools(agents_cluster: LocalCluster, 
 async def test_a_tool_call_streams_to_every_device_and_is_stored(
     agents_cluster: LocalCluster, http: aiohttp.ClientSession, tool_server: McpTestServer, fake_llm: FakeLLM
 ) -> None:
-    token = agents_cluster.token(unique("alice"))
-    await get_agents(http, agents_cluster, token)
-    phone = ChorusClient(f"ws://127.0.0.1:{agents_cluster.node_ports[0]}/ws", token, device="phone")
-    laptop = ChorusClient(f"ws://127.0.0.1:{agents_cluster.node_ports[1]}/ws", token, device="laptop")
-    await phone.connect()
-    await laptop.connect()
+    token, phone, laptop = await two_devices(agents_cluster, http)
     try:
         ack = await phone.send('[[tool:add:{"a": 20, "b": 22}]] what is 20 + 22?', agent="calc")
         run = ack["run"]
@@ -130,12 +138,7 @@ async def test_an_unknown_agent_is_a_clear_error(agents_cluster: LocalCluster, h
 async def test_a_question_reaches_every_device_and_the_first_answer_resumes_the_run(
     agents_cluster: LocalCluster, http: aiohttp.ClientSession, fake_llm: FakeLLM
 ) -> None:
-    token = agents_cluster.token(unique("alice"))
-    await get_agents(http, agents_cluster, token)
-    phone = ChorusClient(f"ws://127.0.0.1:{agents_cluster.node_ports[0]}/ws", token, device="phone")
-    laptop = ChorusClient(f"ws://127.0.0.1:{agents_cluster.node_ports[1]}/ws", token, device="laptop")
-    await phone.connect()
-    await laptop.connect()
+    _, phone, laptop = await two_devices(agents_cluster, http)
     try:
         ack = await phone.send('[[tool:ask_user:{"question": "Which city?"}]] plan my trip', agent="asker")
         run = ack["run"]
