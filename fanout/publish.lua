@@ -8,19 +8,25 @@
 local meta, history, producers, fences = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local producer, pseq = ARGV[6], tonumber(ARGV[7])
 local epoch = redis.call('HGET', meta, 'epoch')
+local last_pseq = 0
 if producer ~= '' then
   local last = redis.call('HGET', producers, producer)
   if last then
     local sep = string.find(last, ':', 1, true)
-    if pseq <= tonumber(string.sub(last, 1, sep - 1)) then
+    last_pseq = tonumber(string.sub(last, 1, sep - 1))
+    if pseq <= last_pseq then
       return {0, tonumber(string.sub(last, sep + 1)), epoch or ''}
     end
   end
 end
+-- A producer numbers its publishes 1, 2, 3...: one arriving after a hole means Redis lost writes
+-- it had acknowledged (restarted from an older snapshot). Its seqs would be reused under the same
+-- epoch and devices would drop them as duplicates, so this history's life is over: new epoch.
+local lost_writes = producer ~= '' and pseq > last_pseq + 1
 if ARGV[8] ~= '' and ARGV[9] ~= '1' and redis.call('HEXISTS', fences, ARGV[8]) == 1 then
   return {-1, 0, epoch or ''}
 end
-if not epoch then
+if not epoch or lost_writes then
   -- A new epoch: whatever history is left belongs to a lost sequence, so it must go.
   epoch = ARGV[5]
   redis.call('DEL', history)

@@ -224,3 +224,23 @@ async def _eventually(predicate: object, timeout_s: float = 5) -> bool:
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+async def test_lost_acknowledged_writes_start_a_new_epoch(redis: Redis, keys: Keys) -> None:
+    """Redis restarted from an older snapshot: a producer's next number arrives after a hole.
+    Reusing the rolled-back seqs under the same epoch would make devices drop them silently."""
+    stream = UserStream(redis, keys)
+    first = await stream.publish("u", conversation="c", run="r", event="token", data={}, producer="p", pseq=1)
+    await stream.publish("u", conversation="c", run="r", event="token", data={}, producer="p", pseq=2)
+    # roll the user's keys back to just after the first publish, as a stale snapshot would
+    await redis.hset(keys.producers("u"), "p", f"1:{first.seq}")
+    await redis.hset(keys.meta("u"), "seq", first.seq)
+    await redis.xdel(keys.history("u"), f"{first.seq + 1}-0")
+    third = await stream.publish("u", conversation="c", run="r", event="token", data={}, producer="p", pseq=3)
+    assert third.epoch != first.epoch
+    assert (await stream.position("u")).epoch == third.epoch
+    frames = await stream.read_after("u", third.seq - 1, upto=third.seq)
+    assert frames is not None and len(frames) == 1, "the old life's history is gone"
+    # an ordinary next publish keeps the new epoch
+    fourth = await stream.publish("u", conversation="c", run="r", event="token", data={}, producer="p", pseq=4)
+    assert fourth.epoch == third.epoch and fourth.seq == third.seq + 1
