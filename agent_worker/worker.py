@@ -234,14 +234,22 @@ class RunExecution:
         self._checkpointed_at = 0.0
 
     async def publish(self, event: str, data: dict[str, Any]) -> int:
+        """Publish one event of this attempt. If it landed in a new epoch (Redis lost the
+        history, even writes it had acknowledged), follow it with `run.resumed` carrying the
+        whole answer so far: devices replace the run's text with it, so none shows a hole."""
         self.pseq += 1
         c = self.claim
         result = await self.worker.stream.publish(
             c.user, conversation=c.conversation, run=c.run, event=event, data=data,
             producer=self.producer, pseq=self.pseq, fenced_run=c.run,
         )
+        moved = bool(self.epoch) and result.epoch != self.epoch
         self.last_seq = result.seq
         self.epoch = result.epoch
+        if moved:
+            text = "".join(self.text) + (data["text"] if event == "token" else "")
+            await self.publish("run.resumed", {"text": text, "attempt": c.attempts})
+            self._checkpointed_at = 0.0  # checkpoint in the new epoch at once
         return result.seq
 
     async def go(self) -> None:

@@ -70,6 +70,8 @@ def build(
                 continue
             if event["event"] == "run.started":
                 text, started = "", True  # a restarted run begins again
+            elif event["event"] == "run.resumed":
+                text, started = event["data"]["text"], True  # the whole answer so far, re-sent
             elif event["event"] == "token":
                 text += event["data"]["text"]
         if started:

@@ -58,6 +58,7 @@ class ChorusClient:
         self.last_seq: int | None = None
         self.hello: dict[str, Any] | None = None
         self.events: list[dict[str, Any]] = []
+        self.shown: dict[str, str] = {}  # run -> its text as displayed
         self.frames: list[dict[str, Any]] = []
         self.gaps: list[tuple[int, int]] = []
         self.duplicates = 0
@@ -174,8 +175,11 @@ class ChorusClient:
                     self.gaps.append((self.last_seq, seq))
                 self.last_seq = seq
                 self.events.append(frame)
+                self._show(frame)
         elif kind == "resync":
             self.last_seq, self.epoch = frame["seq"], frame["epoch"]
+        elif kind == "snapshot":
+            self._show(frame)
         if kind in ("ack", "error", "pong") and frame.get("id") in self._replies:
             future = self._replies.pop(frame["id"])
             if not future.done():
@@ -252,7 +256,23 @@ class ChorusClient:
         return None
 
     def run_text(self, run: str) -> str:
-        return "".join(e["data"]["text"] for e in self.events if e["run"] == run and e["event"] == "token")
+        """The run's answer as this device shows it (see `_show`)."""
+        return self.shown.get(run, "")
+
+    def _show(self, frame: dict[str, Any]) -> None:
+        """Keep each run's text as a client displays it: a `snapshot` sets it, `run.started`
+        (a restart) clears it, `run.resumed` replaces it, tokens append to it."""
+        if frame["type"] == "snapshot":
+            for run in frame["runs"]:
+                self.shown[run["run"]] = run["text"]
+            return
+        run, name = frame["run"], frame["event"]
+        if name == "run.started":
+            self.shown[run] = ""
+        elif name == "run.resumed":
+            self.shown[run] = frame["data"]["text"]
+        elif name == "token":
+            self.shown[run] = self.shown.get(run, "") + frame["data"]["text"]
 
     def seqs(self) -> list[int]:
         """Every seq this device accepted, merged frames counted for each seq they cover."""

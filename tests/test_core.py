@@ -275,7 +275,8 @@ async def test_a_new_device_attaches_to_every_answer_in_progress(cluster: LocalC
             at_snapshot = "".join(e["data"]["text"] for e in phone.events
                                   if e["run"] == ack["run"] and e["event"] == "token" and e["seq"] <= snap["seq"])
             assert shown == at_snapshot and shown
-            assert shown + laptop.run_text(ack["run"]) == phone.run_end(ack["run"])["data"]["text"]  # type: ignore[index]
+            after = "".join(e["data"]["text"] for e in laptop.events if e["run"] == ack["run"] and e["event"] == "token")
+            assert shown + after == laptop.run_text(ack["run"]) == phone.run_end(ack["run"])["data"]["text"]  # type: ignore[index]
         assert laptop.gaps == [] and laptop.duplicates == 0
         await laptop.close()
     finally:

@@ -53,6 +53,13 @@ def test_a_restarted_run_shows_only_its_latest_attempt() -> None:
     assert snap[0]["text"] == "new"
 
 
+def test_run_resumed_replaces_the_text_so_far() -> None:
+    runs = [running("r1", "stale", 3, epoch="old")]  # the checkpoint is from a lost history
+    resumed = {"seq": 5, "run": "r1", "event": "run.resumed", "data": {"text": "Hello wor"}}
+    snap = build(runs, [resumed, token(6, "r1", "ld")], epoch="e", seq=6, first_seq=4, scanned_after=3)
+    assert snap[0]["text"] == "Hello world"
+
+
 def test_a_checkpoint_from_another_epoch_or_trimmed_away_is_not_used() -> None:
     stale_epoch = [running("r1", "abc", 10, epoch="old")]
     assert scan_after(stale_epoch, epoch="e", seq=3, first_seq=1) == 0
