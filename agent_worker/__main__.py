@@ -21,7 +21,6 @@ from agent_worker.resilience import BreakerRegistry, RetryPolicy, endpoint_key, 
 from agent_worker.settings import WorkerSettings
 from agent_worker.worker import AnswerStream, Worker
 from fanout import redis_client
-from fanout.backoff import delays_s
 from fanout.config import SettingError
 from fanout.keys import Keys
 from fanout.stream import TRANSIENT, UserStream
@@ -101,16 +100,6 @@ async def _advertise(agents: Agents, redis: Redis, keys: Keys) -> None:
         await asyncio.sleep(AGENTS_TTL_S / 3)
 
 
-async def _connect_store(url: str) -> Store:
-    for delay_s in delays_s(base_s=0.2, cap_s=3.0):
-        try:
-            return await Store.connect(url, max_size=20)
-        except Exception as exc:  # Postgres may start after the worker
-            log.warning("postgres not reachable yet (%r); retrying", exc)
-            await asyncio.sleep(delay_s)
-    raise AssertionError("unreachable")
-
-
 async def _health(worker: Worker, port: int) -> web.AppRunner:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -135,7 +124,7 @@ async def _health(worker: Worker, port: int) -> web.AppRunner:
 async def serve(settings: WorkerSettings, agents: Agents) -> None:
     redis = redis_client.connect(settings.redis_url, socket_timeout_s=10)
     keys = Keys(settings.redis_prefix)
-    store = await _connect_store(settings.database_url)
+    store = await Store.connect_when_ready(settings.database_url, max_size=20)
     stream = UserStream(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
     answer: AnswerStream = agents.answer
     worker = Worker(settings=settings, redis=redis, keys=keys, store=store, stream=stream, answer=answer,

@@ -110,10 +110,7 @@ class Worker:
         it is delivered again after its lease runs out."""
         try:
             await self._execute(job)
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xack(self.keys.runs, RUNS_GROUP, job.entry)
-                pipe.xdel(self.keys.runs, job.entry)
-                await pipe.execute()
+            await self._ack(job)
         except (Unavailable, *TRANSIENT) as exc:
             log.warning("run %s left for a retry: %r", job.run, exc)
         except asyncio.CancelledError:
@@ -201,6 +198,10 @@ class Worker:
         await self.store.finish_run(job.run, status="failed", text="", worker=None,
                                     error_code="run_dead_lettered", error_message=message)
         await self._publish_unpublished_end(job.run)
+        await self._ack(job)
+
+    async def _ack(self, job: Job) -> None:
+        """The job is done with: acknowledged, and removed so the stream stays small."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.keys.runs, RUNS_GROUP, job.entry)
             pipe.xdel(self.keys.runs, job.entry)

@@ -23,7 +23,6 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
@@ -32,7 +31,7 @@ from redis.asyncio.client import PubSub
 from fanout.backoff import delays_s
 from fanout.keys import Keys
 from fanout.recovery import frame_seq
-from fanout.stream import TRANSIENT
+from fanout.stream import TRANSIENT, as_text
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +78,6 @@ class Hub:
         self._canary_task: asyncio.Task[None] | None = None
         self.connected = False
         self._connected_event = asyncio.Event()
-        self.last_message_at = time.monotonic()
-        self.on_message: Callable[[str, str], None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="hub-pubsub")
@@ -224,16 +221,13 @@ class Hub:
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
-        channel = _text(message["channel"])
-        self.last_message_at = time.monotonic()
+        channel = as_text(message["channel"])
         if channel == self._canary_channel:
             if kind == "message":
-                self._heard_canary(int(_text(message["data"])))
+                self._heard_canary(int(as_text(message["data"])))
             return
         if kind == "message":
-            data = _text(message["data"])
-            if self.on_message is not None:
-                self.on_message(channel, data)
+            data = as_text(message["data"])
             user = self._users_by_channel.get(channel)
             if user is None:
                 return
@@ -250,6 +244,3 @@ class Hub:
             for sub in list(self._subs.get(user, ())) if user else ():
                 sub.resume()
 
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -108,7 +108,7 @@ class UserStream:
         )
         if status == -1:
             raise Fenced(fenced_run)
-        return PublishResult(seq=int(seq), epoch=_text(epoch), duplicate=status == 0)
+        return PublishResult(seq=int(seq), epoch=as_text(epoch), duplicate=status == 0)
 
     async def position(self, user: str) -> Position:
         """The user's epoch and latest seq (creating the epoch for a new history)."""
@@ -116,7 +116,7 @@ class UserStream:
             keys=[self.keys.meta(user), self.keys.history(user)], args=[new_epoch(), self.ttl_s]
         )
         epoch, seq, first = reply
-        return Position(epoch=_text(epoch), seq=int(seq), first_seq=int(first))
+        return Position(epoch=as_text(epoch), seq=int(seq), first_seq=int(first))
 
     async def read_after(self, user: str, after: int, *, upto: int) -> list[str] | None:
         """Frames with `after` < seq (at least through `upto`, the seq the caller knows exists),
@@ -125,9 +125,9 @@ class UserStream:
         entries: Any = await self.redis.xrange(
             self.keys.history(user), min=f"{after + 1}-0", max="+", count=self.history_max + 1000
         )
-        if upto > after and (not entries or int(_text(entries[0][0]).split("-")[0]) != after + 1):
+        if upto > after and (not entries or int(as_text(entries[0][0]).split("-")[0]) != after + 1):
             return None
-        return [_text(fields["f"]) for _, fields in entries]
+        return [as_text(fields["f"]) for _, fields in entries]
 
     async def fence(self, user: str, run: str) -> None:
         """Cancel fence: from now on the stream refuses every event of `run` but its cancel event."""
@@ -141,5 +141,6 @@ class UserStream:
         return bool(await self.redis.hexists(self.keys.fences(user), run))
 
 
-def _text(value: str | bytes) -> str:
+def as_text(value: str | bytes) -> str:
+    """A Redis reply as text, whether or not the client decodes responses."""
     return value.decode() if isinstance(value, bytes) else value

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,8 +14,11 @@ from typing import Any
 import asyncpg
 import orjson
 
+from fanout.backoff import delays_s
 from fanout.snapshot import RunInFlight
 from persistence import sql
+
+log = logging.getLogger(__name__)
 
 # asyncpg raises these when Postgres is down, restarting or unreachable.
 _UNAVAILABLE = (
@@ -135,6 +140,19 @@ class Store:
             database_url, min_size=min_size, max_size=max_size, command_timeout=10, timeout=5
         )
         return cls(pool)
+
+    @classmethod
+    async def connect_when_ready(cls, database_url: str, *, max_size: int = 10) -> Store:
+        """`connect`, retried with backoff while Postgres is not up yet (it may start after the
+        node or worker): a process waits for it rather than crash-looping. Other errors (a wrong
+        password, a bad database name) still raise."""
+        for delay_s in delays_s(base_s=0.2, cap_s=3.0):
+            try:
+                return await cls.connect(database_url, max_size=max_size)
+            except _UNAVAILABLE as exc:
+                log.warning("postgres not reachable yet (%r); retrying", exc)
+                await asyncio.sleep(delay_s)
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         await self.pool.close()

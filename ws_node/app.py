@@ -307,7 +307,7 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
         redis = redis_client.connect(settings.redis_url, socket_timeout_s=5)
         keys = Keys(settings.redis_prefix)
-        store = await _connect_store(settings.database_url)
+        store = await Store.connect_when_ready(settings.database_url)
         hub = Hub(redis, keys)
         stream = UserStream(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
         svc = Services(settings=settings, redis=redis, keys=keys, stream=stream, hub=hub, store=store)
@@ -336,24 +336,6 @@ def build_admission(settings: NodeSettings, redis: Redis, keys: Keys) -> Admissi
         connections=LocalBucket(Rate(settings.connections_per_s, settings.connections_burst)),
         commands=RedisBuckets(redis, keys, Rate(settings.commands_per_s, settings.commands_burst)),
     )
-
-
-async def _connect_store(database_url: str) -> Store:
-    # Postgres may come up after the node: keep trying rather than crash-looping.
-    from fanout.backoff import delays_s
-
-    for delay_s in delays_s(base_s=0.2, cap_s=3.0):
-        try:
-            return await Store.connect(database_url)
-        except (OSError, StoreUnavailable, TimeoutError) as exc:
-            log.warning("postgres not reachable yet (%r); retrying", exc)
-            await asyncio.sleep(delay_s)
-        except Exception as exc:
-            if "CannotConnectNow" in type(exc).__name__:
-                await asyncio.sleep(delay_s)
-                continue
-            raise
-    raise AssertionError("unreachable")
 
 
 def create_app(settings: NodeSettings) -> web.Application:
