@@ -366,7 +366,8 @@ def _ensure_system_user(name: str) -> None:
 def _ensure_traversable(path: Path) -> None:
     """Add o+x (search only, not read) to every ancestor, so an unprivileged user can reach ``path``.
 
-    Needed because pytest's base temp dir (/tmp/pytest-of-root) is 0700.
+    Needed because pytest's base temp dir (/tmp/pytest-of-root) is 0700, and so is a checkout made
+    in a `mktemp -d` directory.
     """
     for parent in path.parents:
         mode = parent.stat().st_mode
@@ -475,6 +476,8 @@ class PostgresServer:
             return
         _ensure_system_user(self._user)
         _ensure_traversable(self.base_dir)
+        # The binaries too: a checkout (and its .venv) may sit in a 0700 dir, e.g. from mktemp -d.
+        _ensure_traversable(Path(_pg_bin("postgres")))
         # initdb creates data_dir inside base_dir, and postgres puts its unix socket there.
         entry = pwd.getpwnam(self._user)
         os.chown(self.base_dir, entry.pw_uid, entry.pw_gid)
