@@ -46,7 +46,7 @@ case "${1:-}" in
     install "test"
     ensure_nginx
     "$VENV/bin/ruff" check .
-    "$VENV/bin/mypy" fanout ws_node persistence agent_worker loadtest
+    "$VENV/bin/mypy" protocol common fanout runs ws_node persistence agent_worker loadtest
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   *)

@@ -20,10 +20,11 @@ from agent_worker.model import ModelConfig
 from agent_worker.resilience import BreakerRegistry, RetryPolicy, endpoint_key, resilient
 from agent_worker.settings import WorkerSettings
 from agent_worker.worker import AnswerStream, Worker
-from fanout import redis_client
-from fanout.config import SettingError
-from fanout.keys import Keys
-from fanout.stream import TRANSIENT, UserStream
+from common import redis_client
+from common.config import SettingError
+from common.keys import Keys
+from common.redis_client import TRANSIENT
+from fanout.stream import UserStream
 from persistence.store import Store
 
 log = logging.getLogger("agent_worker")

@@ -18,7 +18,7 @@ it): a list of objects ::
                                                 to ask the user (default AGENT_ASK_USER)
 
 Everything is read once (:meth:`AgentRegistry.from_env`), and an invalid setting raises
-``fanout.config.SettingError`` naming the variable. Nothing touches the network until an agent
+``common.config.SettingError`` naming the variable. Nothing touches the network until an agent
 is used: an agent's tools are listed from its MCP servers on its first run (or
 :meth:`AgentRegistry.describe`) and cached; a server that cannot be reached is left out (logged)
 and asked again by the first run ``relist_after_s`` later (so a server that hangs does not
@@ -48,7 +48,7 @@ from langgraph.checkpoint.memory import InMemorySaver
 from agent_worker.graph import DEFAULT_MAX_TOOL_ROUNDS, AgentGraph, Item, build_graph, stream_answer
 from agent_worker.mcp_client import McpClient, McpError, McpTool
 from agent_worker.model import ModelConfig, build_chat_model
-from fanout.config import SettingError, env_bool, env_float, env_int, env_opt, env_str
+from common.config import SettingError, env_bool, env_float, env_int, env_opt, env_str
 
 __all__ = ["DEFAULT_AGENT", "AgentRegistry", "AgentSpec", "UnknownAgent", "agents_from_env", "langchain_tool"]
 
@@ -125,7 +125,7 @@ class AgentRegistry:
         """Read the agents (module docstring) and ``MCP_TIMEOUT_SECONDS`` from ``env``.
 
         Raises:
-            fanout.config.SettingError: naming the first invalid variable.
+            common.config.SettingError: naming the first invalid variable.
         """
         timeout_s = env_float(env, "MCP_TIMEOUT_SECONDS", DEFAULT_MCP_TIMEOUT_S, low=0.1)
         return cls(agents_from_env(env), mcp_timeout_s=timeout_s)
@@ -291,7 +291,7 @@ def agents_from_env(env: Mapping[str, str]) -> list[AgentSpec]:
     """The default agent from ``LLM_*``/``AGENT_*``, then those of ``AGENTS_JSON``/``AGENTS_FILE``.
 
     Raises:
-        fanout.config.SettingError: naming the first invalid variable.
+        common.config.SettingError: naming the first invalid variable.
     """
     base_url = env_opt(env, "LLM_BASE_URL")
     if base_url is not None and not base_url.startswith(("http://", "https://")):

@@ -42,7 +42,7 @@ from langchain_core import exceptions as llm_errors
 from langchain_core.exceptions import ModelError
 
 from agent_worker.graph import InputTimeout
-from fanout.backoff import delays_s
+from common.backoff import delays_s
 
 __all__ = [
     "BreakerRegistry",

@@ -7,7 +7,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fanout.config import SettingError, env_float, env_int, env_opt, env_str, env_url
+from common.config import SettingError, env_float, env_int, env_opt, env_str, env_url
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class WorkerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerSettings:
-        """Raises `fanout.config.SettingError` naming the first missing or invalid variable."""
+        """Raises `common.config.SettingError` naming the first missing or invalid variable."""
         base_url = _http_url(env, "LLM_BASE_URL")
         retry_base_ms = env_int(env, "LLM_RETRY_BASE_MS", 200, low=1, high=60_000)
         retry_cap_ms = env_int(env, "LLM_RETRY_CAP_MS", 5000, low=1, high=600_000)

@@ -20,13 +20,15 @@ import orjson
 from redis.asyncio import Redis
 
 from agent_worker.graph import InputRequired, InputTimeout, Text, ToolCompleted, ToolStarted
-from agent_worker.jobs import END_EVENTS, Job, RunDeps, enqueue_run, ensure_group, publish_end, start_next
 from agent_worker.resilience import failure_code
 from agent_worker.settings import WorkerSettings
-from fanout.backoff import delays_s, retrying
-from fanout.keys import RUNS_GROUP, Keys
-from fanout.stream import TRANSIENT, Fenced, UserStream
-from persistence.store import Finished, RunClaim, Store, Unavailable
+from common.backoff import delays_s, retrying
+from common.keys import RUNS_GROUP, Keys
+from common.redis_client import TRANSIENT
+from fanout.stream import Fenced, UserStream
+from persistence.records import Finished, RunClaim
+from persistence.store import Store, Unavailable
+from runs.lifecycle import END_EVENTS, Job, RunDeps, enqueue_run, ensure_group, publish_end, start_next
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from fanout.backoff import delays_s
-from fanout.keys import Keys
+from common.backoff import delays_s
+from common.redis_client import TRANSIENT, as_text
+from fanout.keys import StreamKeys
 from fanout.recovery import frame_seq
-from fanout.stream import TRANSIENT, as_text
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ class Hub:
     """Per-user Pub/Sub fan-out for one node process."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, *, subscribe_timeout_s: float = 5.0, canary_interval_s: float = 1.0,
-        canary_timeout_s: float = 3.0,
+        self, redis: Redis, keys: StreamKeys, *, subscribe_timeout_s: float = 5.0,
+        canary_interval_s: float = 1.0, canary_timeout_s: float = 3.0,
     ) -> None:
         self._redis = redis
         self._keys = keys

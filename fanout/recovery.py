@@ -9,17 +9,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+# The reasons a position is unusable are part of the wire protocol (the `resync` frame).
+from protocol.vocabulary import ResyncReason as Resync
+
 SEQ_PREFIX = '{"seq":'
 
 
 def frame_seq(frame: str) -> int:
     """The seq of a published event frame (the publish script always writes it first)."""
     return int(frame[len(SEQ_PREFIX) : frame.index(",", len(SEQ_PREFIX))])
-
-
-class Resync(enum.StrEnum):
-    HISTORY_TRIMMED = "history_trimmed"
-    EPOCH_CHANGED = "epoch_changed"
 
 
 @dataclass(frozen=True)

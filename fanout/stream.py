@@ -9,15 +9,11 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from fanout.backoff import retrying
-from fanout.keys import Keys
-
-# Errors after which a publish is retried: the script may or may not have run, and the producer
-# dedupe in the script makes the repeat harmless.
-TRANSIENT = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError, OSError)
+from common.backoff import retrying
+from common.redis_client import TRANSIENT, as_text
+from fanout.keys import StreamKeys
 
 _PUBLISH_LUA = resources.files("fanout").joinpath("publish.lua").read_text()
 _POSITION_LUA = resources.files("fanout").joinpath("position.lua").read_text()
@@ -63,7 +59,7 @@ class UserStream:
     def __init__(
         self,
         redis: Redis,
-        keys: Keys,
+        keys: StreamKeys,
         *,
         history_max: int = 10_000,
         ttl_s: int = 86_400,
@@ -139,8 +135,3 @@ class UserStream:
 
     async def is_fenced(self, user: str, run: str) -> bool:
         return bool(await self.redis.hexists(self.keys.fences(user), run))
-
-
-def as_text(value: str | bytes) -> str:
-    """A Redis reply as text, whether or not the client decodes responses."""
-    return value.decode() if isinstance(value, bytes) else value

@@ -37,7 +37,7 @@ import orjson
 import psutil
 from redis.asyncio import Redis
 
-from fanout.keys import Keys
+from common.keys import Keys
 from fanout.stream import UserStream
 from loadtest.cluster import ClusterConfig, LocalCluster
 

@@ -61,7 +61,7 @@ import aiohttp
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from fanout.keys import Keys
+from common.keys import Keys
 from fanout.stream import UserStream
 from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import ClusterConfig, LocalCluster

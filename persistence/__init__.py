@@ -3,7 +3,3 @@
 Every query that serves a user is scoped by that user's id in its WHERE clause, never by a
 check done afterwards in Python.
 """
-
-from persistence.store import Conversation, Message, NotFound, RunClaim, SendRecord, Store, Unavailable
-
-__all__ = ["Conversation", "Message", "NotFound", "RunClaim", "SendRecord", "Store", "Unavailable"]

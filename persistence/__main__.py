@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from fanout.config import SettingError, env_url, environ
+from common.config import SettingError, env_url, environ
 from persistence.migrate import upgrade_head
 
 

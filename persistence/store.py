@@ -7,16 +7,16 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 import orjson
 
-from fanout.backoff import delays_s
-from fanout.snapshot import RunInFlight
+from common.backoff import delays_s
 from persistence import sql
+from persistence.records import Conversation, Finished, Message, RunClaim, RunInFlight, SendRecord
+from protocol.vocabulary import DoubleTexting, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -43,89 +43,12 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(10)}"
 
 
-def _iso(value: datetime) -> str:
-    return value.isoformat()
-
-
-POLICIES = ("enqueue", "reject", "interrupt", "rollback")
-
-
 class Conflict(Exception):
     """The conversation's double-texting policy is `reject` and a run is in flight."""
 
     def __init__(self, run: str) -> None:
         super().__init__(f"run {run} is still in flight in this conversation")
         self.run = run
-
-
-@dataclass(frozen=True)
-class Conversation:
-    id: str
-    title: str
-    agent: str
-    double_texting: str
-    created_at: datetime
-    updated_at: datetime
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "title": self.title, "agent": self.agent,
-                "double_texting": self.double_texting,
-                "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at)}
-
-
-@dataclass(frozen=True)
-class Message:
-    pos: int
-    id: str
-    role: str
-    content: str
-    device: str | None
-    run: str | None
-    seq: int | None
-    created_at: datetime
-    tools: list[dict[str, Any]]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "role": self.role, "content": self.content, "device": self.device,
-                "run": self.run, "tools": self.tools, "seq": self.seq, "created_at": _iso(self.created_at)}
-
-
-@dataclass(frozen=True)
-class SendRecord:
-    """What a send stored: `created` is False when the client id was seen before (a retry);
-    `seq` is the seq of its `message.created` once acked. `status` is the new run's: `queued`
-    (on the job stream) or `waiting` (behind `behind`); `supersedes` are the runs in flight that
-    the policy (`interrupt`, `rollback`) cancels."""
-
-    conversation: str
-    message: str
-    run: str
-    seq: int | None
-    created: bool
-    agent: str = "default"
-    status: str = "queued"
-    policy: str = "enqueue"
-    behind: str | None = None
-    supersedes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Finished:
-    """A run this call ended; `message` is its stored assistant message (None without text);
-    `discarded`: the run was rolled back, so neither it nor its user message was kept."""
-
-    message: str | None
-    discarded: bool = False
-
-
-@dataclass(frozen=True)
-class RunClaim:
-    run: str
-    user: str
-    conversation: str
-    message: str
-    attempts: int
-    agent: str = "default"
 
 
 class Store:
@@ -173,7 +96,7 @@ class Store:
 
     async def accept_send(
         self, user: str, *, client_id: str, conversation: str | None, text: str, device: str, agent: str,
-        policy: str | None = None,
+        policy: DoubleTexting | None = None,
     ) -> SendRecord:
         """Store a user message and its run in one transaction, applying the conversation's
         double-texting policy (or `policy`, for this message) when a run is in flight; or return
@@ -194,13 +117,14 @@ class Store:
             run = await conn.fetchrow(sql.SEND_RUN, row["run_id"])
             return SendRecord(
                 conversation=row["conversation_id"], message=row["id"], run=row["run_id"],
-                seq=row["seq"], created=False, agent=agent_row or agent, status=run["status"],
-                policy=run["policy"], behind=run["behind"], supersedes=tuple(run["supersedes"]),
+                seq=row["seq"], created=False, agent=agent_row or agent, status=RunStatus(run["status"]),
+                policy=DoubleTexting(run["policy"]), behind=run["behind"],
+                supersedes=tuple(run["supersedes"]),
             )
 
     async def _insert_send(
         self, conn: asyncpg.Connection, user: str, client_id: str, conversation: str | None,
-        text: str, device: str, agent: str, policy: str | None,
+        text: str, device: str, agent: str, policy: DoubleTexting | None,
     ) -> SendRecord:
         message, run = new_id("m"), new_id("r")
         active: list[asyncpg.Record] = []
@@ -208,19 +132,20 @@ class Store:
             if conversation is None:
                 conversation = new_id("c")
                 await conn.execute(sql.INSERT_CONVERSATION, user, conversation, _title(text), agent,
-                                   policy or "enqueue")
-                policy = policy or "enqueue"
+                                   policy or DoubleTexting.ENQUEUE)
+                policy = policy or DoubleTexting.ENQUEUE
             else:
                 owned = await conn.fetchrow(sql.LOCK_CONVERSATION, user, conversation)
                 if owned is None:
                     raise NotFound(f"conversation {conversation}")
-                agent, policy = owned["agent"], policy or owned["double_texting"]
+                agent, policy = owned["agent"], policy or DoubleTexting(owned["double_texting"])
                 active = list(await conn.fetch(sql.ACTIVE_RUNS, conversation))
                 await conn.execute(sql.TOUCH_CONVERSATION, user, conversation)
-            if active and policy == "reject":
+            if active and policy == DoubleTexting.REJECT:
                 raise Conflict(active[-1]["id"])
-            supersedes = [r["id"] for r in active] if policy in ("interrupt", "rollback") else []
-            status, behind = ("waiting", active[-1]["id"]) if active else ("queued", None)
+            replaces = policy in (DoubleTexting.INTERRUPT, DoubleTexting.ROLLBACK)
+            supersedes = [r["id"] for r in active] if replaces else []
+            status, behind = (RunStatus.WAITING, active[-1]["id"]) if active else (RunStatus.QUEUED, None)
             inserted = await conn.fetchval(
                 sql.INSERT_USER_MESSAGE, user, message, conversation, text, client_id, device, run
             )
@@ -228,7 +153,7 @@ class Store:
                 raise asyncpg.UniqueViolationError("duplicate client id")
             await conn.execute(sql.INSERT_RUN, user, run, conversation, message, status, policy, behind,
                                supersedes)
-            if policy == "rollback" and supersedes:
+            if policy == DoubleTexting.ROLLBACK and supersedes:
                 await conn.execute(sql.MARK_DISCARD, supersedes)
         return SendRecord(conversation=conversation, message=message, run=run, seq=None, created=True,
                           agent=agent, status=status, policy=policy, behind=behind,
@@ -298,7 +223,7 @@ class Store:
         and was taken over must not end the new attempt). None when it was not ended here."""
         async with self._conn() as conn, conn.transaction():
             state = await conn.fetchrow(sql.LOCK_RUN, run)
-            if state is None or state["status"] not in ("queued", "running"):
+            if state is None or state["status"] not in (RunStatus.QUEUED, RunStatus.RUNNING):
                 return None
             if worker is not None and state["worker"] != worker:
                 return None
@@ -355,7 +280,7 @@ class Store:
         return [Conversation(**dict(r)) for r in rows]
 
     async def create_conversation(
-        self, user: str, *, title: str, agent: str, double_texting: str = "enqueue"
+        self, user: str, *, title: str, agent: str, double_texting: str = DoubleTexting.ENQUEUE
     ) -> Conversation:
         async with self._conn() as conn:
             row = await conn.fetchrow(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fanout.keys import Keys
+from common.keys import Keys
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import RedisServer
 from tests.fake_llm import FakeLLM

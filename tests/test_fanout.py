@@ -9,8 +9,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from common.keys import Keys
 from fanout.hub import Hub
-from fanout.keys import Keys
 from fanout.recovery import frame_seq
 from fanout.stream import Fenced, UserStream
 from loadtest.procs import RedisServer

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from fanout.merge import compact
 from fanout.recovery import frame_seq
+from ws_node.merge import compact
 
 
 def token(seq: int, run: str, text: str) -> str:

@@ -20,7 +20,7 @@ import jwt
 import pytest
 from redis.asyncio import Redis
 
-from fanout.keys import Keys
+from common.keys import Keys
 from fanout.stream import UserStream
 from loadtest.client import ChorusClient
 from loadtest.cluster import LocalCluster

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ws_node import protocol
-from ws_node.protocol import Auth, Cancel, ErrorCode, Ping, ProtocolError, Send, parse_command
+import protocol
+from protocol import Auth, Cancel, ErrorCode, Ping, ProtocolError, Send, parse_command
 
 
 def parse(raw: str | bytes) -> protocol.Command:
@@ -108,14 +108,14 @@ def test_any_string_field_is_storable_or_refused(value: str) -> None:
 
 
 def test_rate_limited_errors_say_when_to_retry() -> None:
-    frame = json.loads(protocol.error(ErrorCode.RATE_LIMITED, "slow down", "c1", retry_after_ms=250))
+    frame = json.loads(protocol.encode(protocol.Error(ErrorCode.RATE_LIMITED, "slow down", "c1", retry_after_ms=250)))
     assert frame == {"type": "error", "id": "c1", "code": "rate_limited", "message": "slow down",
                      "retry_after_ms": 250}
-    assert "retry_after_ms" not in json.loads(protocol.error(ErrorCode.BAD_REQUEST, "no"))
+    assert "retry_after_ms" not in json.loads(protocol.encode(protocol.Error(ErrorCode.BAD_REQUEST, "no")))
 
 
 def test_server_frames_are_compact_json() -> None:
-    frame = protocol.hello(node="n", user="u", device="d", epoch="e", seq=3, heartbeat_s=25)
+    frame = protocol.encode(protocol.Hello(node="n", user="u", device="d", epoch="e", seq=3, heartbeat=25))
     assert json.loads(frame) == {"type": "hello", "node": "n", "user": "u", "device": "d", "epoch": "e",
                                  "seq": 3, "heartbeat": 25, "protocol": 1}
-    assert json.loads(protocol.error(ErrorCode.NOT_FOUND, "no", "c1"))["code"] == "not_found"
+    assert json.loads(protocol.encode(protocol.Error(ErrorCode.NOT_FOUND, "no", "c1")))["code"] == "not_found"

@@ -31,8 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from fanout.config import SettingError
-from fanout.keys import Keys
+from common.config import SettingError
+from common.keys import Keys
 from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import LocalCluster
 from loadtest.procs import REPO_ROOT, Proc, RedisServer, free_port, wait_http_ok

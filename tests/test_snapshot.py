@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
-from fanout.snapshot import RunInFlight, build, scan_after
+from persistence.records import RunInFlight
+from runs.snapshot import build as build_runs
+from runs.snapshot import scan_after
+
+
+def build(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    return [asdict(run) for run in build_runs(*args, **kwargs)]
 
 
 def token(seq: int, run: str, text: str) -> dict[str, Any]:

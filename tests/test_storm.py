@@ -30,7 +30,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from fanout.keys import Keys
+from common.keys import Keys
 from fanout.stream import UserStream
 from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster

@@ -22,7 +22,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from agent_worker.agents import AgentRegistry, UnknownAgent, agents_from_env
 from agent_worker.graph import Item, Text, ToolCompleted, ToolStarted
 from agent_worker.mcp_client import McpClient, McpError, McpRpcError, summarize
-from fanout.config import SettingError
+from common.config import SettingError
 from tests.fake_llm import FakeLLM
 
 WAIT_S = 10.0

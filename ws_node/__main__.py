@@ -10,7 +10,7 @@ import sys
 
 from aiohttp import web
 
-from fanout.config import SettingError
+from common.config import SettingError
 from ws_node.app import create_app, create_internal_app, drain
 from ws_node.services import SERVICES
 from ws_node.settings import NodeSettings

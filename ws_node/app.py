@@ -14,14 +14,17 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from redis.asyncio import Redis
 
-from fanout import redis_client
+import protocol
+from common import redis_client
+from common.keys import Keys
+from common.redis_client import TRANSIENT
 from fanout.hub import Hub
 from fanout.hub import Unavailable as HubUnavailable
-from fanout.keys import Keys
-from fanout.stream import TRANSIENT, UserStream
+from fanout.stream import UserStream
 from persistence.store import Store
 from persistence.store import Unavailable as StoreUnavailable
-from ws_node import commands, limits, presence, protocol, rest
+from protocol import Ack, CloseCode, Error, ErrorCode, ProtocolError, Reconnect, encode
+from ws_node import commands, limits, presence, rest
 from ws_node.auth import (
     IDENTITY,
     AuthUnavailable,
@@ -36,7 +39,6 @@ from ws_node.auth import (
 )
 from ws_node.connection import Connection
 from ws_node.limits import LocalBucket, Rate, RedisBuckets
-from ws_node.protocol import CloseCode, ErrorCode, ProtocolError
 from ws_node.services import SERVICES, Services
 from ws_node.settings import NodeSettings
 
@@ -102,7 +104,7 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
         CloseCode.UNAUTHORIZED, "token expired; refresh it and reconnect"))
     lease.start()
     if auth_id is not None:
-        conn.send(protocol.ack(auth_id, expires_at=int(ident.expires_at)))
+        conn.send(encode(Ack(auth_id, expires_at=int(ident.expires_at))))
     writer = asyncio.create_task(conn.writer(), name=f"writer-{ident.user}-{device}")
     svc.connections.add(conn)
     try:
@@ -121,7 +123,7 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
                 if msg.type is WSMsgType.TEXT:
                     await handle_frame(svc, guard, conn, lease, msg.data)
                 elif msg.type is WSMsgType.BINARY:
-                    conn.send(protocol.error(ErrorCode.BAD_REQUEST, "binary frames are not supported"))
+                    conn.send(encode(Error(ErrorCode.BAD_REQUEST, "binary frames are not supported")))
     finally:
         lease.stop()
         svc.connections.discard(conn)
@@ -235,13 +237,13 @@ async def handle_frame(svc: Services, guard: Admission, conn: Connection, lease:
                                 retry_after_ms=allowed.retry_after_ms)
         reply = await commands.execute(svc, conn, cmd, lease)
     except ProtocolError as exc:
-        reply = protocol.error(exc.code, exc.message, exc.id, retry_after_ms=exc.retry_after_ms)
+        reply = encode(Error(exc.code, exc.message, exc.id, retry_after_ms=exc.retry_after_ms))
     except (StoreUnavailable, *TRANSIENT) as exc:
         log.warning("command from %s failed: %r", conn.user, exc)
-        reply = protocol.error(ErrorCode.UNAVAILABLE, "storage unavailable; retry with the same id", cmd_id)
+        reply = encode(Error(ErrorCode.UNAVAILABLE, "storage unavailable; retry with the same id", cmd_id))
     except Exception:
         log.exception("command from %s failed", conn.user)
-        reply = protocol.error(ErrorCode.INTERNAL, "internal error; retry with the same id", cmd_id)
+        reply = encode(Error(ErrorCode.INTERNAL, "internal error; retry with the same id", cmd_id))
     if cmd_id is not None or reply.startswith('{"type":"error"'):
         conn.send(reply)
 
@@ -364,7 +366,7 @@ def create_internal_app(main: web.Application) -> web.Application:
 
 
 def _send_elsewhere(conn: Connection) -> None:
-    conn.send(protocol.reconnect(after_ms=0))
+    conn.send(encode(Reconnect(after_ms=0)))
     conn.close(CloseCode.SERVICE_RESTART, "node draining; reconnect")
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import orjson
 
-from agent_worker.jobs import RunDeps, enqueue_run, publish_end, start_next
 from fanout.stream import Fenced
-from persistence.store import Conflict, NotFound, SendRecord, new_id
-from ws_node import agents, limits, protocol
+from persistence.records import SendRecord
+from persistence.store import Conflict, NotFound, new_id
+from protocol import Ack, Auth, Cancel, Command, ErrorCode, Ping, Pong, ProtocolError, Respond, Send, encode
+from runs import agents
+from runs.lifecycle import RunDeps, enqueue_run, publish_end, start_next
+from ws_node import limits
 from ws_node.auth import AuthUnavailable, Forbidden, TokenLease, Unauthorized
 from ws_node.connection import Connection
-from ws_node.protocol import Auth, Cancel, Command, ErrorCode, Ping, ProtocolError, Respond, Send
 from ws_node.services import Services
 
 TERMINAL = ("completed", "cancelled", "failed")
@@ -22,7 +24,7 @@ async def execute(svc: Services, conn: Connection, cmd: Command, lease: TokenLea
     if isinstance(cmd, Cancel):
         return await cancel(svc, conn, cmd)
     if isinstance(cmd, Ping):
-        return protocol.pong(cmd.id)
+        return encode(Pong(cmd.id))
     if isinstance(cmd, Auth):
         return await auth(lease, cmd)
     if isinstance(cmd, Respond):
@@ -43,7 +45,7 @@ async def auth(lease: TokenLease | None, cmd: Auth) -> str:
         raise ProtocolError(ErrorCode.FORBIDDEN, "token is for another user", cmd.id) from None
     except AuthUnavailable:
         raise ProtocolError(ErrorCode.UNAVAILABLE, "cannot verify tokens right now; retry", cmd.id) from None
-    return protocol.ack(cmd.id, expires_at=int(identity.expires_at))
+    return encode(Ack(cmd.id, expires_at=int(identity.expires_at)))
 
 
 async def send(svc: Services, conn: Connection, cmd: Send) -> str:
@@ -81,8 +83,8 @@ async def send(svc: Services, conn: Connection, cmd: Send) -> str:
         await _double_text(svc, conn, record)
         await svc.store.set_message_seq(conn.user, record.message, published.seq)
         seq = published.seq
-    return protocol.ack(cmd.id, conversation=record.conversation, message=record.message, run=record.run,
-                        seq=seq)
+    return encode(Ack(cmd.id, conversation=record.conversation, message=record.message, run=record.run,
+                        seq=seq))
 
 
 async def _double_text(svc: Services, conn: Connection, record: SendRecord) -> None:
@@ -127,7 +129,7 @@ async def cancel(svc: Services, conn: Connection, cmd: Cancel) -> str:
     if run["status"] in TERMINAL:
         raise ProtocolError(ErrorCode.CONFLICT, f"run {cmd.run} already {run['status']}", cmd.id)
     await _cancel(svc, conn.user, cmd.run, by=conn.device)
-    return protocol.ack(cmd.id, run=cmd.run)
+    return encode(Ack(cmd.id, run=cmd.run))
 
 
 async def respond(svc: Services, conn: Connection, cmd: Respond) -> str:
@@ -158,4 +160,4 @@ async def respond(svc: Services, conn: Connection, cmd: Respond) -> str:
     answers = svc.keys.answers(conn.user, cmd.run)
     await svc.redis.rpush(answers, orjson.dumps({"request": cmd.request, "text": cmd.text}).decode())
     await svc.redis.expire(answers, svc.settings.history_ttl_s)
-    return protocol.ack(cmd.id, run=cmd.run, request=cmd.request)
+    return encode(Ack(cmd.id, run=cmd.run, request=cmd.request))

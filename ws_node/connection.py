@@ -16,13 +16,14 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from fanout import merge, snapshot
-from fanout.backoff import delays_s
-from fanout.recovery import Gate, Offer, Resync, frame_seq, plan_resume
-from fanout.snapshot import RunInFlight
-from fanout.stream import TRANSIENT, Position, UserStream
-from ws_node import protocol
-from ws_node.protocol import CloseCode
+from common.backoff import delays_s
+from common.redis_client import TRANSIENT
+from fanout.recovery import Gate, Offer, frame_seq, plan_resume
+from fanout.stream import Position, UserStream
+from persistence.records import RunInFlight
+from protocol import CloseCode, Hello, Resync, ResyncReason, Snapshot, encode
+from runs import snapshot
+from ws_node import merge
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Connection:
     # Outgoing
 
     def send(self, frame: str) -> None:
-        """Queue one frame. When the queue is full, the tokens in it are merged (fanout.merge);
+        """Queue one frame. When the queue is full, the tokens in it are merged (ws_node.merge);
         if that frees no room the client is too slow and gets closed (4008)."""
         if self.close_code is not None:
             return
@@ -122,8 +123,8 @@ class Connection:
         replay history after `after`, or resync, then go live with nothing missed or doubled."""
         position = await self.stream.position(self.user)
         self.epoch = position.epoch
-        self.send(protocol.hello(node=node, user=self.user, device=self.device, epoch=position.epoch,
-                                 seq=position.seq, heartbeat_s=heartbeat_s))
+        self.send(encode(Hello(node=node, user=self.user, device=self.device, epoch=position.epoch,
+                                 seq=position.seq, heartbeat=heartbeat_s)))
         plan = plan_resume(after=after, client_epoch=client_epoch, epoch=position.epoch,
                            seq=position.seq, first_seq=position.first_seq)
         if plan.resync is not None:
@@ -153,7 +154,7 @@ class Connection:
                 if position.epoch != self.epoch or position.seq < self.gate.last:
                     # A lost history, or one restored from an older snapshot with the same epoch
                     # (its seqs would be reused and dropped as duplicates): the position is void.
-                    await self._resync(Resync.EPOCH_CHANGED, position)
+                    await self._resync(ResyncReason.EPOCH_CHANGED, position)
                 else:
                     await self._replay(position)
                 self._unpark()
@@ -164,18 +165,18 @@ class Connection:
     async def _replay(self, position: Position) -> None:
         frames = await self.stream.read_after(self.user, self.gate.last, upto=position.seq)
         if frames is None:
-            await self._resync(Resync.HISTORY_TRIMMED, position)
+            await self._resync(ResyncReason.HISTORY_TRIMMED, position)
             return
         for frame in frames:
             if self.gate.offer(frame_seq(frame)) is Offer.DELIVER:
                 self.send(frame)
 
-    async def _resync(self, reason: Resync, position: Position) -> None:
+    async def _resync(self, reason: ResyncReason, position: Position) -> None:
         """The device's position is unusable: move it to `position`, with a snapshot of the runs in
         flight so it shows every answer in progress exactly (finished ones come over REST)."""
         self.epoch = position.epoch
         self.gate.last = position.seq
-        self.send(protocol.resync(str(reason), seq=position.seq, epoch=position.epoch))
+        self.send(encode(Resync(reason, seq=position.seq, epoch=position.epoch)))
         await self._snapshot(position)
 
     async def _snapshot(self, position: Position) -> None:
@@ -197,7 +198,7 @@ class Connection:
                 events = [orjson.loads(f) for f in frames if frame_seq(f) <= position.seq]
         runs_now = snapshot.build(runs, events, epoch=position.epoch, seq=position.seq,
                                   first_seq=position.first_seq, scanned_after=after)
-        self.send(protocol.snapshot(seq=position.seq, epoch=position.epoch, runs=runs_now))
+        self.send(encode(Snapshot(seq=position.seq, epoch=position.epoch, runs=tuple(runs_now))))
 
     def _unpark(self) -> None:
         """Deliver parked frames in seq order; if one still leaves a gap, stay parked from it."""

@@ -18,11 +18,11 @@ from importlib import resources
 
 from redis.asyncio import Redis
 
-from fanout.keys import Keys
+from common.keys import Keys
 from persistence.store import Store
 from ws_node import presence
 
-_RATELIMIT_LUA = resources.files("fanout").joinpath("ratelimit.lua").read_text()
+_RATELIMIT_LUA = resources.files("ws_node").joinpath("ratelimit.lua").read_text()
 MILLI = 1000
 
 

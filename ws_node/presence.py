@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from redis.asyncio import Redis
 
-from fanout.keys import Keys
+from common.keys import Keys
 
 REFRESH_S = 30.0
 TTL_S = 3 * REFRESH_S

@@ -8,9 +8,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from fanout.stream import TRANSIENT
-from persistence.store import POLICIES, NotFound, Unavailable
-from ws_node import agents
+from common.redis_client import TRANSIENT
+from persistence.store import NotFound, Unavailable
+from protocol.vocabulary import DoubleTexting
+from runs import agents
 from ws_node.auth import IDENTITY, Identity
 from ws_node.services import SERVICES, Services
 
@@ -92,9 +93,9 @@ async def create_conversation(request: web.Request) -> web.Response:
     svc, ident = _auth(request)
     body = await _body(request)
     title, agent = body.get("title", ""), body.get("agent", "default")
-    double_texting = body.get("double_texting", "enqueue")
-    if double_texting not in POLICIES:
-        raise RestError(400, "bad_request", f"double_texting must be one of {', '.join(POLICIES)}")
+    double_texting = body.get("double_texting", DoubleTexting.ENQUEUE)
+    if double_texting not in DoubleTexting.__members__.values():
+        raise RestError(400, "bad_request", f"double_texting must be one of {', '.join(DoubleTexting)}")
     if not isinstance(title, str) or len(title) > 200 or "\x00" in title:
         raise RestError(400, "bad_request", "title must be a string of at most 200 characters")
     if not isinstance(agent, str) or not agent or len(agent) > 128 or not agent.isprintable():

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from redis.asyncio import Redis
 
+from common.keys import Keys
 from fanout.hub import Hub
-from fanout.keys import Keys
 from fanout.stream import UserStream
 from persistence.store import Store
 from ws_node.connection import Connection

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from fanout.config import SettingError, env_bool, env_float, env_int, env_opt, env_str, env_url
+from common.config import SettingError, env_bool, env_float, env_int, env_opt, env_str, env_url
 from ws_node.auth import HMAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, normalise_origin
 
 
@@ -62,7 +62,7 @@ class NodeSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NodeSettings:
-        """Raises `fanout.config.SettingError` naming the first missing or invalid variable."""
+        """Raises `common.config.SettingError` naming the first missing or invalid variable."""
         internal = env_int(env, "INTERNAL_PORT", 0, low=0, high=65535)
         secret, public_key, jwks_url = _secret(env), _public_key(env), _jwks_url(env)
         has_public_key = public_key is not None or jwks_url is not None

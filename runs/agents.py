@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from fanout.keys import Keys
+from common.keys import Keys
 
 DEFAULT = "default"
 

@@ -11,23 +11,15 @@ wrong. Pure: the node reads Postgres and Redis and hands the results in.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
+
+from persistence.records import RunInFlight
+from protocol.frames import RunSnapshot
+from protocol.text import shown_text, starts_text
+from protocol.vocabulary import RunStatus
 
 # How far back to read the history for runs that have no usable checkpoint.
 SCAN_WITHOUT_CHECKPOINT = 2_000
-
-
-@dataclass(frozen=True)
-class RunInFlight:
-    """A queued or running run as Postgres has it."""
-
-    run: str
-    conversation: str
-    status: str
-    partial: str
-    partial_seq: int | None
-    partial_epoch: str | None
 
 
 def _checkpoint(run: RunInFlight, epoch: str, first_seq: int) -> int | None:
@@ -41,7 +33,7 @@ def scan_after(runs: Sequence[RunInFlight], *, epoch: str, seq: int, first_seq: 
     """The seq after which the history must be read to build the snapshot (None: nothing to read)."""
     if not runs or seq == 0 or first_seq == 0:
         return None
-    bases = [_checkpoint(r, epoch, first_seq) for r in runs if r.status == "running"]
+    bases = [_checkpoint(r, epoch, first_seq) for r in runs if r.status == RunStatus.RUNNING]
     if not bases:
         return None
     if any(b is None for b in bases):
@@ -52,12 +44,12 @@ def scan_after(runs: Sequence[RunInFlight], *, epoch: str, seq: int, first_seq: 
 def build(
     runs: Sequence[RunInFlight], events: Sequence[dict[str, Any]], *, epoch: str, seq: int, first_seq: int,
     scanned_after: int | None,
-) -> list[dict[str, Any]]:
+) -> list[RunSnapshot]:
     """The snapshot's runs as of `seq`, from `events` (the history after `scanned_after`)."""
     result = []
     for run in runs:
-        if run.status == "queued":
-            result.append({"run": run.run, "conversation": run.conversation, "status": "queued", "text": ""})
+        if run.status == RunStatus.QUEUED:
+            result.append(RunSnapshot(run.run, run.conversation, RunStatus.QUEUED, ""))
             continue
         base = _checkpoint(run, epoch, first_seq)
         text = run.partial if base is not None else ""
@@ -68,14 +60,8 @@ def build(
         for event in events:
             if event["run"] != run.run or (base is not None and event["seq"] <= base):
                 continue
-            if event["event"] == "run.started":
-                text, started = "", True  # a restarted run begins again
-            elif event["event"] == "run.resumed":
-                text, started = event["data"]["text"], True  # the whole answer so far, re-sent
-            elif event["event"] == "token":
-                text += event["data"]["text"]
+            text = shown_text(text, event["event"], event["data"])
+            started = started or starts_text(event["event"])
         if started:
-            result.append(
-                {"run": run.run, "conversation": run.conversation, "status": "running", "text": text}
-            )
+            result.append(RunSnapshot(run.run, run.conversation, RunStatus.RUNNING, text))
     return result

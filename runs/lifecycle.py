@@ -8,8 +8,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from fanout.backoff import retrying
-from fanout.keys import RUNS_GROUP, Keys
+from common.backoff import retrying
+from common.keys import RUNS_GROUP, Keys
 from fanout.stream import UserStream
 from persistence.store import Store, Unavailable
 
@@ -42,12 +42,8 @@ class Job:
 
 
 async def enqueue_run(redis: Redis, keys: Keys, *, run: str, user: str, conversation: str) -> None:
-    """Queue a run (at-least-once: a worker's claim in Postgres makes a second delivery harmless)
-    and record it as the conversation's run in flight."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.xadd(keys.runs, {"run": run, "user": user, "conversation": conversation})
-        pipe.hset(keys.inflight(user), conversation, run)
-        await pipe.execute()
+    """Queue a run (at-least-once: a worker's claim in Postgres makes a second delivery harmless)."""
+    await redis.xadd(keys.runs, {"run": run, "user": user, "conversation": conversation})
 
 
 async def ensure_group(redis: Redis, keys: Keys) -> None:
@@ -56,13 +52,6 @@ async def ensure_group(redis: Redis, keys: Keys) -> None:
     except Exception as exc:
         if "BUSYGROUP" not in str(exc):
             raise
-
-
-async def clear_inflight(redis: Redis, keys: Keys, *, user: str, conversation: str, run: str) -> None:
-    """Forget the conversation's run in flight, unless a newer run took its place."""
-    key = keys.inflight(user)
-    if await redis.hget(key, conversation) == run:
-        await redis.hdel(key, conversation)
 
 
 async def publish_end(
@@ -94,7 +83,6 @@ async def publish_end(
 
     await retrying(record, retry_on=(Unavailable,), deadline_s=deps.store_retry_s,
                    what=f"recording the end of run {run}")
-    await clear_inflight(deps.redis, deps.keys, user=user, conversation=conversation, run=run)
     await start_next(deps, conversation)
 
 

@@ -1,49 +1,18 @@
-"""Wire protocol v1: every frame type, parsed and encoded in one stdlib-only module.
+"""Client -> server commands: frozen dataclasses, and `parse_command` for one text frame.
 
-Client frames are parsed into frozen dataclasses or rejected with `ProtocolError` (which becomes an
-`error` frame; the socket lives on). Server frames are built by the functions below, except event
-frames, which the publish script writes once and every node forwards untouched (see fanout.stream).
-See docs/protocol.md.
+A frame that is not a valid command is rejected with `ProtocolError`, which the node turns into
+one `error` frame (the socket lives on). See docs/protocol.md, "Client -> server commands".
 """
 
 from __future__ import annotations
 
-import enum
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 1
+from protocol.vocabulary import DoubleTexting, ErrorCode, FrameType
+
 MAX_ID_CHARS = 128
-
-
-class CloseCode(enum.IntEnum):
-    """WebSocket close codes. 4xxx are Chorus's own; the client reconnects after each of these
-    except `UNAUTHORIZED` (get a new token first), `TOO_MANY_DEVICES`, `INVALID_TEXT` and `POLICY`."""
-
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    INVALID_TEXT = 1007  # a text frame that is not UTF-8 (aiohttp fails the socket, as RFC 6455 says)
-    POLICY = 1008
-    TOO_BIG = 1009  # a frame above MAX_FRAME_BYTES (aiohttp)
-    INTERNAL = 1011
-    SERVICE_RESTART = 1012  # the node is draining: reconnect (elsewhere) with after/epoch
-    TRY_AGAIN_LATER = 1013  # the node cannot serve right now (Redis unreachable): reconnect later
-    UNAUTHORIZED = 4001  # token expired, invalid, or no auth frame in time: get a new token, reconnect
-    SLOW_CONSUMER = 4008  # the socket's outgoing queue overflowed: reconnect with after/epoch
-    TOO_MANY_DEVICES = 4029  # the user has USER_MAX_DEVICES other devices online: do not retry at once
-
-
-class ErrorCode(enum.StrEnum):
-    BAD_REQUEST = "bad_request"
-    UNAUTHORIZED = "unauthorized"
-    NOT_FOUND = "not_found"
-    FORBIDDEN = "forbidden"
-    CONFLICT = "conflict"
-    RATE_LIMITED = "rate_limited"
-    TOO_LARGE = "too_large"
-    UNAVAILABLE = "unavailable"
-    INTERNAL = "internal"
 
 
 class ProtocolError(Exception):
@@ -65,7 +34,7 @@ class Send:
     text: str
     conversation: str | None = None
     agent: str | None = None
-    double_texting: str | None = None  # overrides the conversation's policy for this message
+    double_texting: DoubleTexting | None = None  # overrides the conversation's policy for this message
 
 
 @dataclass(frozen=True)
@@ -114,7 +83,7 @@ def parse_command(raw: str | bytes, *, max_text_chars: int) -> Command:
     if id_ is not None and not (isinstance(id_, str) and 0 < len(id_) <= MAX_ID_CHARS and storable(id_)):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"id must be a string of 1-{MAX_ID_CHARS} characters")
     kind = obj.get("type")
-    if kind == "send":
+    if kind == FrameType.SEND:
         text = _field(obj, "text", str, id_)
         if not text.strip():
             raise ProtocolError(ErrorCode.BAD_REQUEST, "text must not be empty", id_)
@@ -127,13 +96,13 @@ def parse_command(raw: str | bytes, *, max_text_chars: int) -> Command:
             agent=_field(obj, "agent", str, id_, required=False),
             double_texting=_policy(obj, id_),
         )
-    if kind == "cancel":
+    if kind == FrameType.CANCEL:
         return Cancel(id=id_, run=_field(obj, "run", str, id_))
-    if kind == "ping":
+    if kind == FrameType.PING:
         return Ping(id=id_)
-    if kind == "auth":
+    if kind == FrameType.AUTH:
         return Auth(id=id_, token=_field(obj, "token", str, id_))
-    if kind == "respond":
+    if kind == FrameType.RESPOND:
         text = _field(obj, "text", str, id_)
         if len(text) > max_text_chars:
             raise ProtocolError(ErrorCode.TOO_LARGE, f"text is longer than {max_text_chars} characters", id_)
@@ -170,49 +139,11 @@ def storable(value: str) -> bool:
     return True
 
 
-def _encode(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-
-
-def hello(*, node: str, user: str, device: str, epoch: str, seq: int, heartbeat_s: int) -> str:
-    return _encode({"type": "hello", "node": node, "user": user, "device": device, "epoch": epoch,
-                    "seq": seq, "heartbeat": heartbeat_s, "protocol": PROTOCOL_VERSION})
-
-
-def ack(id_: str | None, **fields: Any) -> str:
-    return _encode({"type": "ack", "id": id_, **fields})
-
-
-def error(code: ErrorCode, message: str, id_: str | None = None, *, retry_after_ms: int | None = None) -> str:
-    frame: dict[str, Any] = {"type": "error", "id": id_, "code": str(code), "message": message}
-    if retry_after_ms is not None:
-        frame["retry_after_ms"] = retry_after_ms
-    return _encode(frame)
-
-
-def pong(id_: str | None) -> str:
-    return _encode({"type": "pong", "id": id_})
-
-
-def resync(reason: str, *, seq: int, epoch: str) -> str:
-    return _encode({"type": "resync", "reason": reason, "seq": seq, "epoch": epoch})
-
-
-def reconnect(*, after_ms: int) -> str:
-    return _encode({"type": "reconnect", "after_ms": after_ms})
-
-
-def snapshot(*, seq: int, epoch: str, runs: list[dict[str, Any]]) -> str:
-    """The user's runs in flight, each run's text exact as of `seq` (see fanout.snapshot)."""
-    return _encode({"type": "snapshot", "seq": seq, "epoch": epoch, "runs": runs})
-
-
-DOUBLE_TEXTING = ("enqueue", "reject", "interrupt", "rollback")
-
-
-def _policy(obj: dict[str, Any], id_: str | None) -> str | None:
+def _policy(obj: dict[str, Any], id_: str | None) -> DoubleTexting | None:
     value = obj.get("double_texting")
-    if value is not None and value not in DOUBLE_TEXTING:
-        choices = ", ".join(DOUBLE_TEXTING)
+    if value is None:
+        return None
+    if value not in DoubleTexting.__members__.values():
+        choices = ", ".join(DoubleTexting)
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"double_texting must be one of {choices}", id_)
-    return value
+    return DoubleTexting(value)

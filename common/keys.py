@@ -1,0 +1,47 @@
+"""Every Redis key Chorus uses, built in one place: the streams' keys (`fanout.keys.StreamKeys`)
+and those of presence, limits, the run queue and the agent registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fanout.keys import StreamKeys
+
+RUNS_GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Keys(StreamKeys):
+    """Key builder; `prefix` isolates deployments (and tests) sharing one Redis."""
+
+    def presence(self, user: str) -> str:
+        """Hash device -> ``"<node>|<expires_ms>"``: which devices are online, on which node."""
+        return self.user_key(user, "presence")
+
+    def command_bucket(self, user: str) -> str:
+        """Hash ``m`` (thousandths of a token), ``t`` (ms): the user's command rate-limit bucket,
+        shared by all nodes (ws_node/ratelimit.lua); expires once it would be full again."""
+        return self.user_key(user, "rl:cmd")
+
+    def answers(self, user: str, run: str) -> str:
+        """List: the user's answers to a run's questions (human in the loop), read by its worker."""
+        return self.user_key(user, f"answers:{run}")
+
+    def answered(self, user: str, run: str) -> str:
+        """Hash request -> device: who answered each question of a run first."""
+        return self.user_key(user, f"answered:{run}")
+
+    @property
+    def agents(self) -> str:
+        """String: JSON list of the agents the workers serve (for nodes: GET /v1/agents, checks)."""
+        return f"{self.prefix}:agents"
+
+    @property
+    def runs(self) -> str:
+        """Stream of run jobs consumed by the agent workers' consumer group."""
+        return f"{self.prefix}:runs"
+
+    @property
+    def runs_dead(self) -> str:
+        """Dead-letter stream for runs that failed too many deliveries."""
+        return f"{self.prefix}:runs:dead"

@@ -1,0 +1,95 @@
+"""What the store returns: frozen records, one per kind of row or result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from protocol.vocabulary import DoubleTexting, RunStatus
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat()
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: str
+    title: str
+    agent: str
+    double_texting: str
+    created_at: datetime
+    updated_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "agent": self.agent,
+                "double_texting": self.double_texting,
+                "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at)}
+
+
+@dataclass(frozen=True)
+class Message:
+    pos: int
+    id: str
+    role: str
+    content: str
+    device: str | None
+    run: str | None
+    seq: int | None
+    created_at: datetime
+    tools: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "role": self.role, "content": self.content, "device": self.device,
+                "run": self.run, "tools": self.tools, "seq": self.seq, "created_at": _iso(self.created_at)}
+
+
+@dataclass(frozen=True)
+class SendRecord:
+    """What a send stored: `created` is False when the client id was seen before (a retry);
+    `seq` is the seq of its `message.created` once acked. `status` is the new run's: `queued`
+    (on the job stream) or `waiting` (behind `behind`); `supersedes` are the runs in flight that
+    the policy (`interrupt`, `rollback`) cancels."""
+
+    conversation: str
+    message: str
+    run: str
+    seq: int | None
+    created: bool
+    agent: str = "default"
+    status: RunStatus = RunStatus.QUEUED
+    policy: DoubleTexting = DoubleTexting.ENQUEUE
+    behind: str | None = None
+    supersedes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A run this call ended; `message` is its stored assistant message (None without text);
+    `discarded`: the run was rolled back, so neither it nor its user message was kept."""
+
+    message: str | None
+    discarded: bool = False
+
+
+@dataclass(frozen=True)
+class RunClaim:
+    run: str
+    user: str
+    conversation: str
+    message: str
+    attempts: int
+    agent: str = "default"
+
+
+@dataclass(frozen=True)
+class RunInFlight:
+    """A queued or running run as Postgres has it."""
+
+    run: str
+    conversation: str
+    status: str
+    partial: str
+    partial_seq: int | None
+    partial_epoch: str | None

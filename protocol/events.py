@@ -1,0 +1,162 @@
+"""Event payloads: the `data` of each event frame, one frozen dataclass per `Event`.
+
+A producer builds one of these and `runs` publishes it (`event_body` below gives its frame minus
+the seq, which the stream assigns). Optional members that are None (or False) are left out of
+`data`, as docs/protocol.md's events table shows them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from protocol.vocabulary import DoubleTexting, Event, FrameType, Role
+
+
+@dataclass(frozen=True)
+class EventData:
+    """Base of every payload; `event` names the event it is the data of."""
+
+    event: ClassVar[Event]
+    # Members left out of `data` while None/False (the rest are always present, null or not).
+    optional: ClassVar[tuple[str, ...]] = ()
+
+    def to_data(self) -> dict[str, Any]:
+        data = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in self.optional and (value is None or value is False):
+                continue
+            data[f.name] = value
+        return data
+
+
+@dataclass(frozen=True)
+class MessageCreated(EventData):
+    event = Event.MESSAGE_CREATED
+    message: str
+    text: str
+    device: str
+    client_id: str
+    role: Role = Role.USER
+
+
+@dataclass(frozen=True)
+class RunQueued(EventData):
+    event = Event.RUN_QUEUED
+    behind: str | None
+    policy: DoubleTexting
+    message: str
+
+
+@dataclass(frozen=True)
+class RunStarted(EventData):
+    event = Event.RUN_STARTED
+    message: str
+    attempt: int
+    worker: str
+
+
+@dataclass(frozen=True)
+class Token(EventData):
+    event = Event.TOKEN
+    text: str
+
+
+@dataclass(frozen=True)
+class RunResumed(EventData):
+    """The whole answer so far, re-sent after the run's events landed in a new epoch."""
+
+    event = Event.RUN_RESUMED
+    text: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class ToolStarted(EventData):
+    event = Event.TOOL_STARTED
+    call: str
+    name: str
+    arguments: Any
+
+
+@dataclass(frozen=True)
+class ToolCompleted(EventData):
+    event = Event.TOOL_COMPLETED
+    call: str
+    name: str
+    summary: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class RunInputRequired(EventData):
+    event = Event.RUN_INPUT_REQUIRED
+    request: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class RunInputReceived(EventData):
+    event = Event.RUN_INPUT_RECEIVED
+    request: str
+    text: str
+    by: str
+
+
+@dataclass(frozen=True)
+class RunCompleted(EventData):
+    event = Event.RUN_COMPLETED
+    optional = ("rolled_back", "by")
+    message: str | None
+    text: str
+    rolled_back: bool = False
+    by: str | None = None
+
+
+@dataclass(frozen=True)
+class RunCancelled(EventData):
+    """`stopped_at`: the seq of the run's last event (from its worker); `by`: the device that
+    cancelled a run no worker had taken; `rolled_back`: a `rollback` discarded it."""
+
+    event = Event.RUN_CANCELLED
+    optional = ("stopped_at", "rolled_back", "by")
+    message: str | None
+    text: str
+    stopped_at: int | None = None
+    rolled_back: bool = False
+    by: str | None = None
+
+
+@dataclass(frozen=True)
+class RunFailed(EventData):
+    """`message` is the readable reason, as in every error; the partial answer (if any was
+    stored) is `answer_message`."""
+
+    event = Event.RUN_FAILED
+    optional = ("rolled_back", "by")
+    code: str
+    message: str
+    text: str
+    answer_message: str | None
+    rolled_back: bool = False
+    by: str | None = None
+
+
+EVENT_DATA: dict[Event, type[EventData]] = {
+    cls.event: cls
+    for cls in (MessageCreated, RunQueued, RunStarted, Token, RunResumed, ToolStarted, ToolCompleted,
+                RunInputRequired, RunInputReceived, RunCompleted, RunCancelled, RunFailed)
+}
+
+
+def event_body(conversation: str, run: str | None, data: EventData, ts_ms: int) -> str:
+    """An event frame without its seq: a JSON object that the stream opens with ``"seq":N``.
+    Encoded once per publish; every node forwards the published text untouched."""
+    return json.dumps(
+        {"type": FrameType.EVENT, "conversation": conversation, "run": run, "event": data.event,
+         "data": data.to_data(), "ts": ts_ms},
+        separators=(",", ":"), ensure_ascii=False,
+    )
