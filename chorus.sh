@@ -3,7 +3,8 @@
 #   ./chorus.sh up     install into .venv, then start a local cluster (Redis, Postgres, 2 nodes,
 #                      1 worker, nginx when installed) and print how to connect
 #   ./chorus.sh test   install into .venv (and nginx when missing and we are root), then run the
-#                      linters and the full test suite; extra arguments go to pytest
+#                      linters (ruff, mypy, import contracts) and the full test suite; extra
+#                      arguments go to pytest
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${CHORUS_VENV:-.venv}
@@ -47,6 +48,7 @@ case "${1:-}" in
     ensure_nginx
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy" protocol common fanout runs ws_node persistence agent_worker loadtest
+    "$VENV/bin/lint-imports"  # the package boundaries: pyproject.toml, [tool.importlinter]
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
   *)

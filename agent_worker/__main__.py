@@ -11,7 +11,6 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
 
-import orjson
 from aiohttp import web
 from redis.asyncio import Redis
 
@@ -24,11 +23,13 @@ from common import redis_client
 from common.config import SettingError
 from common.keys import Keys
 from common.redis_client import TRANSIENT
-from fanout.stream import UserStream
+from fanout.redis_broker import RedisBroker
 from persistence.store import Store
+from runs import agents as registry
+from runs.lifecycle import Runs
+from runs.queue import RedisRunQueue
 
 log = logging.getLogger("agent_worker")
-AGENTS_TTL_S = 300
 
 
 @dataclasses.dataclass
@@ -94,20 +95,19 @@ async def _advertise(agents: Agents, redis: Redis, keys: Keys) -> None:
     """Tell the nodes which agents exist (GET /v1/agents, and checking `agent` on sends)."""
     while True:
         try:
-            described = await agents.primary.describe()
-            await redis.set(keys.agents, orjson.dumps(described), ex=AGENTS_TTL_S)
+            await registry.advertise(redis, keys, await agents.primary.describe())
         except TRANSIENT as exc:
             log.warning("advertising agents failed: %r", exc)
-        await asyncio.sleep(AGENTS_TTL_S / 3)
+        await asyncio.sleep(registry.TTL_S / 3)
 
 
-async def _health(worker: Worker, port: int) -> web.AppRunner:
+async def _health(worker: Worker, redis: Redis, port: int) -> web.AppRunner:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
         try:
-            await asyncio.wait_for(worker.redis.ping(), 2)
+            await asyncio.wait_for(redis.ping(), 2)
             await asyncio.wait_for(worker.store.ping(), 2)
         except Exception as exc:  # any failure means not ready
             return web.json_response({"ready": False, "error": type(exc).__name__}, status=503)
@@ -126,11 +126,12 @@ async def serve(settings: WorkerSettings, agents: Agents) -> None:
     redis = redis_client.connect(settings.redis_url, socket_timeout_s=10)
     keys = Keys(settings.redis_prefix)
     store = await Store.connect_when_ready(settings.database_url, max_size=20)
-    stream = UserStream(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
+    broker = RedisBroker(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
+    runs = Runs(store, broker, RedisRunQueue(redis, keys), store_retry_s=settings.store_retry_s,
+                answer_ttl_s=settings.history_ttl_s)
     answer: AnswerStream = agents.answer
-    worker = Worker(settings=settings, redis=redis, keys=keys, store=store, stream=stream, answer=answer,
-                    forget=agents.forget)
-    health = await _health(worker, settings.internal_port) if settings.internal_port else None
+    worker = Worker(settings=settings, runs=runs, answer=answer, forget=agents.forget)
+    health = await _health(worker, redis, settings.internal_port) if settings.internal_port else None
     advertise = asyncio.create_task(_advertise(agents, redis, keys))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

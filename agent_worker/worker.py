@@ -4,8 +4,10 @@ The Postgres run row is the source of truth and the queue only delivers (at leas
 worker claims a run with a lease before doing anything, renews the lease while it works, and
 ends the run in Postgres before publishing the end, so a crash at any point leaves a run that
 another worker can claim (lease expired) or finish publishing (ended but unpublished).
-Pending jobs of dead workers are reclaimed (XAUTOCLAIM-style, via XPENDING idle times); a job
-delivered too often goes to the dead-letter stream and its run ends `run.failed`.
+The lifecycle (publishing, ending, starting the next run, answers) is `runs.Runs`'s; this module
+keeps the graph streaming, coalescing, leases and checkpoints. Jobs of dead workers are
+reclaimed (`RunQueue.reclaim`, XAUTOCLAIM); a job delivered too often goes to the dead letter and
+its run ends `run.failed`.
 """
 
 from __future__ import annotations
@@ -16,19 +18,19 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-from redis.asyncio import Redis
-
 from agent_worker.graph import InputRequired, InputTimeout, Text, ToolCompleted, ToolStarted
 from agent_worker.resilience import failure_code
 from agent_worker.settings import WorkerSettings
 from common.backoff import delays_s, retrying
-from common.keys import RUNS_GROUP, Keys
 from common.redis_client import TRANSIENT
-from fanout.stream import Fenced, UserStream
+from fanout.broker import Fenced
 from persistence.records import Finished, RunClaim
 from persistence.store import Store, Unavailable
-from runs.lifecycle import END_EVENTS, Job, RunDeps, enqueue_run, ensure_group, publish_end, start_next
+from protocol import events as ev
+from protocol.text import shown_text
+from protocol.vocabulary import RunStatus
+from runs.lifecycle import Ending, Runs
+from runs.queue import Delivery, Job, RunQueue
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +45,22 @@ STALE_SWEEP_S = 15.0
 @dataclass
 class Worker:
     settings: WorkerSettings
-    redis: Redis
-    keys: Keys
-    store: Store
-    stream: UserStream
+    runs: Runs
     answer: AnswerStream
     forget: Callable[[str], None] = lambda thread: None  # drop an ended attempt's paused state
-    running: dict[str, Job] = field(default_factory=dict)  # entry id -> job in progress
+    running: dict[str, Delivery] = field(default_factory=dict)  # entry id -> job in progress
 
     @property
     def consumer(self) -> str:
         return self.settings.worker_id
 
     @property
-    def deps(self) -> RunDeps:
-        return RunDeps(redis=self.redis, keys=self.keys, stream=self.stream, store=self.store,
-                       store_retry_s=self.settings.store_retry_s)
+    def store(self) -> Store:
+        return self.runs.store
+
+    @property
+    def queue(self) -> RunQueue:
+        return self.runs.queue
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve jobs until `stop` is set, then let runs in progress finish for up to the drain
@@ -67,24 +69,24 @@ class Worker:
         slots = asyncio.Semaphore(self.settings.concurrency)
         maintenance = asyncio.create_task(self._maintain(slots, tasks, stop))
         delays = delays_s(base_s=0.1, cap_s=2.0)
+        created = False
         while await _acquire_unless_stopped(slots, stop):
             try:
-                await ensure_group(self.redis, self.keys)
-                reply: Any = await self.redis.xreadgroup(
-                    RUNS_GROUP, self.consumer, {self.keys.runs: ">"}, count=1, block=500
-                )
+                if not created:
+                    await self.queue.create()
+                    created = True
+                deliveries = await self.queue.take(self.consumer, count=1, block_ms=500)
                 delays = delays_s(base_s=0.1, cap_s=2.0)
             except TRANSIENT as exc:
                 slots.release()
                 log.warning("reading jobs failed: %r", exc)
                 await asyncio.sleep(next(delays))
                 continue
-            jobs = [Job.from_entry(entry, fields) for _, entries in reply or () for entry, fields in entries]
-            if not jobs:
+            if not deliveries:
                 slots.release()
                 continue
-            for job in jobs:
-                self._spawn(job, slots, tasks)
+            for delivery in deliveries:
+                self._spawn(delivery, slots, tasks)
         maintenance.cancel()
         if tasks:
             log.info("draining %d runs for up to %.1fs", len(tasks), self.settings.drain_s)
@@ -94,49 +96,36 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(maintenance, return_exceptions=True)
 
-    def _spawn(self, job: Job, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> None:
+    def _spawn(self, delivery: Delivery, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> None:
         async def process() -> None:
-            self.running[job.entry] = job
+            self.running[delivery.entry] = delivery
             try:
-                await self.process(job)
+                await self.process(delivery)
             finally:
-                self.running.pop(job.entry, None)
+                self.running.pop(delivery.entry, None)
                 slots.release()
 
-        task = asyncio.create_task(process(), name=f"run-{job.run}")
+        task = asyncio.create_task(process(), name=f"run-{delivery.job.run}")
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    async def process(self, job: Job) -> None:
+    async def process(self, delivery: Delivery) -> None:
         """Carry one job's run to its end, then ack the job. On an outage, leave it pending:
         it is delivered again after its lease runs out."""
+        job = delivery.job
         try:
-            await self._execute(job)
-            await self._ack(job)
+            claim = await self.store.claim_run(job.run, worker=self.consumer, lease_s=self.settings.lease_s)
+            if claim is None:
+                await self.runs.publish_unpublished_end(job.run)
+            else:
+                await RunExecution(self, claim).go()
+            await self.queue.ack(delivery)
         except (Unavailable, *TRANSIENT) as exc:
             log.warning("run %s left for a retry: %r", job.run, exc)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("run %s crashed the worker's handling; left for a retry", job.run)
-
-    async def _execute(self, job: Job) -> None:
-        claim = await self.store.claim_run(job.run, worker=self.consumer, lease_s=self.settings.lease_s)
-        if claim is None:
-            await self._publish_unpublished_end(job.run)
-            return
-        execution = RunExecution(self, claim)
-        await execution.go()
-
-    async def _publish_unpublished_end(self, run: str) -> None:
-        """A run that ended in Postgres but whose end event was never published (its worker died
-        in between) gets it published now; the end's producer id makes this idempotent."""
-        state = await self.store.run_state(run)
-        if state is None or state["status"] not in END_EVENTS or state["terminal_seq"] is not None:
-            return
-        error = (state["error_code"], state["error_message"]) if state["error_code"] else None
-        await publish_end(self.deps, state["user_id"], state["conversation_id"], run, state["status"],
-                          text=state["partial"], message=state["answer_message_id"], error=error)
 
     # Leases, reclaiming and lost jobs
 
@@ -160,65 +149,50 @@ class Worker:
                 log.exception("maintenance failed")
 
     async def _renew_leases(self) -> None:
-        jobs = list(self.running.values())
-        if not jobs:
+        deliveries = list(self.running.values())
+        if not deliveries:
             return
-        # Reset the entries' idle time so no other worker reclaims a live run; first, because it
-        # needs only Redis: a run that streams on through a Postgres outage keeps its job.
-        # JUSTID leaves the delivery count alone (it counts real deliveries for the dead letter).
-        await self.redis.xclaim(self.keys.runs, RUNS_GROUP, self.consumer, 0,
-                                [job.entry for job in jobs], justid=True)
-        for job in jobs:
-            await self.store.renew_lease(job.run, worker=self.consumer, lease_s=self.settings.lease_s)
+        # The queue first, because it needs only Redis: a run that streams on through a Postgres
+        # outage keeps its job, so no other worker reclaims a live run.
+        await self.queue.keep(self.consumer, deliveries)
+        for delivery in deliveries:
+            await self.store.renew_lease(delivery.job.run, worker=self.consumer,
+                                         lease_s=self.settings.lease_s)
 
     async def _reclaim(self, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> None:
+        """Take over jobs whose worker died (not kept for a lease), one per free slot."""
         idle_ms = int(self.settings.lease_s * 1000)
-        pending: Any = await self.redis.xpending_range(self.keys.runs, RUNS_GROUP, min="-", max="+", count=50,
-                                                  idle=idle_ms)
-        for entry in pending:
-            entry_id = entry["message_id"]
-            if entry_id in self.running or slots.locked():
+        while not slots.locked():
+            reclaimed = await self.queue.reclaim(self.consumer, idle_ms=idle_ms, count=1)
+            if not reclaimed:
+                return
+            delivery = reclaimed[0]
+            if delivery.entry in self.running:
+                continue  # our own, kept late: it is still being worked on here
+            if delivery.deliveries > self.settings.max_deliveries:
+                await self._dead_letter(delivery)
                 continue
-            claimed: Any = await self.redis.xclaim(
-                self.keys.runs, RUNS_GROUP, self.consumer, idle_ms, [entry_id]
-            )
-            if not claimed or claimed[0][1] is None:
-                continue  # another worker was faster, or the entry is gone
-            job = Job.from_entry(claimed[0][0], claimed[0][1])
-            if entry["times_delivered"] >= self.settings.max_deliveries:
-                await self._dead_letter(job, entry["times_delivered"])
-                continue
-            log.info("reclaimed run %s from %s", job.run, entry["consumer"])
+            log.info("reclaimed run %s", delivery.job.run)
             await slots.acquire()
-            self._spawn(job, slots, tasks)
+            self._spawn(delivery, slots, tasks)
 
-    async def _dead_letter(self, job: Job, deliveries: int) -> None:
-        await self.redis.xadd(self.keys.runs_dead, {"run": job.run, "user": job.user,
-                                                    "conversation": job.conversation,
-                                                    "deliveries": str(deliveries)})
-        message = f"the run failed {deliveries} times and was given up"
-        await self.store.finish_run(job.run, status="failed", text="", worker=None,
+    async def _dead_letter(self, delivery: Delivery) -> None:
+        message = f"the run failed {delivery.deliveries - 1} times and was given up"
+        await self.store.finish_run(delivery.job.run, status=RunStatus.FAILED, text="", worker=None,
                                     error_code="run_dead_lettered", error_message=message)
-        await self._publish_unpublished_end(job.run)
-        await self._ack(job)
-
-    async def _ack(self, job: Job) -> None:
-        """The job is done with: acknowledged, and removed so the stream stays small."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(self.keys.runs, RUNS_GROUP, job.entry)
-            pipe.xdel(self.keys.runs, job.entry)
-            await pipe.execute()
+        await self.runs.publish_unpublished_end(delivery.job.run)
+        await self.queue.dead_letter(delivery)
 
     async def _requeue_lost(self) -> None:
         """Runs acked to a user whose job is gone (Redis lost its data) are queued again, and a
         conversation whose next run was never started (its starter crashed) gets it started."""
         for conversation in await self.store.stranded_conversations(waiting_for_s=self.settings.lease_s):
-            await start_next(self.deps, conversation)
+            await self.runs.start_next(conversation)
         for row in await self.store.stale_runs(queued_for_s=max(30.0, self.settings.lease_s)):
             log.warning("requeueing run %s (job lost or lease expired)", row["id"])
             await self.store.touch_run(row["id"])
-            await enqueue_run(self.redis, self.keys, run=row["id"], user=row["user_id"],
-                              conversation=row["conversation_id"])
+            job = Job(run=row["id"], user=row["user_id"], conversation=row["conversation_id"])
+            await self.queue.enqueue(job)
 
 
 class RunExecution:
@@ -230,28 +204,27 @@ class RunExecution:
         self.producer = f"run:{claim.run}:{claim.attempts}"
         self.pseq = 0
         self.text: list[str] = []
+        self.shown = ""  # the text devices show for this attempt (protocol.text)
         self.tools: list[dict[str, Any]] = []  # tool calls of this attempt, stored with the answer
         self.question: InputRequired | None = None  # what the model asked the user, if it paused
         self.last_seq: int | None = None
         self.epoch = ""
         self._checkpointed_at = 0.0
 
-    async def publish(self, event: str, data: dict[str, Any]) -> int:
+    async def publish(self, data: ev.EventData) -> int:
         """Publish one event of this attempt. If it landed in a new epoch (Redis lost the
         history, even writes it had acknowledged), follow it with `run.resumed` carrying the
         whole answer so far: devices replace the run's text with it, so none shows a hole."""
         self.pseq += 1
         c = self.claim
-        result = await self.worker.stream.publish(
-            c.user, conversation=c.conversation, run=c.run, event=event, data=data,
-            producer=self.producer, pseq=self.pseq, fenced_run=c.run,
-        )
+        result = await self.worker.runs.publish(c.user, c.conversation, c.run, data, producer=self.producer,
+                                                pseq=self.pseq, fenced=True)
         moved = bool(self.epoch) and result.epoch != self.epoch
         self.last_seq = result.seq
         self.epoch = result.epoch
+        self.shown = shown_text(self.shown, data.event, data.to_data())
         if moved:
-            text = "".join(self.text) + (data["text"] if event == "token" else "")
-            await self.publish("run.resumed", {"text": text, "attempt": c.attempts})
+            await self.publish(ev.RunResumed(text=self.shown, attempt=c.attempts))
             self._checkpointed_at = 0.0  # checkpoint in the new epoch at once
         return result.seq
 
@@ -260,28 +233,27 @@ class RunExecution:
         history = await worker.store.history(c.conversation, c.message)
         try:
             # attempt > 1: a restart after a worker died; devices drop this run's partial text.
-            await self.publish("run.started", {"message": c.message, "attempt": c.attempts,
-                                               "worker": worker.consumer})
+            await self.publish(ev.RunStarted(message=c.message, attempt=c.attempts, worker=worker.consumer))
             resume = None
             while (question := await self._stream(history, resume)) is not None:
                 resume = await self._await_answer(question)
-            if await worker.stream.is_fenced(c.user, c.run):
+            if await worker.runs.broker.is_fenced(c.user, c.run):
                 raise Fenced(c.run)
         except Fenced:
-            await self._end("cancelled")
+            await self._end(RunStatus.CANCELLED)
         except (Unavailable, *TRANSIENT):
             raise  # infrastructure: leave the run to be retried under its lease
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("run %s failed: %r", c.run, exc)
-            await self._end("failed", error=failure_code(exc))
+            await self._end(RunStatus.FAILED, error=failure_code(exc))
         else:
-            await self._end("completed")
+            await self._end(RunStatus.COMPLETED)
         finally:
             worker.forget(self.producer)
 
-    async def _end(self, status: str, error: tuple[str, str] | None = None) -> None:
+    async def _end(self, status: RunStatus, error: tuple[str, str] | None = None) -> None:
         """Store the end, then publish it. Postgres being away does not lose the answer the
         devices already saw: storing is retried until it comes back (the run stays leased)."""
         c, worker = self.claim, self.worker
@@ -298,12 +270,12 @@ class RunExecution:
         if finished is None:
             # Ended or taken over by someone else (a cancel while queued, another worker after
             # our lease ran out): their end is the one that counts.
-            await worker._publish_unpublished_end(c.run)
+            await worker.runs.publish_unpublished_end(c.run)
             return
-        await publish_end(worker.deps, c.user, c.conversation, c.run, status,
-                          text="" if finished.discarded else text,
-                          message=finished.message, error=error, discarded=finished.discarded,
-                          stopped_at=self.last_seq if status == "cancelled" else None)
+        ending = Ending(status, text="" if finished.discarded else text, message=finished.message,
+                        error=error, discarded=finished.discarded,
+                        stopped_at=self.last_seq if status == RunStatus.CANCELLED else None)
+        await worker.runs.end(c.user, c.conversation, c.run, ending)
 
     async def _checkpoint(self) -> None:
         """Save the answer so far with the seq it reflects, at most every `checkpoint_s`: a device
@@ -321,22 +293,13 @@ class RunExecution:
             log.debug("checkpoint of run %s skipped: %r", self.claim.run, exc)
 
     async def _await_answer(self, question: InputRequired) -> str:
-        """Wait for the first answer from any device (the node that takes it tells every device);
-        a cancel still stops the run while it waits. No answer in time fails the run."""
-        c, worker = self.claim, self.worker
-        key = worker.keys.answers(c.user, c.run)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + worker.settings.input_timeout_s
-        while loop.time() < deadline:
-            popped = await worker.redis.blpop([key], timeout=1)
-            if popped is not None:
-                answer = orjson.loads(popped[1])
-                if answer.get("request") == question.request:
-                    return str(answer["text"])
-                continue  # an answer to an earlier question of this run, repeated
-            if await worker.stream.is_fenced(c.user, c.run):
-                raise Fenced(c.run)
-        raise InputTimeout(f"no answer to {question.prompt!r} within {worker.settings.input_timeout_s:g}s")
+        """Wait for the first answer from any device; a cancel still stops the run while it
+        waits. No answer in time fails the run."""
+        c, timeout_s = self.claim, self.worker.settings.input_timeout_s
+        answer = await self.worker.runs.wait_answer(c.user, c.run, question.request, timeout_s=timeout_s)
+        if answer is None:
+            raise InputTimeout(f"no answer to {question.prompt!r} within {timeout_s:g}s")
+        return answer
 
     async def _forward(self, items: list[object]) -> None:
         """Publish a batch of the model's output in order: runs of text as one `token` event,
@@ -349,18 +312,18 @@ class RunExecution:
             if text:
                 chunk = "".join(text)
                 text.clear()
-                await self.publish("token", {"text": chunk})
+                await self.publish(ev.Token(text=chunk))
                 self.text.append(chunk)
             if isinstance(item, ToolStarted):
-                await self.publish("tool.started", {"call": item.call_id, "name": item.name,
-                                                    "arguments": item.arguments})
+                await self.publish(ev.ToolStarted(call=item.call_id, name=item.name,
+                                                  arguments=item.arguments))
                 self.tools.append({"call": item.call_id, "name": item.name, "arguments": item.arguments})
             elif isinstance(item, InputRequired):
-                await self.publish("run.input_required", {"request": item.request, "prompt": item.prompt})
+                await self.publish(ev.RunInputRequired(request=item.request, prompt=item.prompt))
                 self.question = item
             elif isinstance(item, ToolCompleted):
-                await self.publish("tool.completed", {"call": item.call_id, "name": item.name,
-                                                      "summary": item.summary, "error": item.error})
+                await self.publish(ev.ToolCompleted(call=item.call_id, name=item.name, summary=item.summary,
+                                                    error=item.error))
                 for call in self.tools:
                     if call["call"] == item.call_id:
                         call.update(summary=item.summary, error=item.error)
@@ -387,7 +350,7 @@ class RunExecution:
                 done, _ = await asyncio.wait({model, waiter}, timeout=0.5,
                                              return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
-                if not done and await self.worker.stream.is_fenced(self.claim.user, self.claim.run):
+                if not done and await self.worker.runs.broker.is_fenced(self.claim.user, self.claim.run):
                     raise Fenced(self.claim.run)
                 if buffer and not model.done():
                     await asyncio.sleep(self.worker.settings.coalesce_s)

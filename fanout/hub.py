@@ -1,4 +1,4 @@
-"""`Hub`: one Redis Pub/Sub connection per node process, fanning users' frames out to local sockets.
+"""`Hub`: one Pub/Sub connection per node process, fanning users' frames out to local sockets.
 
 Design (after centrifuge's hub/node, avoiding encode/broadcaster's race): the local registry is
 mutated before the first await; the broker is touched only on a user's 0->1 and 1->0 transitions,
@@ -25,12 +25,9 @@ import secrets
 import time
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-
 from common.backoff import delays_s
 from common.redis_client import TRANSIENT, as_text
-from fanout.keys import StreamKeys
+from fanout.broker import Broker, PubSub
 from fanout.recovery import frame_seq
 
 log = logging.getLogger(__name__)
@@ -56,15 +53,14 @@ class Hub:
     """Per-user Pub/Sub fan-out for one node process."""
 
     def __init__(
-        self, redis: Redis, keys: StreamKeys, *, subscribe_timeout_s: float = 5.0,
-        canary_interval_s: float = 1.0, canary_timeout_s: float = 3.0,
+        self, broker: Broker, *, subscribe_timeout_s: float = 5.0, canary_interval_s: float = 1.0,
+        canary_timeout_s: float = 3.0,
     ) -> None:
-        self._redis = redis
-        self._keys = keys
+        self._broker = broker
         self._subscribe_timeout_s = subscribe_timeout_s
         self._canary_interval_s = canary_interval_s
         self._canary_timeout_s = canary_timeout_s
-        self._canary_channel = keys.canary(secrets.token_hex(8))
+        self._canary_channel = broker.canary_channel(secrets.token_hex(8))
         self._canary_numbers = itertools.count(1)
         self._canaries_unheard: dict[int, float] = {}  # canary number -> monotonic time sent
         self._deaf = False
@@ -89,7 +85,7 @@ class Hub:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         if self._pubsub is not None:
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self._pubsub.aclose()
 
     @property
     def healthy(self) -> bool:
@@ -104,15 +100,12 @@ class Hub:
     def users(self) -> int:
         return len(self._users_by_channel)
 
-    def subscribers(self, user: str) -> set[Subscriber]:
-        return self._subs.get(user, set())
-
     async def attach(self, sub: Subscriber) -> None:
         """Register `sub`; subscribe the user's channel if it is the user's first local socket.
         Raises `Unavailable` (and leaves nothing registered) when Redis does not confirm in time."""
         user = sub.user
         self._subs.setdefault(user, set()).add(sub)
-        channel = self._keys.channel(user)
+        channel = self._broker.channel(user)
         async with self._lock(user):
             if channel in self._users_by_channel or sub not in self._subs.get(user, ()):
                 return
@@ -151,7 +144,7 @@ class Hub:
             if self._subs.get(user):
                 return  # a socket of the user attached meanwhile
             self._subs.pop(user, None)
-            channel = self._keys.channel(user)
+            channel = self._broker.channel(user)
             if self._users_by_channel.pop(channel, None) and self._pubsub is not None and self.connected:
                 try:
                     await self._pubsub.unsubscribe(channel)
@@ -169,7 +162,7 @@ class Hub:
     async def _run(self) -> None:
         delays = delays_s(base_s=0.1, cap_s=2.0)
         while True:
-            pubsub = self._redis.pubsub()
+            pubsub = self._broker.pubsub()
             try:
                 await pubsub.ping()  # connects: a dead Redis fails here, not in the loop below
                 self._pubsub = pubsub
@@ -194,7 +187,7 @@ class Hub:
                 self.connected = False
                 self._connected_event.clear()
                 self._pubsub = None
-                await asyncio.gather(pubsub.aclose(), return_exceptions=True)  # type: ignore[no-untyped-call]
+                await asyncio.gather(pubsub.aclose(), return_exceptions=True)
             await asyncio.sleep(next(delays))
 
     async def _canaries(self) -> None:
@@ -212,7 +205,7 @@ class Hub:
             number = next(self._canary_numbers)
             self._canaries_unheard[number] = now
             with contextlib.suppress(*TRANSIENT):
-                await self._redis.publish(self._canary_channel, str(number))
+                await self._broker.signal(self._canary_channel, str(number))
 
     def _heard_canary(self, number: int) -> None:
         for sent in [n for n in self._canaries_unheard if n <= number]:

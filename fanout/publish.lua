@@ -1,10 +1,11 @@
 -- Assign the user's next seq, append the frame to the capped history and publish it, atomically.
 -- KEYS[1] meta hash, KEYS[2] history stream, KEYS[3] producers hash, KEYS[4] fences hash
--- ARGV[1] channel, ARGV[2] frame tail (JSON after '{"seq":N'), ARGV[3] history max length,
+-- ARGV[1] channel, ARGV[2] payload (a non-empty JSON object), ARGV[3] history max length,
 -- ARGV[4] ttl seconds, ARGV[5] epoch to use if the history is new, ARGV[6] producer ('' = none),
--- ARGV[7] producer seq, ARGV[8] run to check against fences ('' = none), ARGV[9] '1' to pass a fence
+-- ARGV[7] producer seq, ARGV[8] fence tag to check ('' = none), ARGV[9] '1' to pass a fence
 -- Returns {status, seq, epoch}: status 1 published, 0 duplicate of an earlier publish (seq is the
--- earlier one), -1 refused because the run is fenced (cancelled).
+-- earlier one), -1 refused because the fence tag is fenced (a cancelled run).
+-- The frame is the payload opened with "seq":N, so the seq is always its first member.
 local meta, history, producers, fences = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local producer, pseq = ARGV[6], tonumber(ARGV[7])
 local epoch = redis.call('HGET', meta, 'epoch')
@@ -33,7 +34,7 @@ if not epoch or lost_writes then
   redis.call('HSET', meta, 'epoch', epoch)
 end
 local seq = redis.call('HINCRBY', meta, 'seq', 1)
-local frame = '{"seq":' .. seq .. ARGV[2]
+local frame = '{"seq":' .. seq .. ',' .. string.sub(ARGV[2], 2)
 redis.call('XADD', history, 'MAXLEN', '~', ARGV[3], seq .. '-0', 'f', frame)
 redis.call('PUBLISH', ARGV[1], frame)
 local ttl = tonumber(ARGV[4])

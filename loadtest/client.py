@@ -18,10 +18,12 @@ from typing import Any
 
 import aiohttp
 
+from protocol import END_EVENTS, RECONNECT_CODES, Event, FrameType, shown_text
+
 log = logging.getLogger(__name__)
 
-# Close codes after which reconnecting makes sense (see docs/protocol.md).
-RECONNECT_CODES = {1001, 1006, 1011, 1012, 1013, 4008}
+# The events that change a run's shown text (see protocol.text); the others leave `shown` as is.
+_TEXT_EVENTS = frozenset({Event.RUN_STARTED, Event.TOKEN, Event.RUN_RESUMED})
 
 
 class ClientError(Exception):
@@ -104,7 +106,7 @@ class ChorusClient:
         self._ws = ws
         self.connects += 1
         if self.first_frame_token:
-            await ws.send_str(json.dumps({"type": "auth", "token": self.token}))
+            await ws.send_str(json.dumps({"type": FrameType.AUTH, "token": self.token}))
         self._reader = asyncio.create_task(self._read(ws))
         await asyncio.wait_for(self._connected.wait(), timeout_s)
         assert self.hello is not None
@@ -159,13 +161,13 @@ class ChorusClient:
     async def _on_frame(self, frame: dict[str, Any]) -> None:
         self.frames.append(frame)
         kind = frame.get("type")
-        if kind == "hello":
+        if kind == FrameType.HELLO:
             self.hello = frame
             if self.last_seq is None or self.epoch is None:
                 self.last_seq = frame["seq"] if self.last_seq is None else self.last_seq
             self.epoch = frame["epoch"] if self.epoch is None else self.epoch
             self._connected.set()
-        elif kind == "event":
+        elif kind == FrameType.EVENT:
             # Merged tokens (a device that fell behind) cover seq_from..seq in one frame.
             seq, first = frame["seq"], frame.get("seq_from", frame["seq"])
             if self.last_seq is not None and seq <= self.last_seq:
@@ -176,11 +178,11 @@ class ChorusClient:
                 self.last_seq = seq
                 self.events.append(frame)
                 self._show(frame)
-        elif kind == "resync":
+        elif kind == FrameType.RESYNC:
             self.last_seq, self.epoch = frame["seq"], frame["epoch"]
-        elif kind == "snapshot":
+        elif kind == FrameType.SNAPSHOT:
             self._show(frame)
-        if kind in ("ack", "error", "pong") and frame.get("id") in self._replies:
+        if kind in (FrameType.ACK, FrameType.ERROR, FrameType.PONG) and frame.get("id") in self._replies:
             future = self._replies.pop(frame["id"])
             if not future.done():
                 future.set_result(frame)
@@ -198,7 +200,7 @@ class ChorusClient:
         assert self._ws is not None
         await self._ws.send_str(json.dumps(frame))
         reply = await asyncio.wait_for(future, timeout_s)
-        if reply["type"] == "error":
+        if reply["type"] == FrameType.ERROR:
             raise ClientError(reply)
         return reply
 
@@ -211,7 +213,7 @@ class ChorusClient:
         timeout_s: float = 10.0,
         **extra: Any,
     ) -> dict[str, Any]:
-        frame: dict[str, Any] = {"type": "send", "text": text, **extra}
+        frame: dict[str, Any] = {"type": FrameType.SEND, "text": text, **extra}
         if conversation:
             frame["conversation"] = conversation
         if id:
@@ -219,21 +221,21 @@ class ChorusClient:
         return await self.request(frame, timeout_s)
 
     async def cancel(self, run: str, timeout_s: float = 10.0) -> dict[str, Any]:
-        return await self.request({"type": "cancel", "run": run}, timeout_s)
+        return await self.request({"type": FrameType.CANCEL, "run": run}, timeout_s)
 
     async def respond(self, run: str, request: str, text: str,
                       timeout_s: float = 10.0) -> dict[str, Any]:
         """Answer a run's question (`run.input_required`)."""
-        frame = {"type": "respond", "run": run, "request": request, "text": text}
+        frame = {"type": FrameType.RESPOND, "run": run, "request": request, "text": text}
         return await self.request(frame, timeout_s)
 
     async def ping(self, timeout_s: float = 10.0) -> dict[str, Any]:
-        return await self.request({"type": "ping"}, timeout_s)
+        return await self.request({"type": FrameType.PING}, timeout_s)
 
     async def auth(self, token: str, timeout_s: float = 10.0) -> dict[str, Any]:
         """Hand the server a fresh token before the current one expires (the server closes the
         socket with 4001 when it does); later reconnects use it too."""
-        reply = await self.request({"type": "auth", "token": token}, timeout_s)
+        reply = await self.request({"type": FrameType.AUTH, "token": token}, timeout_s)
         self.token = token
         return reply
 
@@ -251,7 +253,7 @@ class ChorusClient:
 
     def run_end(self, run: str) -> dict[str, Any] | None:
         for event in self.events:
-            if event["run"] == run and event["event"] in ("run.completed", "run.cancelled", "run.failed"):
+            if event["run"] == run and event["event"] in END_EVENTS:
                 return event
         return None
 
@@ -260,19 +262,16 @@ class ChorusClient:
         return self.shown.get(run, "")
 
     def _show(self, frame: dict[str, Any]) -> None:
-        """Keep each run's text as a client displays it: a `snapshot` sets it, `run.started`
-        (a restart) clears it, `run.resumed` replaces it, tokens append to it."""
-        if frame["type"] == "snapshot":
+        """Keep each run's text as a client displays it: a `snapshot` sets it, then each event
+        goes through `protocol.shown_text` (`run.started` clears it, `run.resumed` replaces it,
+        tokens append to it). Only runs with a text event or in a snapshot get an entry."""
+        if frame["type"] == FrameType.SNAPSHOT:
             for run in frame["runs"]:
                 self.shown[run["run"]] = run["text"]
             return
         run, name = frame["run"], frame["event"]
-        if name == "run.started":
-            self.shown[run] = ""
-        elif name == "run.resumed":
-            self.shown[run] = frame["data"]["text"]
-        elif name == "token":
-            self.shown[run] = self.shown.get(run, "") + frame["data"]["text"]
+        if name in _TEXT_EVENTS:
+            self.shown[run] = shown_text(self.shown.get(run, ""), name, frame["data"])
 
     def seqs(self) -> list[int]:
         """Every seq this device accepted, merged frames counted for each seq they cover."""

@@ -5,7 +5,7 @@
 
 It starts a `LocalCluster` without nginx and without workers, opens `--sockets` WebSockets straight
 to the nodes (the devices of each user spread over the nodes), then publishes `--events` events
-per user through `fanout.stream.UserStream` from this process (the same Lua script the workers
+per user through `fanout.redis_broker.RedisBroker` from this process (the same Lua script the workers
 use), so only the nodes' delivery path is measured: Pub/Sub in, seq gate, per-socket queue and
 writer, WebSocket out. Every event carries its publish time (``data.t``, wall clock) and each
 socket's reader takes ``now - t`` on arrival; publisher, sockets and nodes share one clock.
@@ -38,8 +38,9 @@ import psutil
 from redis.asyncio import Redis
 
 from common.keys import Keys
-from fanout.stream import UserStream
+from fanout.redis_broker import RedisBroker
 from loadtest.cluster import ClusterConfig, LocalCluster
+from protocol import Event, FrameType
 
 CONNECT_CONCURRENCY = 100
 CONNECT_ATTEMPTS = 5
@@ -79,7 +80,7 @@ async def _open(session: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSo
         try:
             ws = await session.ws_connect(url, heartbeat=None, max_msg_size=0)
             hello = orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)
-            if hello.get("type") != "hello":
+            if hello.get("type") != FrameType.HELLO:
                 raise RuntimeError(f"first frame {hello}")
             return ws
         except (aiohttp.ClientError, TimeoutError, RuntimeError):
@@ -94,7 +95,7 @@ async def _read(ws: aiohttp.ClientWebSocketResponse, sink: Sink, closed: list[in
     async for msg in ws:
         if msg.type is aiohttp.WSMsgType.TEXT:
             frame = orjson.loads(msg.data)
-            if frame.get("type") == "event":
+            if frame.get("type") == FrameType.EVENT:
                 sink.arrived(frame["data"]["t"])
     closed.append(ws.close_code)
 
@@ -120,7 +121,7 @@ async def _publish(cluster: LocalCluster, users: list[str], config: BenchConfig)
     """Publish `config.events` per user; returns the monotonic time publishing started."""
     redis = Redis.from_url(cluster.redis_url, decode_responses=True,
                            max_connections=config.concurrency + 4)
-    stream = UserStream(redis, Keys())
+    broker = RedisBroker(redis, Keys())
     text = "x" * config.payload_chars
     jobs = [(user, n) for n in range(config.events) for user in users]  # round-robin over users
     interval_s = config.concurrency / config.rate if config.rate else 0.0
@@ -133,8 +134,11 @@ async def _publish(cluster: LocalCluster, users: list[str], config: BenchConfig)
             if interval_s:
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                 next_at += interval_s
-            await stream.publish(user, conversation="bench", run="bench", event="token",
-                                 data={"t": time.time(), "n": n, "text": text})
+            # A token event whose data also carries the publish time (`t`) and its number (`n`).
+            payload = orjson.dumps({"type": FrameType.EVENT, "conversation": "bench", "run": "bench",
+                                    "event": Event.TOKEN, "data": {"t": time.time(), "n": n, "text": text},
+                                    "ts": int(time.time() * 1000)}).decode()
+            await broker.publish(user, payload)
 
     try:
         await asyncio.gather(*(publisher(i) for i in range(config.concurrency)))

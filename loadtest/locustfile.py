@@ -41,12 +41,13 @@ import websocket
 from gevent.event import AsyncResult
 from locust import User, between, events, task
 
+from protocol import END_EVENTS, Event, FrameType
+
 _DEVICES_PER_USER = int(os.environ.get("CHORUS_DEVICES_PER_USER", "1"))
 _SEND_EVERY_S = float(os.environ.get("CHORUS_SEND_EVERY_S", "30"))
 _TEXT = os.environ.get("CHORUS_TEXT", "Load test: please answer briefly.")
 _CONNECT_TIMEOUT_S = 10.0
 _ACK_TIMEOUT_S = 30.0
-_RUN_ENDS = ("run.completed", "run.cancelled", "run.failed")
 _numbers = itertools.count()
 _run_id = uuid.uuid4().hex[:8]  # keeps users of two locust runs apart
 
@@ -104,7 +105,7 @@ class ChorusDevice(User):
         try:
             ws = websocket.create_connection(self._url(), timeout=_CONNECT_TIMEOUT_S)
             hello = json.loads(ws.recv())
-            if hello.get("type") != "hello":
+            if hello.get("type") != FrameType.HELLO:
                 raise ConnectionError(f"first frame was {hello.get('type')!r}, not hello")
         except Exception as exc:
             self._fire("connect", started, exc)
@@ -136,7 +137,7 @@ class ChorusDevice(User):
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
-        if kind == "event":
+        if kind == FrameType.EVENT:
             seq = frame["seq"]
             if self.last_seq is not None and seq <= self.last_seq:
                 return  # a duplicate after a reconnect overlap
@@ -146,14 +147,14 @@ class ChorusDevice(User):
             run = frame.get("run")
             if run in self.runs:
                 self._on_run_event(run, frame)
-            elif run and self.acks and frame["event"] == "token":
+            elif run and self.acks and frame["event"] == Event.TOKEN:
                 self.early_tokens.setdefault(run, time.perf_counter())
-        elif kind == "resync":
+        elif kind == FrameType.RESYNC:
             self.last_seq, self.epoch = frame["seq"], frame["epoch"]
-        elif kind in ("ack", "error") and frame.get("id") in self.acks:
+        elif kind in (FrameType.ACK, FrameType.ERROR) and frame.get("id") in self.acks:
             reply, sent_at = self.acks.pop(frame["id"])
             run = frame.get("run")
-            if kind == "ack" and run:
+            if kind == FrameType.ACK and run:
                 # Registered here, not in the task: the frames after the ack are read before the
                 # task greenlet wakes up.
                 self.runs[run] = sent_at
@@ -168,13 +169,13 @@ class ChorusDevice(User):
     def _on_run_event(self, run: str, frame: dict[str, Any]) -> None:
         sent_at = self.runs[run]
         event = frame["event"]
-        if event == "token" and run not in self.first_token_seen:
+        if event == Event.TOKEN and run not in self.first_token_seen:
             self.first_token_seen.add(run)
             self._fire("first token", sent_at)
-        elif event in _RUN_ENDS:
+        elif event in END_EVENTS:
             del self.runs[run]
             self.first_token_seen.discard(run)
-            failure = None if event == "run.completed" else RuntimeError(f"{event}: {frame['data']}")
+            failure = None if event == Event.RUN_COMPLETED else RuntimeError(f"{event}: {frame['data']}")
             self._fire("answer", sent_at, failure, len(frame["data"].get("text", "")))
 
     # Load
@@ -189,13 +190,13 @@ class ChorusDevice(User):
         started = time.perf_counter()
         self.acks[command_id] = (reply, started)
         try:
-            self.ws.send(json.dumps({"type": "send", "id": command_id, "text": _TEXT}))
+            self.ws.send(json.dumps({"type": FrameType.SEND, "id": command_id, "text": _TEXT}))
             frame = reply.get(timeout=_ACK_TIMEOUT_S)
         except Exception as exc:
             self.acks.pop(command_id, None)
             self._fire("ack", started, exc)
             return
-        if frame["type"] == "error":
+        if frame["type"] == FrameType.ERROR:
             self._fire("ack", started, RuntimeError(f"{frame.get('code')}: {frame.get('message')}"))
             return
         self._fire("ack", started)

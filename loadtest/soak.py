@@ -62,14 +62,14 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from common.keys import Keys
-from fanout.stream import UserStream
+from fanout.redis_broker import RedisBroker
 from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import ClusterConfig, LocalCluster
+from protocol import END_EVENTS, ErrorCode, Event, FrameType
 
 FAULTS = ("node_kill", "node_term", "redis_restart", "worker_kill")
 OPTIONAL_FAULTS = ("redis_lossy",)
-END_EVENTS = ("run.completed", "run.cancelled", "run.failed")
-RETRYABLE_CODES = {"unavailable", "internal"}  # docs/protocol.md: retry with the same id
+RETRYABLE_CODES = {ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL}  # docs/protocol.md: retry with the same id
 SEND_DEADLINE_S = 60.0  # per send, across retries and reconnects
 RUN_END_WAIT_S = 60.0  # a user waits this long for its run's end before the next send
 SERVER_ERROR = re.compile(r"Traceback|\b(ERROR|CRITICAL)\b")
@@ -339,10 +339,10 @@ class Soak:
         await asyncio.gather(*waits, return_exceptions=True)
         redis = Redis.from_url(self.cluster.redis_url, decode_responses=True)
         try:
-            stream = UserStream(redis, Keys())
+            broker = RedisBroker(redis, Keys())
             waits = []
             for user, devices in self.devices.items():
-                last = self.final_seq[user] = (await stream.position(user)).seq
+                last = self.final_seq[user] = (await broker.position(user)).seq
                 for device in devices:
                     waits.append(device.client.wait_for(_at_seq(device.client, last),
                                                         max(0.1, deadline - time.monotonic())))
@@ -364,7 +364,7 @@ class Soak:
                     report.mismatched.append(f"{user}/{client.device}: stopped at seq {client.last_seq}, "
                                              f"the stream is at {self.final_seq.get(user)}")
                 for frame in client.frames:
-                    if frame["type"] == "resync":
+                    if frame["type"] == FrameType.RESYNC:
                         report.resyncs += 1
                         # Only a lost history justifies one; no other fault here may cause it.
                         if "redis_lossy" not in self.config.faults:
@@ -384,7 +384,7 @@ class Soak:
             self._check_runs(user, reference)
         for item in self.acked:
             reference = self.devices[item.user][0].client
-            created = [e for e in reference.events if e["event"] == "message.created"
+            created = [e for e in reference.events if e["event"] == Event.MESSAGE_CREATED
                        and e["data"].get("client_id") == item.client_id]
             run = item.ack["run"]
             if len(created) != 1 or (created[0]["seq"], created[0]["run"]) != (item.ack["seq"], run):
@@ -406,9 +406,9 @@ class Soak:
                 continue
             end = ends[0]
             self.report.run_ends[end["event"]] += 1
-            starts = [i for i, e in enumerate(events) if e["event"] == "run.started"]
+            starts = [i for i, e in enumerate(events) if e["event"] == Event.RUN_STARTED]
             self.report.runs_restarted += len(starts) > 1
-            if end["event"] == "run.completed":
+            if end["event"] == Event.RUN_COMPLETED:
                 text = client.run_text(run)
                 completed = end["data"]["text"]
                 if text != completed:

@@ -47,8 +47,8 @@ class Message:
 
 @dataclass(frozen=True)
 class SendRecord:
-    """What a send stored: `created` is False when the client id was seen before (a retry);
-    `seq` is the seq of its `message.created` once acked. `status` is the new run's: `queued`
+    """What a send stored: `seq` is the seq of its `message.created` once acked (set on a retry of
+    a send done before). `status` is the new run's: `queued`
     (on the job stream) or `waiting` (behind `behind`); `supersedes` are the runs in flight that
     the policy (`interrupt`, `rollback`) cancels."""
 
@@ -56,8 +56,6 @@ class SendRecord:
     message: str
     run: str
     seq: int | None
-    created: bool
-    agent: str = "default"
     status: RunStatus = RunStatus.QUEUED
     policy: DoubleTexting = DoubleTexting.ENQUEUE
     behind: str | None = None

@@ -53,8 +53,7 @@ SELECT * FROM (
 """
 
 GET_RUN = """
-SELECT id, conversation_id, message_id, status, partial, partial_seq, terminal_seq, attempts
-FROM runs WHERE user_id = $1 AND id = $2
+SELECT conversation_id, status FROM runs WHERE user_id = $1 AND id = $2
 """
 CANCEL_QUEUED_RUN = """
 UPDATE runs SET status = 'cancelled', updated_at = now()
@@ -93,7 +92,6 @@ FINISH_RUN = """
 UPDATE runs SET status = $2, partial = $3, answer_message_id = $4, error_code = $5, error_message = $6,
     lease_until = NULL, updated_at = now()
 WHERE id = $1 AND status IN ('waiting', 'queued', 'running')
-RETURNING user_id, conversation_id
 """
 LOCK_RUN = """
 SELECT user_id, conversation_id, message_id, status, worker, discard FROM runs WHERE id = $1 FOR UPDATE

@@ -113,11 +113,10 @@ class Store:
                     row = await conn.fetchrow(sql.FIND_SEND, user, client_id)  # a concurrent twin won
             if row is None:
                 raise Unavailable("send vanished after a unique violation")
-            agent_row = await conn.fetchval(sql.OWNS_CONVERSATION, user, row["conversation_id"])
             run = await conn.fetchrow(sql.SEND_RUN, row["run_id"])
             return SendRecord(
                 conversation=row["conversation_id"], message=row["id"], run=row["run_id"],
-                seq=row["seq"], created=False, agent=agent_row or agent, status=RunStatus(run["status"]),
+                seq=row["seq"], status=RunStatus(run["status"]),
                 policy=DoubleTexting(run["policy"]), behind=run["behind"],
                 supersedes=tuple(run["supersedes"]),
             )
@@ -155,8 +154,8 @@ class Store:
                                supersedes)
             if policy == DoubleTexting.ROLLBACK and supersedes:
                 await conn.execute(sql.MARK_DISCARD, supersedes)
-        return SendRecord(conversation=conversation, message=message, run=run, seq=None, created=True,
-                          agent=agent, status=status, policy=policy, behind=behind,
+        return SendRecord(conversation=conversation, message=message, run=run, seq=None,
+                          status=status, policy=policy, behind=behind,
                           supersedes=tuple(supersedes))
 
     async def set_message_seq(self, user: str, message: str, seq: int) -> None:

@@ -2,7 +2,7 @@
 
 These enums are the only place Chorus spells them. They are `StrEnum`/`IntEnum`, so a member
 compares equal to its wire value and encodes as it (``Event.TOKEN == "token"``). Postgres keeps
-its own CHECK constraints on statuses and policies; tests/test_protocol.py checks those against
+its own CHECK constraints on statuses and policies; tests/test_vocabulary.py checks those against
 the enums here.
 """
 

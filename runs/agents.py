@@ -1,4 +1,5 @@
-"""The agents the workers serve, as they advertise them in Redis (the node holds no agent config)."""
+"""The agent registry: the agents the workers serve, as they advertise them in Redis (written by
+workers, read by nodes, which hold no agent config)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ from redis.asyncio import Redis
 from common.keys import Keys
 
 DEFAULT = "default"
+TTL_S = 300  # a registry no worker refreshed for this long is gone (workers refresh every TTL_S/3)
 
 
 class UnknownAgent(Exception):
     def __init__(self, name: str, known: list[str]) -> None:
         super().__init__(f"unknown agent {name!r} (known: {', '.join(known)})")
+
+
+async def advertise(redis: Redis, keys: Keys, described: list[dict[str, Any]]) -> None:
+    """Tell the nodes which agents exist (name, description, model, tools)."""
+    await redis.set(keys.agents, orjson.dumps(described), ex=TTL_S)
 
 
 async def advertised(redis: Redis, keys: Keys) -> list[dict[str, Any]] | None:

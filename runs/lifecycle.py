@@ -1,99 +1,223 @@
-"""The run queue: a Redis Stream read by the workers' consumer group. Imported by nodes (enqueue)
-and workers (consume), so it must stay free of the agent's heavy imports."""
+"""`Runs`: a run's life, each step in one place, for nodes and workers alike.
+
+    send -> accept_send --(nothing in flight)--> queue -> worker claims (Postgres lease) -> end
+                       \\--(a run in flight)--> waiting --(its predecessor ends)--> start_next
+    cancel: fence the run's events; a run no worker took is ended here, a running one by its
+            worker when the fence stops it
+    respond (human in the loop): the first answer from any device is told to every device,
+            then handed to the run's worker (`wait_answer`)
+
+Every step is idempotent under its id (the client's send id, the run id, the question's id):
+each event is published under a producer id of its own, so a step retried after any failure
+completes the same step instead of doubling it. Postgres is the truth; the stream tells the
+devices; the queue only delivers.
+
+Errors for the caller to translate (the node into `error` frames):
+
+    persistence.store.NotFound   no such conversation or run for this user
+    persistence.store.Conflict   the `reject` policy refused a send
+    RunEnded                     cancelling a run that already ended
+    NotWaiting                   answering a run that is not running
+    AlreadyAnswered              another device answered that question first
+    fanout.broker.Fenced         the run was cancelled (answering it)
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
-from typing import Any
-
-from redis.asyncio import Redis
 
 from common.backoff import retrying
-from common.keys import RUNS_GROUP, Keys
-from fanout.stream import UserStream
+from fanout.broker import Broker, Fenced, PublishResult
+from persistence.records import SendRecord
 from persistence.store import Store, Unavailable
+from protocol.events import (
+    EventData,
+    MessageCreated,
+    RunCancelled,
+    RunCompleted,
+    RunFailed,
+    RunInputReceived,
+    RunQueued,
+    event_body,
+)
+from protocol.vocabulary import ENDED, DoubleTexting, RunStatus
+from runs.queue import Answer, Job, RunQueue
 
-END_EVENTS = {"completed": "run.completed", "cancelled": "run.cancelled", "failed": "run.failed"}
+
+class RunEnded(Exception):
+    def __init__(self, run: str, status: str) -> None:
+        super().__init__(f"run {run} already {status}")
+
+
+class NotWaiting(Exception):
+    def __init__(self, run: str, status: str) -> None:
+        super().__init__(f"run {run} is {status}, not waiting for input")
+
+
+class AlreadyAnswered(Exception):
+    def __init__(self, by: str) -> None:
+        super().__init__(f"already answered from {by}")
+        self.by = by
 
 
 @dataclass(frozen=True)
-class RunDeps:
-    """What ending and starting runs needs; nodes and workers both do it."""
+class Ending:
+    """How a run ended, for its one end event. `error` is (code, readable reason) for a failed
+    run; `message` the stored answer (None without text); `discarded`: rolled back."""
 
-    redis: Redis
-    keys: Keys
-    stream: UserStream
+    status: RunStatus
+    text: str
+    message: str | None
+    error: tuple[str, str] | None = None
+    stopped_at: int | None = None
+    discarded: bool = False
+    by: str | None = None
+
+    def event(self) -> EventData:
+        if self.status == RunStatus.FAILED:
+            code, reason = self.error or ("internal", "the run failed")
+            return RunFailed(code=code, message=reason, text=self.text, answer_message=self.message,
+                             rolled_back=self.discarded, by=self.by)
+        if self.status == RunStatus.CANCELLED:
+            return RunCancelled(message=self.message, text=self.text, stopped_at=self.stopped_at,
+                                rolled_back=self.discarded, by=self.by)
+        return RunCompleted(message=self.message, text=self.text, rolled_back=self.discarded, by=self.by)
+
+
+@dataclass
+class Runs:
     store: Store
-    store_retry_s: float = 600.0
+    broker: Broker
+    queue: RunQueue
+    store_retry_s: float = 600.0  # how long ending a run waits for Postgres to come back
+    answer_ttl_s: int = 86_400
 
+    async def publish(
+        self, user: str, conversation: str, run: str | None, data: EventData, *, producer: str, pseq: int = 1,
+        fenced: bool = False, pass_fence: bool = False,
+    ) -> PublishResult:
+        """Publish one event of `run` to `user`'s devices. `fenced`: refuse it (`Fenced`) once the
+        run was cancelled, unless `pass_fence` (the run's own end)."""
+        payload = event_body(conversation, run, data, int(time.time() * 1000))
+        return await self.broker.publish(user, payload, producer=producer, pseq=pseq,
+                                         fence=run if fenced else None, pass_fence=pass_fence)
 
-@dataclass(frozen=True)
-class Job:
-    """One delivery of a run; `entry` is the stream entry id to ack."""
+    # Sends
 
-    entry: str
-    run: str
-    user: str
-    conversation: str
+    async def accept_send(
+        self, user: str, device: str, *, client_id: str, text: str, conversation: str | None, agent: str,
+        policy: DoubleTexting | None,
+    ) -> tuple[SendRecord, int]:
+        """Store the message and its run, publish `message.created`, queue the run (or let it
+        wait, cancelling what the policy replaces); returns the record and the message's seq."""
+        record = await self.store.accept_send(user, client_id=client_id, conversation=conversation, text=text,
+                                              device=device, agent=agent, policy=policy)
+        if record.seq is not None:
+            return record, record.seq  # a retry of a send fully done before
+        created = MessageCreated(message=record.message, text=text, device=device, client_id=client_id)
+        published = await self.publish(user, record.conversation, record.run, created,
+                                       producer=f"msg:{record.message}")
+        await self._double_text(user, device, record)
+        await self.store.set_message_seq(user, record.message, published.seq)
+        return record, published.seq
 
-    @classmethod
-    def from_entry(cls, entry: str, fields: dict[str, str]) -> Job:
-        return cls(entry=entry, run=fields["run"], user=fields["user"], conversation=fields["conversation"])
+    async def _double_text(self, user: str, device: str, record: SendRecord) -> None:
+        """Start the new run, or tell every device it waits, and cancel what the policy replaces."""
+        if record.status == RunStatus.QUEUED:
+            await self.queue.enqueue(Job(run=record.run, user=user, conversation=record.conversation))
+            return
+        queued = RunQueued(behind=record.behind, policy=record.policy, message=record.message)
+        await self.publish(user, record.conversation, record.run, queued, producer=f"run:{record.run}:queued")
+        for run in record.supersedes:
+            await self._cancel(user, run, by=device)
+        # The run it waited behind may have ended meanwhile; then nobody else would start it.
+        await self.start_next(record.conversation)
 
+    # Cancelling and ending
 
-async def enqueue_run(redis: Redis, keys: Keys, *, run: str, user: str, conversation: str) -> None:
-    """Queue a run (at-least-once: a worker's claim in Postgres makes a second delivery harmless)."""
-    await redis.xadd(keys.runs, {"run": run, "user": user, "conversation": conversation})
+    async def cancel(self, user: str, run: str, *, by: str) -> None:
+        row = await self.store.get_run(user, run)
+        if row["status"] in ENDED:
+            raise RunEnded(run, row["status"])
+        await self._cancel(user, run, by=by)
 
+    async def _cancel(self, user: str, run: str, *, by: str) -> None:
+        """Fence the run so no later event of it gets a seq; a run no worker took yet is ended here
+        (and the next one started), a running one by its worker when the fence stops it."""
+        await self.broker.fence(user, run)
+        cancelled = await self.store.cancel_queued_run(user, run)
+        if cancelled is not None:
+            ending = Ending(RunStatus.CANCELLED, text="", message=None, discarded=cancelled["discard"], by=by)
+            await self.end(user, cancelled["conversation_id"], run, ending)
 
-async def ensure_group(redis: Redis, keys: Keys) -> None:
-    try:
-        await redis.xgroup_create(keys.runs, RUNS_GROUP, id="0", mkstream=True)
-    except Exception as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+    async def end(self, user: str, conversation: str, run: str, ending: Ending) -> None:
+        """Publish a run's one end event (its end is already stored), then start the conversation's
+        next waiting run. The end's producer id is shared by every publisher of the run's end (a
+        worker, a later one, a node cancelling a queued run), so exactly one gets a seq."""
+        published = await self.publish(user, conversation, run, ending.event(), producer=f"run:{run}:end",
+                                       fenced=True, pass_fence=True)
 
+        async def record() -> None:
+            await self.store.set_terminal_seq(run, published.seq)
 
-async def publish_end(
-    deps: RunDeps, user: str, conversation: str, run: str, status: str, *, text: str,
-    message: str | None, error: tuple[str, str] | None = None, stopped_at: int | None = None,
-    discarded: bool = False, by: str | None = None,
-) -> None:
-    """Publish a run's one end event (its end is already stored), then start the conversation's
-    next waiting run. The end's producer id is shared by every publisher of the run's end (this
-    worker, a later one, a node cancelling a queued run), so exactly one gets a seq."""
-    data: dict[str, Any] = {"message": message, "text": text}
-    if error is not None:
-        # run.failed: `message` is the readable reason, as in every error; the partial answer
-        # (if any was stored) is `answer_message`.
-        data = {"code": error[0], "message": error[1], "text": text, "answer_message": message}
-    if stopped_at is not None:
-        data["stopped_at"] = stopped_at
-    if discarded:
-        data["rolled_back"] = True
-    if by is not None:
-        data["by"] = by
-    published = await deps.stream.publish(
-        user, conversation=conversation, run=run, event=END_EVENTS[status], data=data,
-        producer=f"run:{run}:end", pseq=1, fenced_run=run, pass_fence=True,
-    )
+        await retrying(record, retry_on=(Unavailable,), deadline_s=self.store_retry_s,
+                       what=f"recording the end of run {run}")
+        await self.start_next(conversation)
 
-    async def record() -> None:
-        await deps.store.set_terminal_seq(run, published.seq)
+    async def publish_unpublished_end(self, run: str) -> None:
+        """A run that ended in Postgres but whose end event was never published (its publisher
+        died in between) gets it published now; the end's producer id makes this idempotent."""
+        state = await self.store.run_state(run)
+        if state is None or state["status"] not in ENDED or state["terminal_seq"] is not None:
+            return
+        error = (state["error_code"], state["error_message"]) if state["error_code"] else None
+        ending = Ending(RunStatus(state["status"]), text=state["partial"], message=state["answer_message_id"],
+                        error=error)
+        await self.end(state["user_id"], state["conversation_id"], run, ending)
 
-    await retrying(record, retry_on=(Unavailable,), deadline_s=deps.store_retry_s,
-                   what=f"recording the end of run {run}")
-    await start_next(deps, conversation)
+    async def start_next(self, conversation: str) -> None:
+        """Queue the conversation's next waiting run, if nothing else is in flight."""
 
+        async def promote() -> object:
+            return await self.store.promote_next(conversation)
 
-async def start_next(deps: RunDeps, conversation: str) -> None:
-    """Put the conversation's next waiting run on the job stream, if nothing else is in flight."""
+        promoted = await retrying(promote, retry_on=(Unavailable,), deadline_s=self.store_retry_s,
+                                  what=f"starting the next run of {conversation}")
+        if promoted is not None:
+            await self.queue.enqueue(Job(run=promoted["id"], user=promoted["user_id"],  # type: ignore[index]
+                                         conversation=conversation))
 
-    async def promote() -> Any:
-        return await deps.store.promote_next(conversation)
+    # Human in the loop
 
-    promoted = await retrying(promote, retry_on=(Unavailable,), deadline_s=deps.store_retry_s,
-                              what=f"starting the next run of {conversation}")
-    if promoted is not None:
-        await enqueue_run(deps.redis, deps.keys, run=promoted["id"], user=promoted["user_id"],
-                          conversation=conversation)
+    async def respond(self, user: str, run: str, *, request: str, text: str, device: str) -> None:
+        """Answer a run's question. The first answer from any device wins; every device is told
+        who answered (`run.input_received`) before the worker gets it. Repeating one's own answer
+        (a retry) is harmless: the event is deduped and the worker takes one answer per question."""
+        row = await self.store.get_run(user, run)
+        if row["status"] != RunStatus.RUNNING:
+            raise NotWaiting(run, row["status"])
+        by = await self.queue.first_answer(user, run, request, device=device, ttl_s=self.answer_ttl_s)
+        if by != device:
+            raise AlreadyAnswered(by)
+        received = RunInputReceived(request=request, text=text, by=device)
+        await self.publish(user, row["conversation_id"], run, received, producer=f"run:{run}:input:{request}",
+                           fenced=True)
+        await self.queue.put_answer(user, run, Answer(request=request, text=text), ttl_s=self.answer_ttl_s)
+
+    async def wait_answer(self, user: str, run: str, request: str, *, timeout_s: float) -> str | None:
+        """The first device's answer to `request`, or None after `timeout_s`. A cancel still stops
+        the run while it waits (`Fenced`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            wait_s = min(1.0, max(0.01, deadline - loop.time()))
+            answer = await self.queue.next_answer(user, run, timeout_s=wait_s)
+            if answer is not None:
+                if answer.request == request:
+                    return answer.text
+                continue  # an answer to an earlier question of this run, repeated
+            if await self.broker.is_fenced(user, run):
+                raise Fenced(run)
+        return None

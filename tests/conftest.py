@@ -1,11 +1,15 @@
-"""Shared fixtures: real Redis and Postgres servers, started once per session on free ports."""
+"""Shared fixtures: real Redis and Postgres servers, started once per session on free ports.
+
+Plain helpers shared by the test modules are in tests/support.py.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from common.keys import Keys
@@ -53,5 +57,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLM) -> Iter
         yield running
 
 
-def unique(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:8]}"
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for REST calls and WebSockets of the test's own, closed after it."""
+    async with aiohttp.ClientSession() as session:
+        yield session

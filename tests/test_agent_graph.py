@@ -34,9 +34,7 @@ from agent_worker.graph import (
 )
 from agent_worker.model import ModelConfig, build_chat_model
 from tests.fake_llm import FakeLLM, split_words
-
-WAIT_S = 10.0
-History = Sequence[tuple[str, str]]
+from tests.support import WAIT_S, History, text_of
 
 
 @pytest.fixture
@@ -74,10 +72,6 @@ async def collect(graph: AgentGraph, history: History) -> list[str]:
     items = await collect_items(graph, history)
     assert all(isinstance(item, Text) for item in items), items
     return [item.text for item in items if isinstance(item, Text)]
-
-
-def text_of(items: Sequence[Item]) -> str:
-    return "".join(item.text for item in items if isinstance(item, Text))
 
 
 def wire(history: History) -> list[dict[str, str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -13,9 +13,8 @@ import pytest
 
 from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import ClusterConfig, LocalCluster
-from tests.conftest import unique
 from tests.fake_llm import FakeLLM
-from tests.test_tools import McpTestServer
+from tests.support import McpTestServer, unique
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +36,6 @@ def agents_cluster(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLM,
     })
     with LocalCluster(tmp_path_factory.mktemp("agents"), config) as cluster:
         yield cluster
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def get_agents(http: aiohttp.ClientSession, cluster: LocalCluster, token: str) -> list[dict[str, Any]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import asyncpg
@@ -16,14 +15,8 @@ import pytest
 
 from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import LocalCluster
-from tests.conftest import unique
 from tests.fake_llm import FakeLLM
-
-END = ("run.completed", "run.cancelled", "run.failed")
-
-
-def node_ws(cluster: LocalCluster, index: int) -> str:
-    return f"ws://127.0.0.1:{cluster.node_ports[index]}/ws"
+from tests.support import comparable, node_ws, rest, unique
 
 
 @pytest.fixture
@@ -31,24 +24,6 @@ async def db(cluster: LocalCluster) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(cluster.database_url)
     yield conn
     await conn.close()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-async def rest(http: aiohttp.ClientSession, cluster: LocalCluster, token: str, method: str, path: str,
-               **kw: Any) -> tuple[int, Any]:
-    headers = {"Authorization": f"Bearer {token}"}
-    async with http.request(method, f"{cluster.http_url}{path}", headers=headers, **kw) as response:
-        body = await response.json() if response.content_type == "application/json" else None
-        return response.status, body
-
-
-def comparable(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [(e["seq"], e["event"], e["run"], e["conversation"], e["data"]) for e in events]
 
 
 def assert_gapless(client: ChorusClient, start: int) -> None:
@@ -91,7 +66,7 @@ async def test_phone_and_laptop_on_two_nodes_see_one_identical_stream(
         assert [e["seq"] for e in created] == [a["seq"] for a in acks]
 
         # (2) tokens concatenate to run.completed's text, which is the stored assistant message
-        status, page = await rest(http, cluster, token, "GET", f"/v1/conversations/{conversation}/messages")
+        status, page = await rest(http, cluster.http_url, token, "GET", f"/v1/conversations/{conversation}/messages")
         assert status == 200
         stored = page["messages"]
         assert [m["role"] for m in stored] == ["user", "assistant"] * 3
@@ -236,13 +211,13 @@ async def test_users_never_see_or_touch_each_other(
         for method, path in [("GET", f"/v1/conversations/{conversation}"),
                              ("GET", f"/v1/conversations/{conversation}/messages"),
                              ("DELETE", f"/v1/conversations/{conversation}")]:
-            status, body = await rest(http, cluster, bob_token, method, path)
+            status, body = await rest(http, cluster.http_url, bob_token, method, path)
             assert status == 404, (method, path, body)
-        status, listing = await rest(http, cluster, bob_token, "GET", "/v1/conversations")
+        status, listing = await rest(http, cluster.http_url, bob_token, "GET", "/v1/conversations")
         assert status == 200 and listing["conversations"] == []
         await bob.ping()
         assert bob.events == [], "bob received alice's events"
-        status, _ = await rest(http, cluster, alice_token, "GET", f"/v1/conversations/{conversation}")
+        status, _ = await rest(http, cluster.http_url, alice_token, "GET", f"/v1/conversations/{conversation}")
         assert status == 200
     finally:
         await alice.close()

@@ -30,11 +30,10 @@ import redis
 from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import PostgresServer, RedisServer
-from tests.conftest import unique
 from tests.fake_llm import FakeLLM
 from tests.faultproxy import ConnectionInfo, FaultProxy
+from tests.support import comparable_without_conversation, tokens, unique
 
-END = ("run.completed", "run.cancelled", "run.failed")
 # Known bugs (reported to the lead), named in the failures they cause.
 # The first Redis call after a reconnect can fail on a pooled connection that died with the old
 # Redis; a catch-up that fails so is never retried.
@@ -122,12 +121,6 @@ def rig(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLM) -> Iterator
             running.stop()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 @pytest.fixture(autouse=True)
 async def healthy(rig: Rig, http: aiohttp.ClientSession) -> AsyncIterator[None]:
     """Each test starts, and leaves, with every path healed and both nodes ready."""
@@ -194,16 +187,8 @@ def saw(client: ChorusClient, kind: str) -> Callable[[], bool]:
     return lambda: any(f["type"] == kind for f in client.frames)
 
 
-def tokens(client: ChorusClient, run: str) -> int:
-    return sum(1 for e in client.events if e["run"] == run and e["event"] == "token")
-
-
 def words(n: int) -> str:
     return " ".join(f"word{i}" for i in range(1, n + 1))
-
-
-def comparable(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [(e["seq"], e["event"], e["run"], e["data"]) for e in events]
 
 
 async def wait_end(device: ChorusClient, run: str, timeout_s: float, hint: str = "") -> dict[str, Any]:
@@ -297,7 +282,7 @@ async def test_redis_restart_with_data_mid_answer_loses_and_doubles_nothing(
         await assert_run_stored(rig, http, token, after, [phone, laptop], words(5))
         assert_gapless(phone, start)
         assert_gapless(laptop, start)
-        assert comparable(phone.events) == comparable(laptop.events)
+        assert comparable_without_conversation(phone.events) == comparable_without_conversation(laptop.events)
         assert not [f for f in phone.frames + laptop.frames if f["type"] == "resync"], "same epoch: no resync"
         assert phone.connects == laptop.connects == 1, "sockets survive a Redis restart"
         assert rig.pids() == pids
@@ -360,7 +345,7 @@ async def test_redis_restart_without_data_resyncs_devices_and_rest_has_the_whole
         floor = max(r["seq"] for r in resyncs.values())
         tails = [[e for e in events_after(d, resyncs[d.device or ""]) if e["seq"] > floor]
                  for d in (phone, laptop)]
-        assert tails[0] and comparable(tails[0]) == comparable(tails[1])
+        assert tails[0] and comparable_without_conversation(tails[0]) == comparable_without_conversation(tails[1])
         await assert_run_stored(rig, http, token, after, [phone, laptop], words(5))
         assert rig.pids() == pids
     finally:
@@ -386,7 +371,7 @@ async def test_latency_on_every_path_slows_things_but_breaks_nothing(
         await assert_run_stored(rig, http, token, ack, [phone, laptop], words(40))
         assert_gapless(phone, start)
         assert_gapless(laptop, start)
-        assert comparable(phone.events) == comparable(laptop.events)
+        assert comparable_without_conversation(phone.events) == comparable_without_conversation(laptop.events)
     finally:
         await close_all(phone, laptop)
 
@@ -430,7 +415,7 @@ async def test_redis_blackhole_fails_new_work_cleanly_and_heals_without_restarts
         await assert_run_stored(rig, http, token, second, [phone, laptop], words(5))
         assert_gapless(phone, start)
         assert_gapless(laptop, start)
-        assert comparable(phone.events) == comparable(laptop.events)
+        assert comparable_without_conversation(phone.events) == comparable_without_conversation(laptop.events)
         for node in (0, 1):
             await wait_ready(rig, http, node, True, 15)
         assert rig.pids() == pids
@@ -478,7 +463,7 @@ async def test_postgres_blackhole_gives_unavailable_in_bounded_time_then_heals(
         assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"], stored
         assert_gapless(phone, start)
         assert_gapless(laptop, start)
-        assert comparable(phone.events) == comparable(laptop.events)
+        assert comparable_without_conversation(phone.events) == comparable_without_conversation(laptop.events)
         assert rig.pids() == pids
         not_ready_after_s = await probe
         assert not_ready_after_s < 5, (
@@ -531,7 +516,7 @@ async def test_postgres_down_mid_answer_streams_on_sends_fail_cleanly_and_all_re
         assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"], stored
         assert_gapless(phone, start)
         assert_gapless(laptop, start)
-        assert comparable(phone.events) == comparable(laptop.events)
+        assert comparable_without_conversation(phone.events) == comparable_without_conversation(laptop.events)
         assert rig.pids() == pids
     finally:
         await close_all(phone, laptop)
@@ -563,7 +548,7 @@ async def test_run_finishing_while_postgres_is_down_ends_once_when_it_returns(
         await assert_run_stored(rig, http, token, ack, [phone, laptop], words(30))
         assert_gapless(phone, start)
         assert_gapless(laptop, start)
-        assert comparable(phone.events) == comparable(laptop.events)
+        assert comparable_without_conversation(phone.events) == comparable_without_conversation(laptop.events)
         assert rig.pids() == pids
     finally:
         await close_all(phone, laptop)
@@ -602,7 +587,7 @@ async def test_deaf_node_notices_resubscribes_and_its_devices_miss_nothing(
         await assert_run_stored(rig, http, token, ack, [phone, laptop], words(200))
         assert_gapless(phone, start)
         assert_gapless(laptop, start)
-        assert comparable(phone.events) == comparable(laptop.events)
+        assert comparable_without_conversation(phone.events) == comparable_without_conversation(laptop.events)
         assert phone.connects == 1, "the device was served through the outage, not reconnected"
         assert noticed_s < 7, f"the deaf connection was noticed only after {noticed_s:.1f}s"
         assert rig.pids() == pids
@@ -641,7 +626,7 @@ async def test_reset_connections_all_reconnect_and_the_stream_stays_exact(
         await assert_run_stored(rig, http, token, second, [phone, laptop], words(5))
         assert_gapless(phone, start)
         assert_gapless(laptop, start)
-        assert comparable(phone.events) == comparable(laptop.events)
+        assert comparable_without_conversation(phone.events) == comparable_without_conversation(laptop.events)
         assert rig.pids() == pids
     finally:
         await close_all(phone, laptop)

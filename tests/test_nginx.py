@@ -21,7 +21,6 @@ import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
 
 import aiohttp
 import pytest
@@ -29,8 +28,8 @@ import pytest
 from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import NGINX_TEMPLATE, NginxServer
-from tests.conftest import unique
 from tests.fake_llm import FakeLLM
+from tests.support import comparable, node_ws, tokens, unique
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -61,6 +60,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLM) -> Iterat
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """conftest's `http`, with a 10 s bound on each request."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         yield session
 
@@ -93,10 +93,6 @@ async def _wait_in_rotation(cluster: LocalCluster, http: aiohttp.ClientSession, 
         await asyncio.sleep(0.05)
 
 
-def node_ws(cluster: LocalCluster, index: int) -> str:
-    return f"ws://127.0.0.1:{cluster.node_ports[index]}/ws"
-
-
 async def connect_spread(cluster: LocalCluster, token: str, count: int) -> dict[str, list[ChorusClient]]:
     """`count` devices through nginx, grouped by the node that serves them; both nodes must have some."""
     by_node: dict[str, list[ChorusClient]] = {name: [] for name in NODE_IDS}
@@ -111,10 +107,6 @@ async def connect_spread(cluster: LocalCluster, token: str, count: int) -> dict[
         await asyncio.gather(*(d.close() for d in devices))
         raise
     return by_node
-
-
-def tokens(client: ChorusClient, run: str) -> int:
-    return sum(1 for e in client.events if e["run"] == run and e["event"] == "token")
 
 
 def kinds(client: ChorusClient) -> list[str]:
@@ -142,10 +134,6 @@ async def when(client: ChorusClient, predicate: Callable[[], bool], timeout_s: f
     """The monotonic time at which `predicate` first held (the client notifies on every frame and close)."""
     await client.wait_for(predicate, timeout_s)
     return time.monotonic()
-
-
-def comparable(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [(e["seq"], e["event"], e["run"], e["conversation"], e["data"]) for e in events]
 
 
 def assert_complete(client: ChorusClient, reference: ChorusClient, run: str, words: int = TOKENS) -> None:

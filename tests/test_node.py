@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
-import socket
-import struct
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +18,11 @@ import pytest
 from redis.asyncio import Redis
 
 from common.keys import Keys
-from fanout.stream import UserStream
+from fanout.redis_broker import RedisBroker
 from loadtest.client import ChorusClient
 from loadtest.cluster import LocalCluster
 from loadtest.procs import Proc, free_port, wait_http_ok
-from tests.conftest import unique
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+from tests.support import RawSocket, payload, send_frame, unique
 
 
 def node_url(cluster: LocalCluster, path: str, index: int = 0) -> str:
@@ -59,10 +50,7 @@ async def test_bad_frames_get_error_frames_and_the_socket_lives_on(cluster: Loca
             ("\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace"), "bad_request"),
         ]
         for frame, code in cases:
-            if isinstance(frame, bytes):
-                await ws.send_bytes(frame)
-            else:
-                await ws.send_str(frame)
+            await send_frame(ws, frame)
             reply = await ws.receive_json(timeout=5)
             assert reply["type"] == "error", (frame, reply)
             assert reply["code"] == code, (frame, reply)
@@ -190,63 +178,6 @@ def test_a_bad_setting_stops_the_process_naming_the_variable(module: str, env: d
     assert name in done.stderr
 
 
-class RawSocket:
-    """A WebSocket client with a tiny receive buffer that reads only when told: a slow phone."""
-
-    def __init__(self, port: int, path: str) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.connect(("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        self.buffer = b""
-        while b"\r\n\r\n" not in self.buffer:
-            self.buffer += self.sock.recv(4096)
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        assert b" 101 " in head.split(b"\r\n")[0]
-
-    def _read(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buffer += chunk
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
-
-    def frame(self) -> tuple[int, bytes]:
-        """The next frame: (opcode, payload)."""
-        self.sock.settimeout(20)
-        first, second = self._read(2)
-        length = second & 0x7F
-        if length == 126:
-            length = struct.unpack("!H", self._read(2))[0]
-        elif length == 127:
-            length = struct.unpack("!Q", self._read(8))[0]
-        return first & 0x0F, self._read(length)
-
-    def frames_until_close(self) -> tuple[int, int]:
-        """Read every frame; returns (text frames read, close code)."""
-        texts = 0
-        while True:
-            opcode, payload = self.frame()
-            if opcode == 0x8:
-                return texts, struct.unpack("!H", payload[:2])[0]
-            texts += opcode == 0x1
-
-    def events_until(self, last_seq: int) -> list[dict[str, Any]]:
-        """Read event frames until one reaches `last_seq`."""
-        events: list[dict[str, Any]] = []
-        while not events or events[-1]["seq"] < last_seq:
-            opcode, payload = self.frame()
-            assert opcode == 0x1, f"unexpected opcode {opcode}: {payload[:80]!r}"
-            frame = json.loads(payload)
-            if frame["type"] == "event":
-                events.append(frame)
-        return events
-
-
 @pytest.fixture
 def small_queue_node(cluster: LocalCluster, tmp_path: Path) -> Iterator[int]:
     """A node whose sockets may queue only 64 frames."""
@@ -276,10 +207,10 @@ async def test_slow_consumer_is_closed_with_4008_and_others_keep_up(cluster: Loc
         slow = await asyncio.to_thread(RawSocket, port, f"/ws?access_token={token}&device=slow")
         healthy = ChorusClient(f"ws://127.0.0.1:{port}/ws", token, device="healthy", auto_reconnect=False)
         start = (await healthy.connect())["seq"]
-        stream = UserStream(redis, Keys())
+        stream = RedisBroker(redis, Keys())
         padding = "x" * 2000
         for n in range(3000):  # not tokens: nothing to merge
-            await stream.publish(user, conversation="c", run="r", event="note", data={"text": padding, "n": n})
+            await stream.publish(user, payload("c", "r", "note", {"text": padding, "n": n}))
         await healthy.wait_for(lambda: len(healthy.seqs()) == 3000, 30)
         assert healthy.gaps == [] and healthy.seqs()[0] == start + 1
         texts, code = await asyncio.to_thread(slow.frames_until_close)
@@ -303,11 +234,11 @@ async def test_a_slow_devices_queued_tokens_are_merged_instead_of_closing_it(
         for expected in ("hello", "snapshot"):  # the device is live once it has these
             _, payload = await asyncio.to_thread(slow.frame)
             assert json.loads(payload)["type"] == expected
-        stream = UserStream(redis, Keys())
+        stream = RedisBroker(redis, Keys())
         # ~4.5 MB: more than the kernel's socket buffers hold, so the node's queue fills
         texts = [f"token-{n:04d}-" + "y" * 1500 for n in range(3000)]
         for text in texts:
-            last = await stream.publish(user, conversation="c", run="r", event="token", data={"text": text})
+            last = await stream.publish(user, payload("c", "r", "token", {"text": text}))
         events = await asyncio.to_thread(slow.events_until, last.seq)
         covered = [s for e in events for s in range(e.get("seq_from", e["seq"]), e["seq"] + 1)]
         assert covered == list(range(last.seq - 2999, last.seq + 1)), "every seq exactly once, in order"

@@ -37,9 +37,8 @@ from agent_worker.resilience import (
     resilient,
 )
 from tests.fake_llm import FakeLLM, split_words
+from tests.support import WAIT_S, History
 
-WAIT_S = 10.0
-History = Sequence[tuple[str, str]]
 Answer = Callable[[History], AsyncIterator[Item]]
 HELLO = [("user", "hello")]
 

@@ -11,7 +11,7 @@ import pytest
 
 from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import LocalCluster
-from tests.conftest import unique
+from tests.support import unique
 
 SLOW = "[[tokens:120]] [[slow:0.03]]"
 

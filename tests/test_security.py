@@ -17,7 +17,7 @@ import re
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,7 @@ from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import LocalCluster
 from loadtest.procs import REPO_ROOT, Proc, RedisServer, free_port, wait_http_ok
 from persistence.migrate import sqlalchemy_url, upgrade_head
-from tests.conftest import unique
-from tests.test_node import RawSocket
+from tests.support import RawSocket, rest, send_frame, unique
 from ws_node.auth import (
     AuthUnavailable,
     Identity,
@@ -357,12 +356,6 @@ def strict(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> I
     yield StrictNode(proc, port)
     proc.stop()
     assert not SERVER_ERROR.search(proc.log_text()), proc.log_text()[-3000:]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def refused_status(http: aiohttp.ClientSession, url: str, **kw: Any) -> int:
@@ -749,14 +742,6 @@ async def test_a_node_with_a_jwks_url(cluster: LocalCluster, tmp_path: Path,
 # Authorization: every command and request, including guessed ids
 
 
-async def rest(http: aiohttp.ClientSession, base: str, token: str, method: str, path: str,
-               **kw: Any) -> tuple[int, Any]:
-    async with http.request(method, f"{base}{path}", headers={"Authorization": f"Bearer {token}"},
-                            **kw) as response:
-        body = await response.json() if response.content_type == "application/json" else None
-        return response.status, body
-
-
 def guesses(real: str) -> list[str]:
     """Ids an attacker would try next to one they saw (or to nothing at all)."""
     prefix = real.split("_", 1)[0]
@@ -877,10 +862,7 @@ async def test_hostile_frames_get_errors_and_the_socket_lives(cluster: LocalClus
             (b"\x00" * 1000, "bad_request"),
         ]
         for frame, code in cases:
-            if isinstance(frame, bytes):
-                await ws.send_bytes(frame)
-            else:
-                await ws.send_str(frame)
+            await send_frame(ws, frame)
             reply = await ws.receive_json(timeout=5)
             while reply["type"] not in ("error", "pong"):  # e.g. a snapshot after the hello
                 reply = await ws.receive_json(timeout=5)
@@ -1029,10 +1011,7 @@ async def _fuzz_socket(url: str, corpus: list[str | bytes]) -> list[dict[str, An
         hello = await ws.receive_json(timeout=10)
         assert hello["type"] == "hello"
         for frame in corpus:
-            if isinstance(frame, bytes):
-                await ws.send_bytes(frame)
-            else:
-                await ws.send_str(frame)
+            await send_frame(ws, frame)
         await ws.send_json({"type": "ping", "id": "fuzz-end"})
         replies = []
         async with asyncio.timeout(20):

@@ -24,18 +24,17 @@ import statistics
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 from redis.asyncio import Redis
 
 from common.keys import Keys
-from fanout.stream import UserStream
+from fanout.redis_broker import RedisBroker
 from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
-from tests.conftest import unique
 from tests.fake_llm import FakeLLM
+from tests.support import comparable_without_conversation, payload, unique
 
 # 1000 sockets = USERS x DEVICES. Measured on the 2-core dev box: 1000 connect in ~1.5 s, all are
 # back ~3 s after nginx dies and ~1 s after a node dies; the module takes ~15 s. 4000 (40 x 100)
@@ -153,20 +152,16 @@ async def publish_while_away(cluster: LocalCluster, users: list[str]) -> None:
     async def publish() -> None:
         redis = Redis.from_url(cluster.redis_url, decode_responses=True)
         try:
-            stream = UserStream(redis, Keys())
+            stream = RedisBroker(redis, Keys())
             await asyncio.gather(*(
-                stream.publish(user, conversation="storm", run=None, event="notice",
-                               data={"text": "published while the sockets were down"})
+                stream.publish(user, payload("storm", None, "notice",
+                                             {"text": "published while the sockets were down"}))
                 for user in users
             ))
         finally:
             await redis.aclose()
 
     await asyncio.to_thread(asyncio.run, publish())
-
-
-def comparable(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [(e["seq"], e["event"], e["run"], e["data"]) for e in events]
 
 
 async def send_and_check_every_device(users: dict[str, list[ChorusClient]], starts: dict[str, int]) -> None:
@@ -178,13 +173,13 @@ async def send_and_check_every_device(users: dict[str, list[ChorusClient]], star
     ends = await asyncio.gather(*waits)
     assert {end["event"] for end in ends} == {"run.completed"}
     for (user, clients), ack in zip(users.items(), acks, strict=True):
-        reference = comparable(clients[0].events)
+        reference = comparable_without_conversation(clients[0].events)
         assert any(e["event"] == "notice" for e in clients[0].events), "the event published while away"
         assert clients[0].run_text(ack["run"]) == clients[0].run_end(ack["run"])["data"]["text"]  # type: ignore[index]
         for client in clients:
             assert client.gaps == [] and client.duplicates == 0, (user, client.device)
             assert client.seqs() == list(range(starts[user] + 1, starts[user] + 1 + len(client.events)))
-            assert comparable(client.events) == reference, (user, client.device)
+            assert comparable_without_conversation(client.events) == reference, (user, client.device)
 
 
 @pytest.mark.timeout(180)

@@ -5,138 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx
 import pytest
-import uvicorn
-from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
 
 from agent_worker.agents import AgentRegistry, UnknownAgent, agents_from_env
 from agent_worker.graph import Item, Text, ToolCompleted, ToolStarted
 from agent_worker.mcp_client import McpClient, McpError, McpRpcError, summarize
 from common.config import SettingError
+from loadtest.procs import free_port
 from tests.fake_llm import FakeLLM
+from tests.support import WAIT_S, McpTestServer, text_of, weather
 
-WAIT_S = 10.0
 # How MCPServer reports a ToolError to the caller.
 ATLANTIS = "Error executing tool lookup_weather: no weather station in Atlantis"
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-def weather(city: str) -> str:
-    """What the test server's ``lookup_weather`` answers: over 400 characters."""
-    return f"Sunny, 21 C in {city}; light wind from the west. " + "Details follow. " * 30
-
-
-class McpTestServer:
-    """The `mcp` package's MCPServer over Streamable HTTP (uvicorn) on a local port, in a thread.
-
-    Records every tool call (:attr:`calls`) and the JSON-RPC method of every POST (:attr:`methods`).
-    """
-
-    def __init__(self, *, json_response: bool = False, stateless: bool = False, port: int = 0) -> None:
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.methods: list[str] = []
-        self.slow_started = threading.Event()
-        self._lock = threading.Lock()
-        self._json_response, self._stateless, self._port = json_response, stateless, port
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self.url = ""
-
-    def _record(self, name: str, arguments: dict[str, Any]) -> None:
-        with self._lock:
-            self.calls.append((name, arguments))
-
-    def _app(self) -> Asgi:
-        mcp = MCPServer("chorus-test-tools", log_level="WARNING")
-
-        @mcp.tool()
-        def add(a: int, b: int) -> int:
-            """Add two integers."""
-            self._record("add", {"a": a, "b": b})
-            return a + b
-
-        @mcp.tool()
-        def lookup_weather(city: str) -> str:
-            """The current weather in a city."""
-            self._record("lookup_weather", {"city": city})
-            if city == "Atlantis":
-                raise ToolError("no weather station in Atlantis")
-            return weather(city)
-
-        @mcp.tool()
-        def crash() -> str:
-            """Raises an unexpected exception."""
-            self._record("crash", {})
-            raise RuntimeError("kaboom")
-
-        @mcp.tool()
-        async def slow(seconds: float) -> str:
-            """Sleeps, then answers."""
-            self._record("slow", {"seconds": seconds})
-            self.slow_started.set()
-            await anyio.sleep(seconds)
-            return "done"
-
-        app: Asgi = mcp.streamable_http_app(json_response=self._json_response, stateless_http=self._stateless)
-
-        async def recording(scope: Scope, receive: Receive, send: Send) -> None:
-            if scope["type"] != "http" or scope["method"] != "POST":
-                await app(scope, receive, send)
-                return
-            received = [await receive()]
-            while received[-1]["type"] == "http.request" and received[-1].get("more_body"):
-                received.append(await receive())
-            body = b"".join(m.get("body", b"") for m in received if m["type"] == "http.request")
-            with self._lock:
-                self.methods.append(str(json.loads(body or b"{}").get("method")))
-            replay = iter(received)
-
-            async def again() -> Message:
-                return next(replay, None) or await receive()
-
-            await app(scope, again, send)
-
-        return recording
-
-    def start(self) -> None:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self._port))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(self._app(), log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
-        server = self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
-                                        name="mcp-server", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + WAIT_S
-        while not server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise TimeoutError("MCP test server did not start")
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{port}/mcp"
-
-    def stop(self) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(WAIT_S)
-
-    def tool_calls(self) -> list[tuple[str, dict[str, Any]]]:
-        with self._lock:
-            return list(self.calls)
 
 
 @pytest.fixture(params=["sse", "json"])
@@ -161,20 +47,9 @@ async def client(mcp_server: McpTestServer) -> AsyncIterator[McpClient]:
     await mcp.aclose()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def collect(stream: AsyncIterator[Item]) -> list[Item]:
     async with asyncio.timeout(WAIT_S):
         return [item async for item in stream]
-
-
-def text_of(items: list[Item]) -> str:
-    return "".join(item.text for item in items if isinstance(item, Text))
 
 
 # -- the MCP client --------------------------------------------------------------------------

@@ -13,8 +13,8 @@ from common.keys import Keys
 from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import Proc
-from tests.conftest import unique
 from tests.fake_llm import FakeLLM
+from tests.support import unique
 
 LONG = "[[tokens:60]] [[slow:0.05]] a long answer please"
 

@@ -20,10 +20,12 @@ from common.keys import Keys
 from common.redis_client import TRANSIENT
 from fanout.hub import Hub
 from fanout.hub import Unavailable as HubUnavailable
-from fanout.stream import UserStream
+from fanout.redis_broker import RedisBroker
 from persistence.store import Store
 from persistence.store import Unavailable as StoreUnavailable
 from protocol import Ack, CloseCode, Error, ErrorCode, ProtocolError, Reconnect, encode
+from runs.lifecycle import Runs
+from runs.queue import RedisRunQueue
 from ws_node import commands, limits, presence, rest
 from ws_node.auth import (
     IDENTITY,
@@ -97,7 +99,7 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
                        message=f"at most {settings.max_devices_per_user} devices at once".encode())
         return ws
 
-    conn = Connection(ws, user=ident.user, device=device, stream=svc.stream,
+    conn = Connection(ws, user=ident.user, device=device, broker=svc.broker,
                       queue_max_frames=settings.queue_max_frames, runs_in_flight=svc.store.runs_in_flight,
                       merged_token_max_chars=settings.merged_token_max_chars)
     lease = TokenLease(guard.verifier, ident, on_expire=lambda: conn.close(
@@ -310,9 +312,11 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
         redis = redis_client.connect(settings.redis_url, socket_timeout_s=5)
         keys = Keys(settings.redis_prefix)
         store = await Store.connect_when_ready(settings.database_url)
-        hub = Hub(redis, keys)
-        stream = UserStream(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
-        svc = Services(settings=settings, redis=redis, keys=keys, stream=stream, hub=hub, store=store)
+        broker = RedisBroker(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
+        hub = Hub(broker)
+        runs = Runs(store, broker, RedisRunQueue(redis, keys), answer_ttl_s=settings.history_ttl_s)
+        svc = Services(settings=settings, redis=redis, keys=keys, broker=broker, hub=hub, store=store,
+                       runs=runs)
         app[SERVICES] = svc
         app[ADMISSION] = build_admission(settings, redis, keys)
         await hub.start()

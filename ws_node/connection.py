@@ -18,8 +18,8 @@ from aiohttp import web
 
 from common.backoff import delays_s
 from common.redis_client import TRANSIENT
+from fanout.broker import Broker, Position
 from fanout.recovery import Gate, Offer, frame_seq, plan_resume
-from fanout.stream import Position, UserStream
 from persistence.records import RunInFlight
 from protocol import CloseCode, Hello, Resync, ResyncReason, Snapshot, encode
 from runs import snapshot
@@ -32,7 +32,7 @@ class Connection:
     """A device of `user` connected to this node."""
 
     def __init__(
-        self, ws: web.WebSocketResponse, *, user: str, device: str, stream: UserStream, queue_max_frames: int,
+        self, ws: web.WebSocketResponse, *, user: str, device: str, broker: Broker, queue_max_frames: int,
         runs_in_flight: Callable[[str], Awaitable[list[RunInFlight]]] | None = None,
         merged_token_max_chars: int = 65_536,
     ) -> None:
@@ -41,7 +41,7 @@ class Connection:
         self.ws = ws
         self.user = user
         self.device = device
-        self.stream = stream
+        self.broker = broker
         self.queue_max_frames = queue_max_frames
         self.gate = Gate(last=0)
         self.epoch = ""
@@ -121,7 +121,7 @@ class Connection:
     async def open(self, *, after: int | None, client_epoch: str | None, node: str, heartbeat_s: int) -> None:
         """After the hub attached this connection (frames are parked meanwhile): say hello, then
         replay history after `after`, or resync, then go live with nothing missed or doubled."""
-        position = await self.stream.position(self.user)
+        position = await self.broker.position(self.user)
         self.epoch = position.epoch
         self.send(encode(Hello(node=node, user=self.user, device=self.device, epoch=position.epoch,
                                  seq=position.seq, heartbeat=heartbeat_s)))
@@ -150,7 +150,7 @@ class Connection:
         delays = delays_s(base_s=0.05, cap_s=2.0)
         while self._parked is not None and self.close_code is None:
             try:
-                position = await self.stream.position(self.user)
+                position = await self.broker.position(self.user)
                 if position.epoch != self.epoch or position.seq < self.gate.last:
                     # A lost history, or one restored from an older snapshot with the same epoch
                     # (its seqs would be reused and dropped as duplicates): the position is void.
@@ -163,7 +163,7 @@ class Connection:
                 await asyncio.sleep(next(delays))
 
     async def _replay(self, position: Position) -> None:
-        frames = await self.stream.read_after(self.user, self.gate.last, upto=position.seq)
+        frames = await self.broker.read_after(self.user, self.gate.last, upto=position.seq)
         if frames is None:
             await self._resync(ResyncReason.HISTORY_TRIMMED, position)
             return
@@ -191,7 +191,7 @@ class Connection:
                                     first_seq=position.first_seq)
         events = []
         if after is not None and after < position.seq:
-            frames = await self.stream.read_after(self.user, after, upto=position.seq)
+            frames = await self.broker.read_after(self.user, after, upto=position.seq)
             if frames is None:
                 after = None
             else:

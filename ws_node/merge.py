@@ -13,14 +13,16 @@ from typing import Any
 
 import orjson
 
-_TOKEN_MARK = '"event":"token"'
+from protocol.vocabulary import Event
+
+_TOKEN_MARK = f'"event":"{Event.TOKEN}"'  # a cheap test before parsing the frame
 
 
 def _token(frame: str) -> dict[str, Any] | None:
     if not frame.startswith('{"seq":') or _TOKEN_MARK not in frame:
         return None
     event: dict[str, Any] = orjson.loads(frame)
-    return event if event.get("event") == "token" else None
+    return event if event.get("event") == Event.TOKEN else None
 
 
 def compact(frames: Iterable[str], *, max_chars: int = 32_768) -> list[str]:

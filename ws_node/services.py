@@ -10,8 +10,9 @@ from redis.asyncio import Redis
 
 from common.keys import Keys
 from fanout.hub import Hub
-from fanout.stream import UserStream
+from fanout.redis_broker import RedisBroker
 from persistence.store import Store
+from runs.lifecycle import Runs
 from ws_node.connection import Connection
 from ws_node.settings import NodeSettings
 
@@ -21,9 +22,10 @@ class Services:
     settings: NodeSettings
     redis: Redis
     keys: Keys
-    stream: UserStream
+    broker: RedisBroker
     hub: Hub
     store: Store
+    runs: Runs
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False
     sockets: int = 0  # WebSocket requests in progress, from handshake to close

@@ -1,0 +1,255 @@
+"""`RunQueue`: how runs reach workers, and how a device's answer reaches a paused run.
+
+The queue only delivers, at least once; a run's Postgres row is the truth (a worker claims it
+with a lease before doing anything, so a second delivery is harmless). The shape follows
+taskiq-redis's consumer group: `take` (XREADGROUP) -> work -> `ack`, `reclaim` (XAUTOCLAIM) for
+jobs whose consumer died, a dead-letter stream for jobs delivered too often.
+
+Two implementations: `RedisRunQueue` (a Redis Stream and consumer group, the group created once
+at start and again if Redis lost it) and `MemoryRunQueue` (in-process, for fast tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import orjson
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from common.keys import RUNS_GROUP, Keys
+
+
+@dataclass(frozen=True)
+class Job:
+    """A run to carry out."""
+
+    run: str
+    user: str
+    conversation: str
+
+    def fields(self) -> dict[str, str]:
+        return {"run": self.run, "user": self.user, "conversation": self.conversation}
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str]) -> Job:
+        return cls(run=fields["run"], user=fields["user"], conversation=fields["conversation"])
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of a job; `entry` identifies it for `ack`, `deliveries` counts this one."""
+
+    entry: str
+    job: Job
+    deliveries: int = 1
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A device's answer to a paused run's question (human in the loop)."""
+
+    request: str
+    text: str
+
+
+class RunQueue(Protocol):
+    async def create(self) -> None:
+        """Make the queue ready to consume (idempotent); called once at a worker's start."""
+
+    async def enqueue(self, job: Job) -> None: ...
+
+    async def take(self, consumer: str, *, count: int, block_ms: int) -> list[Delivery]:
+        """New jobs for `consumer`, waiting up to `block_ms` for one."""
+
+    async def ack(self, delivery: Delivery) -> None:
+        """Done with: the job will not be delivered again."""
+
+    async def keep(self, consumer: str, deliveries: Sequence[Delivery]) -> None:
+        """`consumer` still works on these: nobody may reclaim them for another `idle_ms`."""
+
+    async def reclaim(self, consumer: str, *, idle_ms: int, count: int) -> list[Delivery]:
+        """Jobs delivered but not acked nor kept for `idle_ms` (their consumer died), now
+        `consumer`'s; each counts one delivery more."""
+
+    async def dead_letter(self, delivery: Delivery) -> None:
+        """Set a job aside for good (delivered too often) and ack it."""
+
+    async def first_answer(self, user: str, run: str, request: str, *, device: str, ttl_s: int) -> str:
+        """Record `device` as answering `request` unless a device did already; returns the
+        device whose answer counts (the first)."""
+
+    async def put_answer(self, user: str, run: str, answer: Answer, *, ttl_s: int) -> None:
+        """Hand `answer` to the run's worker (after `first_answer` chose it)."""
+
+    async def next_answer(self, user: str, run: str, *, timeout_s: float) -> Answer | None:
+        """The next answer handed to `run`, waiting up to `timeout_s`."""
+
+
+class RedisRunQueue:
+    """A Redis Stream read by the workers' consumer group; answers in a list per run."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    async def create(self) -> None:
+        try:
+            await self.redis.xgroup_create(self.keys.runs, RUNS_GROUP, id="0", mkstream=True)
+        except redis_errors.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def enqueue(self, job: Job) -> None:
+        await self.redis.xadd(self.keys.runs, job.fields())  # type: ignore[arg-type]
+
+    async def take(self, consumer: str, *, count: int, block_ms: int) -> list[Delivery]:
+        try:
+            reply: Any = await self.redis.xreadgroup(
+                RUNS_GROUP, consumer, {self.keys.runs: ">"}, count=count, block=block_ms
+            )
+        except redis_errors.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.create()  # Redis restarted without its data: the group is gone
+            return []
+        return [Delivery(entry, Job.from_fields(fields))
+                for _, entries in reply or () for entry, fields in entries]
+
+    async def ack(self, delivery: Delivery) -> None:
+        # Acknowledged, and removed so the stream stays small.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.keys.runs, RUNS_GROUP, delivery.entry)
+            pipe.xdel(self.keys.runs, delivery.entry)
+            await pipe.execute()
+
+    async def keep(self, consumer: str, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        # JUSTID resets the idle time and leaves the delivery count alone (it counts real
+        # deliveries, for the dead letter).
+        await self.redis.xclaim(self.keys.runs, RUNS_GROUP, consumer, 0,
+                                [d.entry for d in deliveries], justid=True)
+
+    async def reclaim(self, consumer: str, *, idle_ms: int, count: int) -> list[Delivery]:
+        reply: Any = await self.redis.xautoclaim(self.keys.runs, RUNS_GROUP, consumer, idle_ms,
+                                                 start_id="0-0", count=count)
+        claimed = [(entry, fields) for entry, fields in reply[1] if fields]  # deleted entries have none
+        deliveries = []
+        for entry, fields in claimed:
+            pending: Any = await self.redis.xpending_range(self.keys.runs, RUNS_GROUP, min=entry, max=entry,
+                                                           count=1)
+            times = int(pending[0]["times_delivered"]) if pending else 1
+            deliveries.append(Delivery(entry, Job.from_fields(fields), deliveries=times))
+        return deliveries
+
+    async def dead_letter(self, delivery: Delivery) -> None:
+        fields: dict[Any, Any] = {**delivery.job.fields(), "deliveries": str(delivery.deliveries)}
+        await self.redis.xadd(self.keys.runs_dead, fields)
+        await self.ack(delivery)
+
+    async def first_answer(self, user: str, run: str, request: str, *, device: str, ttl_s: int) -> str:
+        answered = self.keys.answered(user, run)
+        by = device
+        if not await self.redis.hsetnx(answered, request, device):
+            by = await self.redis.hget(answered, request) or device  # type: ignore[assignment]
+        await self.redis.expire(answered, ttl_s)
+        return by
+
+    async def put_answer(self, user: str, run: str, answer: Answer, *, ttl_s: int) -> None:
+        answers = self.keys.answers(user, run)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(answers, orjson.dumps({"request": answer.request, "text": answer.text}))
+            pipe.expire(answers, ttl_s)
+            await pipe.execute()
+
+    async def next_answer(self, user: str, run: str, *, timeout_s: float) -> Answer | None:
+        popped = await self.redis.blpop([self.keys.answers(user, run)], timeout=timeout_s)
+        if popped is None:
+            return None
+        answer = orjson.loads(popped[1])
+        return Answer(request=str(answer["request"]), text=str(answer["text"]))
+
+
+@dataclass
+class _Pending:
+    delivery: Delivery
+    consumer: str
+    since: float
+
+
+@dataclass
+class MemoryRunQueue:
+    """`RunQueue` in this process, for fast tests."""
+
+    waiting: list[Delivery] = field(default_factory=list)
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    dead: list[Delivery] = field(default_factory=list)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _answered: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    _answers: dict[tuple[str, str], asyncio.Queue[Answer]] = field(default_factory=dict)
+
+    async def create(self) -> None:
+        return None
+
+    async def enqueue(self, job: Job) -> None:
+        self.waiting.append(Delivery(f"{next(self._ids)}-0", job))
+        async with self._arrived:
+            self._arrived.notify_all()
+
+    async def take(self, consumer: str, *, count: int, block_ms: int) -> list[Delivery]:
+        if not self.waiting:
+            async with self._arrived:
+                try:
+                    await asyncio.wait_for(self._arrived.wait_for(lambda: bool(self.waiting)),
+                                           block_ms / 1000)
+                except TimeoutError:
+                    return []
+        taken, self.waiting = self.waiting[:count], self.waiting[count:]
+        for delivery in taken:
+            self.pending[delivery.entry] = _Pending(delivery, consumer, time.monotonic())
+        return taken
+
+    async def ack(self, delivery: Delivery) -> None:
+        self.pending.pop(delivery.entry, None)
+
+    async def keep(self, consumer: str, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            if delivery.entry in self.pending:
+                self.pending[delivery.entry] = _Pending(delivery, consumer, time.monotonic())
+
+    async def reclaim(self, consumer: str, *, idle_ms: int, count: int) -> list[Delivery]:
+        now, claimed = time.monotonic(), list[Delivery]()
+        for entry, held in list(self.pending.items())[:]:
+            if len(claimed) >= count:
+                break
+            if (now - held.since) * 1000 >= idle_ms:
+                delivery = replace(held.delivery, deliveries=held.delivery.deliveries + 1)
+                self.pending[entry] = _Pending(delivery, consumer, now)
+                claimed.append(delivery)
+        return claimed
+
+    async def dead_letter(self, delivery: Delivery) -> None:
+        self.dead.append(delivery)
+        await self.ack(delivery)
+
+    async def first_answer(self, user: str, run: str, request: str, *, device: str, ttl_s: int) -> str:
+        return self._answered.setdefault((user, run, request), device)
+
+    async def put_answer(self, user: str, run: str, answer: Answer, *, ttl_s: int) -> None:
+        self._mailbox(user, run).put_nowait(answer)
+
+    async def next_answer(self, user: str, run: str, *, timeout_s: float) -> Answer | None:
+        try:
+            return await asyncio.wait_for(self._mailbox(user, run).get(), timeout_s)
+        except TimeoutError:
+            return None
+
+    def _mailbox(self, user: str, run: str) -> asyncio.Queue[Answer]:
+        return self._answers.setdefault((user, run), asyncio.Queue())

@@ -1,0 +1,186 @@
+"""The run lifecycle in-process: send -> queue -> cancel -> end -> next, human-in-the-loop answers
+and a worker carrying runs to their end, against the memory queue and broker (Postgres is real:
+it is the runs' truth)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import orjson
+import pytest
+
+from agent_worker.graph import InputRequired, Text
+from agent_worker.settings import WorkerSettings
+from agent_worker.worker import Worker
+from fanout.memory_broker import MemoryBroker
+from loadtest.cluster import LocalCluster
+from persistence.store import Conflict, NotFound, Store
+from protocol import DoubleTexting, Event, RunStatus
+from runs.lifecycle import AlreadyAnswered, Ending, NotWaiting, RunEnded, Runs
+from runs.queue import MemoryRunQueue
+
+WAIT_S = 10.0
+
+
+@pytest.fixture
+async def store(cluster: LocalCluster) -> AsyncIterator[Store]:
+    store = await Store.connect(cluster.database_url)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def runs(store: Store) -> Runs:
+    return Runs(store, MemoryBroker(), MemoryRunQueue(), store_retry_s=5)
+
+
+@pytest.fixture
+def user() -> str:
+    return f"life-{uuid.uuid4().hex[:8]}"
+
+
+async def events(runs: Runs, user: str) -> list[dict[str, Any]]:
+    """Every event of the user's stream, oldest first."""
+    frames = await runs.broker.read_after(user, 0, upto=0)
+    assert frames is not None
+    return [orjson.loads(f) for f in frames]
+
+
+async def of_run(runs: Runs, user: str, run: str) -> list[str]:
+    return [e["event"] for e in await events(runs, user) if e["run"] == run]
+
+
+def queued(runs: Runs) -> list[str]:
+    queue = runs.queue
+    assert isinstance(queue, MemoryRunQueue)
+    return [d.job.run for d in queue.waiting]
+
+
+async def send(runs: Runs, user: str, text: str, conversation: str | None = None, client_id: str | None = None,
+               policy: DoubleTexting | None = None) -> tuple[Any, int]:
+    return await runs.accept_send(user, "phone", client_id=client_id or uuid.uuid4().hex, text=text,
+                                  conversation=conversation, agent="default", policy=policy)
+
+
+async def finish(runs: Runs, run: str, text: str) -> None:
+    """What a worker does, without the model: claim, store the end, publish it."""
+    claim = await runs.store.claim_run(run, worker="w", lease_s=30)
+    assert claim is not None
+    finished = await runs.store.finish_run(run, status=RunStatus.COMPLETED, text=text, worker="w")
+    assert finished is not None
+    await runs.end(claim.user, claim.conversation, run, Ending(RunStatus.COMPLETED, text, finished.message))
+
+
+async def test_a_send_is_stored_published_and_queued_once_however_often_it_is_retried(
+    runs: Runs, user: str
+) -> None:
+    record, seq = await send(runs, user, "hello", client_id="c1")
+    assert (record.status, seq) == (RunStatus.QUEUED, 1)
+    assert await of_run(runs, user, record.run) == [Event.MESSAGE_CREATED]
+    assert queued(runs) == [record.run]
+    again, again_seq = await send(runs, user, "hello", client_id="c1")
+    assert (again.run, again_seq) == (record.run, seq)
+    assert len(await events(runs, user)) == 1 and queued(runs) == [record.run]
+
+
+async def test_enqueue_waits_behind_the_run_in_flight_and_starts_when_it_ends(runs: Runs, user: str) -> None:
+    first, _ = await send(runs, user, "first")
+    second, _ = await send(runs, user, "second", conversation=first.conversation)
+    assert second.status == RunStatus.WAITING and second.behind == first.run
+    queued_event = [e for e in await events(runs, user) if e["event"] == Event.RUN_QUEUED]
+    assert queued_event[0]["data"] == {"behind": first.run, "policy": "enqueue", "message": second.message}
+    assert queued(runs) == [first.run], "the second run waits, off the queue"
+    await finish(runs, first.run, "answer one")
+    assert await of_run(runs, user, first.run) == [Event.MESSAGE_CREATED, Event.RUN_COMPLETED]
+    assert queued(runs) == [first.run, second.run], "the end started the next run"
+
+
+async def test_cancel_ends_a_queued_run_fences_it_and_starts_the_next(runs: Runs, user: str) -> None:
+    first, _ = await send(runs, user, "first")
+    second, _ = await send(runs, user, "second", conversation=first.conversation)
+    await runs.cancel(user, first.run, by="laptop")
+    end = [e for e in await events(runs, user) if e["run"] == first.run][-1]
+    assert end["event"] == Event.RUN_CANCELLED and end["data"] == {"message": None, "text": "", "by": "laptop"}
+    assert await runs.broker.is_fenced(user, first.run)
+    assert queued(runs)[-1] == second.run
+    with pytest.raises(RunEnded):
+        await runs.cancel(user, first.run, by="laptop")
+    with pytest.raises(NotFound):
+        await runs.cancel(f"{user}-other", second.run, by="laptop")
+
+
+async def test_interrupt_cancels_the_run_in_flight_and_reject_refuses(runs: Runs, user: str) -> None:
+    first, _ = await send(runs, user, "first")
+    second, _ = await send(runs, user, "second", conversation=first.conversation, policy=DoubleTexting.INTERRUPT)
+    assert second.supersedes == (first.run,)
+    assert (await of_run(runs, user, first.run))[-1] == Event.RUN_CANCELLED
+    assert queued(runs)[-1] == second.run
+    with pytest.raises(Conflict):
+        await send(runs, user, "third", conversation=first.conversation, policy=DoubleTexting.REJECT)
+
+
+async def test_the_first_answer_from_any_device_reaches_the_paused_run(runs: Runs, user: str) -> None:
+    record, _ = await send(runs, user, "ask me")
+    with pytest.raises(NotWaiting):
+        await runs.respond(user, record.run, request="q1", text="yes", device="phone")
+    assert await runs.store.claim_run(record.run, worker="w", lease_s=30) is not None
+    waiting = asyncio.create_task(runs.wait_answer(user, record.run, "q1", timeout_s=WAIT_S))
+    await runs.respond(user, record.run, request="q1", text="blue", device="laptop")
+    await runs.respond(user, record.run, request="q1", text="blue", device="laptop")  # a retry: harmless
+    with pytest.raises(AlreadyAnswered):
+        await runs.respond(user, record.run, request="q1", text="red", device="phone")
+    assert await asyncio.wait_for(waiting, WAIT_S) == "blue"
+    received = [e for e in await events(runs, user) if e["event"] == Event.RUN_INPUT_RECEIVED]
+    assert [e["data"] for e in received] == [{"request": "q1", "text": "blue", "by": "laptop"}]
+    assert await runs.wait_answer(user, record.run, "q2", timeout_s=0.05) is None
+
+
+def scripted(answers: dict[str, Sequence[object]]) -> Any:
+    """An answer stream: the items a model would produce, per last user message."""
+
+    async def answer(agent: str, history: Sequence[tuple[str, str]], thread: str,
+                     resume: str | None) -> AsyncIterator[object]:
+        items = answers[history[-1][1]] if resume is None else [Text(f" you said {resume}")]
+        for item in items:
+            await asyncio.sleep(0)
+            yield item
+
+    return answer
+
+
+async def test_a_worker_carries_queued_runs_to_their_end_in_order(runs: Runs, user: str) -> None:
+    settings = WorkerSettings(redis_url="redis://unused", database_url="postgresql://unused", worker_id="w1",
+                              coalesce_s=0.0, lease_s=5.0)
+    worker = Worker(settings=settings, runs=runs, answer=scripted({
+        "one": [Text("first "), Text("answer")],
+        "two": [InputRequired(request="q", prompt="colour?")],
+    }))
+    stop = asyncio.Event()
+    serving = asyncio.create_task(worker.run(stop))
+    try:
+        first, _ = await send(runs, user, "one")
+        second, _ = await send(runs, user, "two", conversation=first.conversation)
+
+        async def event_of(run: str, name: Event) -> dict[str, Any]:
+            while True:
+                found = [e for e in await events(runs, user) if e["run"] == run and e["event"] == name]
+                if found:
+                    return found[0]
+                await asyncio.sleep(0.01)
+
+        done = await asyncio.wait_for(event_of(first.run, Event.RUN_COMPLETED), WAIT_S)
+        assert done["data"]["text"] == "first answer"
+        await asyncio.wait_for(event_of(second.run, Event.RUN_INPUT_REQUIRED), WAIT_S)
+        await runs.respond(user, second.run, request="q", text="green", device="phone")
+        done = await asyncio.wait_for(event_of(second.run, Event.RUN_COMPLETED), WAIT_S)
+        assert done["data"]["text"] == " you said green"
+        names = [e["event"] for e in await events(runs, user) if e["run"] == second.run]
+        assert names.index(Event.RUN_QUEUED) < names.index(Event.RUN_STARTED), "it waited for the first"
+        queue = runs.queue
+        assert isinstance(queue, MemoryRunQueue) and queue.pending == {}, "every job acked"
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, WAIT_S)
