@@ -8,7 +8,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/chorus
 WORKDIR /src
-# .dockerignore admits only pyproject.toml, README/LICENSE and the runtime packages.
+# .dockerignore admits only pyproject.toml, README and the packages (tests/test_helm.py checks).
 COPY . .
 RUN /opt/chorus/bin/pip install .
 

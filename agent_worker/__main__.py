@@ -19,13 +19,13 @@ from agent_worker.model import ModelConfig
 from agent_worker.resilience import BreakerRegistry, RetryPolicy, endpoint_key, resilient
 from agent_worker.settings import WorkerSettings
 from agent_worker.worker import AnswerStream, Worker
-from common import redis_client
-from common.config import SettingError
+from common import process, redis_client
 from common.keys import Keys
 from common.redis_client import TRANSIENT
 from fanout.redis_broker import RedisBroker
 from persistence.store import Store
-from runs import agents as registry
+from runs.agents import TTL_S as AGENTS_TTL_S
+from runs.agents import AgentDirectory
 from runs.lifecycle import Runs
 from runs.queue import RedisRunQueue
 
@@ -91,14 +91,14 @@ class Agents:
             await self.fallback.aclose()
 
 
-async def _advertise(agents: Agents, redis: Redis, keys: Keys) -> None:
+async def _advertise(agents: Agents, directory: AgentDirectory) -> None:
     """Tell the nodes which agents exist (GET /v1/agents, and checking `agent` on sends)."""
     while True:
         try:
-            await registry.advertise(redis, keys, await agents.primary.describe())
+            await directory.advertise(await agents.primary.describe())
         except TRANSIENT as exc:
             log.warning("advertising agents failed: %r", exc)
-        await asyncio.sleep(registry.TTL_S / 3)
+        await asyncio.sleep(AGENTS_TTL_S / 3)
 
 
 async def _health(worker: Worker, redis: Redis, port: int) -> web.AppRunner:
@@ -132,7 +132,7 @@ async def serve(settings: WorkerSettings, agents: Agents) -> None:
     answer: AnswerStream = agents.answer
     worker = Worker(settings=settings, runs=runs, answer=answer, forget=agents.forget)
     health = await _health(worker, redis, settings.internal_port) if settings.internal_port else None
-    advertise = asyncio.create_task(_advertise(agents, redis, keys))
+    advertise = asyncio.create_task(_advertise(agents, AgentDirectory(redis, keys)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -151,21 +151,12 @@ async def serve(settings: WorkerSettings, agents: Agents) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    def configure() -> tuple[WorkerSettings, Agents]:
         settings = WorkerSettings.from_env(os.environ)
-        agents = Agents.from_env(os.environ, settings)
-    except SettingError as exc:
-        print(f"agent_worker: configuration error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(settings, agents))
-    else:
-        uvloop.run(serve(settings, agents))
-    return 0
+        return settings, Agents.from_env(os.environ, settings)
+
+    return process.run("agent_worker", configure, lambda configured: serve(*configured),
+                       log_level=lambda configured: configured[0].log_level)
 
 
 if __name__ == "__main__":

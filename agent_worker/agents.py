@@ -48,15 +48,16 @@ from langgraph.checkpoint.memory import InMemorySaver
 from agent_worker.graph import DEFAULT_MAX_TOOL_ROUNDS, AgentGraph, Item, build_graph, stream_answer
 from agent_worker.mcp_client import McpClient, McpError, McpTool
 from agent_worker.model import ModelConfig, build_chat_model
-from common.config import SettingError, env_bool, env_float, env_int, env_opt, env_str
-
-__all__ = ["DEFAULT_AGENT", "AgentRegistry", "AgentSpec", "UnknownAgent", "agents_from_env", "langchain_tool"]
+from agent_worker.settings import WorkerSettings
+from common.config import SettingError, declared, env_opt
+from runs.agents import DEFAULT as DEFAULT_AGENT
+from runs.agents import UnknownAgent
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AGENT = "default"
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-DEFAULT_MCP_TIMEOUT_S = 30.0
+# The LLM_*, AGENT_*, AGENTS_* and MCP_* variables, declared (defaults included) with the worker's.
+_SETTINGS = declared(WorkerSettings)
+DEFAULT_MCP_TIMEOUT_S: float = _SETTINGS["mcp_timeout_s"].default
 DEFAULT_RELIST_AFTER_S = 30.0
 _MAX_ROUNDS_LIMIT = 50
 _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -77,15 +78,6 @@ class AgentSpec:
     max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS
     description: str = ""
     ask_user: bool = False
-
-
-class UnknownAgent(LookupError):
-    """No agent has this name; the message lists the known ones."""
-
-    def __init__(self, name: str, known: Sequence[str]) -> None:
-        super().__init__(f"unknown agent {name!r} (known: {', '.join(known)})")
-        self.name = name
-        self.known = tuple(known)
 
 
 class AgentRegistry:
@@ -127,7 +119,7 @@ class AgentRegistry:
         Raises:
             common.config.SettingError: naming the first invalid variable.
         """
-        timeout_s = env_float(env, "MCP_TIMEOUT_SECONDS", DEFAULT_MCP_TIMEOUT_S, low=0.1)
+        timeout_s = _SETTINGS["mcp_timeout_s"].read(env)
         return cls(agents_from_env(env), mcp_timeout_s=timeout_s)
 
     def names(self) -> list[str]:
@@ -293,23 +285,22 @@ def agents_from_env(env: Mapping[str, str]) -> list[AgentSpec]:
     Raises:
         common.config.SettingError: naming the first invalid variable.
     """
-    base_url = env_opt(env, "LLM_BASE_URL")
-    if base_url is not None and not base_url.startswith(("http://", "https://")):
-        raise SettingError("LLM_BASE_URL: expected an http:// or https:// URL")
-    model = ModelConfig(base_url=base_url, api_key=env_opt(env, "LLM_API_KEY"),
-                        model=env_str(env, "LLM_MODEL", "gpt-4o-mini"),
-                        timeout_s=env_float(env, "LLM_TIMEOUT_SECONDS", 60.0, low=0.1))
-    servers = tuple(url.strip() for url in env.get("AGENT_MCP_SERVERS", "").split(",") if url.strip())
+    def setting(name: str) -> Any:
+        return _SETTINGS[name].read(env)
+
+    base_url = setting("llm_base_url")
+    model = ModelConfig(base_url=base_url, api_key=setting("llm_api_key"), model=setting("llm_model"),
+                        timeout_s=setting("llm_timeout_s"))
+    servers = setting("mcp_servers")
     for url in servers:
         _check_url("AGENT_MCP_SERVERS", url)
     default = AgentSpec(
         name=DEFAULT_AGENT,
-        system_prompt=env_str(env, "AGENT_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
+        system_prompt=setting("system_prompt"),
         model=model,
         mcp_servers=servers,
-        max_tool_rounds=env_int(env, "AGENT_MAX_TOOL_ROUNDS", DEFAULT_MAX_TOOL_ROUNDS, low=0,
-                                high=_MAX_ROUNDS_LIMIT),
-        ask_user=env_bool(env, "AGENT_ASK_USER"),
+        max_tool_rounds=setting("max_tool_rounds"),
+        ask_user=setting("ask_user"),
     )
     if default.ask_user and base_url is None:
         raise SettingError("AGENT_ASK_USER: asking the user is a tool call, which needs an LLM "
@@ -330,7 +321,7 @@ def agents_from_env(env: Mapping[str, str]) -> list[AgentSpec]:
 
 
 def _agent_entries(env: Mapping[str, str]) -> tuple[str, list[Any]]:
-    text, path = env_opt(env, "AGENTS_JSON"), env_opt(env, "AGENTS_FILE")
+    text, path = _SETTINGS["agents_json"].read(env), _SETTINGS["agents_file"].read(env)
     if text is not None and path is not None:
         raise SettingError("AGENTS_JSON: set AGENTS_JSON or AGENTS_FILE, not both")
     variable = "AGENTS_JSON" if text is not None else "AGENTS_FILE"

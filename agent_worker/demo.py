@@ -20,8 +20,6 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
-__all__ = ["DemoChatModel", "demo_answer", "split_tokens"]
-
 _QUOTE_MAX_WORDS = 12
 _TOKEN = re.compile(r"\S+\s*")
 

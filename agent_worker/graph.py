@@ -71,23 +71,6 @@ from langgraph.types import Command, interrupt
 
 from agent_worker.mcp_client import summarize
 
-__all__ = [
-    "AGENT_NODE",
-    "ASK_USER",
-    "DEFAULT_MAX_TOOL_ROUNDS",
-    "TOOLS_NODE",
-    "AgentGraph",
-    "InputRequired",
-    "InputTimeout",
-    "Item",
-    "Text",
-    "ToolCompleted",
-    "ToolStarted",
-    "build_graph",
-    "stream_answer",
-    "to_messages",
-]
-
 log = logging.getLogger(__name__)
 
 AGENT_NODE = "agent"

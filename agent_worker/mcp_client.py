@@ -16,7 +16,7 @@ Errors::
 
     McpError             the server could not be reached, timed out, answered with an HTTP
      │                   error or something that is not JSON-RPC; the message names the URL
-     └── McpRpcError     the server answered with a JSON-RPC error (.code, .message)
+     └── McpRpcError     the server answered with a JSON-RPC error (.code; the message has it)
 
 A tool that *ran and failed* is not an exception here: :meth:`McpClient.call_tool` returns a
 :class:`ToolResult` with ``is_error=True`` (the protocol reports it in the result, so the model
@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-
-__all__ = ["SUMMARY_CHARS", "McpClient", "McpError", "McpRpcError", "McpTool", "ToolResult", "summarize"]
 
 PROTOCOL_VERSION = "2025-06-18"
 """The revision offered in ``initialize``; the server may answer with any of ``_HANDSHAKE_VERSIONS``."""
@@ -59,7 +57,6 @@ class McpRpcError(McpError):
     def __init__(self, url: str, method: str, code: int, message: str) -> None:
         super().__init__(f"{url}: {method} failed: {message} (JSON-RPC error {code})")
         self.code = code
-        self.rpc_message = message
 
 
 @dataclass(frozen=True)

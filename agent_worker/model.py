@@ -17,8 +17,6 @@ from pydantic import SecretStr
 
 from agent_worker.demo import DemoChatModel
 
-__all__ = ["ModelConfig", "build_chat_model"]
-
 # Local servers (Ollama, vLLM, llama.cpp) accept any key, but the openai SDK
 # refuses to build a client without one.
 _PLACEHOLDER_API_KEY = "not-needed"

@@ -44,16 +44,6 @@ from langchain_core.exceptions import ModelError
 from agent_worker.graph import InputTimeout
 from common.backoff import delays_s
 
-__all__ = [
-    "BreakerRegistry",
-    "CircuitBreaker",
-    "CircuitOpen",
-    "RetryPolicy",
-    "endpoint_key",
-    "failure_code",
-    "resilient",
-]
-
 T = TypeVar("T")
 History: TypeAlias = Sequence[tuple[str, str]]
 BreakerState: TypeAlias = Literal["closed", "open", "half_open"]
@@ -71,8 +61,6 @@ class CircuitOpen(ModelError):
 
     def __init__(self, endpoint: str, retry_in_s: float) -> None:
         super().__init__(f"circuit open for {endpoint}: failing fast, next trial in {retry_in_s:.1f}s")
-        self.endpoint = endpoint
-        self.retry_in_s = retry_in_s
 
 
 def endpoint_key(base_url: str | None, model: str) -> str:

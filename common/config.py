@@ -1,71 +1,298 @@
-"""Reading settings from the environment: read once at start, the variable's name in every error."""
+"""Settings from the environment, each declared once: its variable, default, parser and docs line.
+
+A process's settings are a frozen dataclass whose fields are declared with `setting`, `optional`,
+`required` or `computed`: the variable's name, its default (written there and nowhere else), the
+parser with its bounds, and the one line docs/operations.md shows. `read` reads a class's
+declarations from the environment, the variable's name starting every error; the class's own
+``from_env`` then adds what spans several variables (computed defaults, cross-checks) and builds
+it. Read once at start in ``__main__`` and passed down::
+
+    @dataclass(frozen=True, kw_only=True)
+    class Settings(SharedSettings):
+        port: int = setting("PORT", "8080", integer(1, 65535), "public port")
+
+Defaults are written as an operator would write the variable (``"8080"``, ``"30"`` for a ``*_MS``
+variable read as seconds), so one parser reads both the environment and the default (a default
+outside its own bounds fails at import) and the docs show the default unchanged.
+
+`declared` lists a class's settings; ``python -m common.config MODULE:CLASS ...`` prints each
+class's own as a markdown table, the form docs/operations.md holds them in (tests/test_settings.py
+checks that it does).
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Mapping
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit, urlunsplit
+
+T = TypeVar("T")
+
+# (variable, its text: stripped, never empty) -> the value; raises SettingError naming the variable.
+Parser = Callable[[str, str], T]
+
+_KEY = "common.config.setting"  # the field metadata key holding its `Setting`
 
 
 class SettingError(Exception):
     """A missing or invalid setting; the message starts with the variable's name."""
 
 
-def env_str(env: Mapping[str, str], name: str, default: str | None = None) -> str:
-    value = env.get(name, "").strip()
-    if value:
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable of a settings class: how it is read, and its row in the docs."""
+
+    variable: str
+    parse: Parser[Any]
+    doc: str
+    default: Any = None  # the value when the variable is unset or blank
+    required: bool = False  # unset or blank is an error
+    shown: str = "none"  # the docs' default cell
+    secret: bool = False  # never shown: not in repr, logs or errors
+
+    def read(self, env: Mapping[str, str]) -> Any:
+        text = env.get(self.variable, "").strip()
+        if text:
+            return self.parse(self.variable, text)
+        if self.required:
+            raise SettingError(f"{self.variable}: required but not set")
+        return self.default
+
+
+# -- declaring -------------------------------------------------------------------------------
+
+
+def setting(variable: str, default: str, parse: Parser[T], doc: str, *, shown: str | None = None) -> T:
+    """A field read from `variable`, `default` (as the environment would spell it) when unset."""
+    value = parse(variable, default)
+    shown = _shown(default) if shown is None else shown
+    return field(default=value, metadata={_KEY: Setting(variable, parse, doc, value, shown=shown)})
+
+
+def optional(
+    variable: str, parse: Parser[T], doc: str, *, shown: str = "none", secret: bool = False
+) -> T | None:
+    """A field read from `variable`, None when unset; `secret`: never shown in a repr."""
+    return field(default=None, metadata={_KEY: Setting(variable, parse, doc, shown=shown, secret=secret)})
+
+
+def required(variable: str, parse: Parser[T], doc: str) -> T:
+    """A field read from `variable`, which must be set."""
+    return cast(T, field(metadata={_KEY: Setting(variable, parse, doc, required=True, shown="required")}))
+
+
+def computed(variable: str, parse: Parser[T], doc: str, *, shown: str) -> T:
+    """A field read from `variable` whose default the class's ``from_env`` computes (`read` gives
+    None when unset); `shown` describes that default in the docs."""
+    return cast(T, field(metadata={_KEY: Setting(variable, parse, doc, shown=shown)}))
+
+
+def _shown(default: str) -> str:
+    if not default:
+        return "empty"
+    if default in ("true", "false") or re.fullmatch(r"[0-9]+(\.[0-9]+)?", default):
+        return default
+    return f"`{default}`"
+
+
+# -- reading and listing ---------------------------------------------------------------------
+
+
+def declared(cls: type[Any], *, inherited: bool = True) -> dict[str, Setting]:
+    """A settings class's declarations by field name, in order (a base class's first); with
+    ``inherited=False`` only those the class declares itself."""
+    own = vars(cls).get("__annotations__", {})
+    return {f.name: f.metadata[_KEY] for f in fields(cls)
+            if _KEY in f.metadata and (inherited or f.name in own)}
+
+
+def read(cls: type[Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Field name -> value for every declaration of `cls`, in order; a computed field whose variable
+    is unset reads None. Raises SettingError naming the first invalid variable."""
+    return {name: spec.read(env) for name, spec in declared(cls).items()}
+
+
+def markdown(settings: Iterable[Setting]) -> str:
+    """`settings` as a docs table: variable, default, meaning."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{spec.variable}` | {spec.shown} | {spec.doc} |" for spec in settings]
+    return "\n".join(rows)
+
+
+# -- parsers ---------------------------------------------------------------------------------
+
+
+def text(variable: str, value: str) -> str:
+    return value
+
+
+def comma_list(variable: str, value: str) -> tuple[str, ...]:
+    """``a, b,,c`` -> ``("a", "b", "c")``."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def boolean(variable: str, value: str) -> bool:
+    value = value.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingError(f"{variable}: expected true or false, got {value!r}")
+
+
+def integer(low: int = 0, high: int = 2**31) -> Parser[int]:
+    def parse(variable: str, value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise SettingError(f"{variable}: expected an integer, got {value!r}") from None
+        if not low <= number <= high:
+            raise SettingError(f"{variable}: must be between {low} and {high}, got {number}")
+        return number
+
+    return parse
+
+
+def number(low: float = 0.0) -> Parser[float]:
+    def parse(variable: str, value: str) -> float:
+        try:
+            result = float(value)
+        except ValueError:
+            raise SettingError(f"{variable}: expected a number, got {value!r}") from None
+        if result < low:
+            raise SettingError(f"{variable}: must be at least {low}, got {result}")
+        return result
+
+    return parse
+
+
+def millis(low: int, high: int) -> Parser[float]:
+    """Whole milliseconds in [low, high] (a ``*_MS`` variable), read as seconds."""
+    whole = integer(low, high)
+    return lambda variable, value: whole(variable, value) / 1000
+
+
+def zero_is_off(parse: Parser[int]) -> Parser[int | None]:
+    """`parse`, with 0 read as None (a port that is off)."""
+    return lambda variable, value: parse(variable, value) or None
+
+
+def min_chars(least: int) -> Parser[str]:
+    def parse(variable: str, value: str) -> str:
+        if len(value) < least:
+            raise SettingError(f"{variable}: must be at least {least} characters")
         return value
-    if default is None:
-        raise SettingError(f"{name}: required but not set")
-    return default
+
+    return parse
+
+
+def url(*schemes: str) -> Parser[str]:
+    prefixes = tuple(f"{scheme}://" for scheme in schemes)
+
+    def parse(variable: str, value: str) -> str:
+        if not value.startswith(prefixes):
+            raise SettingError(f"{variable}: expected a URL starting with {' or '.join(prefixes)}")
+        return value
+
+    return parse
+
+
+def http_url(variable: str, value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise SettingError(f"{variable}: expected an http:// or https:// URL")
+    return value
+
+
+# -- what every process reads ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class SharedSettings:
+    """The settings both the node and the worker read. Both write the users' streams, so the
+    prefix and the history bounds must agree between them."""
+
+    redis_url: str = required("REDIS_URL", url("redis", "rediss", "unix"),
+                              "`redis://`, `rediss://` or `unix://` URL of the Redis primary")
+    database_url: str = required("DATABASE_URL", url("postgresql", "postgres"),
+                                 "`postgresql://` or `postgres://` URL; TLS parameters such as `sslmode` are "
+                                 "honoured. The migration reads only this")
+    internal_port: int | None = setting(
+        "INTERNAL_PORT", "0", zero_is_off(integer(0, 65535)),
+        "port of the health server (`/healthz`, `/readyz`), 0 to 65535. The chart sets 9090 (node) and "
+        "9091 (worker)", shown="0 (off)")
+    redis_prefix: str = setting("REDIS_PREFIX", "chorus", text,
+                                "prefix of every Redis key; lets several deployments share one Redis. "
+                                "**Nodes and workers must agree**")
+    history_max: int = setting("HISTORY_MAX_EVENTS", "10000", integer(low=10),
+                               "events kept per user for resuming (at least 10). A device further behind "
+                               "than this gets `resync` and reloads over REST. Both components write the "
+                               "stream: keep them equal")
+    history_ttl_s: int = setting("HISTORY_TTL_SECONDS", "86400", integer(low=60),
+                                 "a user's stream expires this long after their last event (at least 60); a "
+                                 "device returning later gets `resync` (new epoch). Keep equal on both "
+                                 "components")
+    log_level: str = setting("LOG_LEVEL", "INFO", text, "`DEBUG`, `INFO`, `WARNING`, `ERROR`")
+
+    def __repr__(self) -> str:
+        # URLs may carry passwords and secrets are secrets: a logged settings object shows neither.
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            declared = f.metadata.get(_KEY)
+            if value is None:
+                continue
+            if declared is not None and declared.secret:
+                value = "***"
+            elif isinstance(value, str) and "://" in value:
+                value = redact_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by ``***``: safe to log."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "<unparseable url>"
+    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
+
+
+# -- helpers for a variable read outside a settings class ------------------------------------
 
 
 def env_opt(env: Mapping[str, str], name: str) -> str | None:
     return env.get(name, "").strip() or None
 
 
-def env_int(env: Mapping[str, str], name: str, default: int, *, low: int = 0, high: int = 2**31) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingError(f"{name}: expected an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise SettingError(f"{name}: must be between {low} and {high}, got {value}")
-    return value
-
-
-def env_float(env: Mapping[str, str], name: str, default: float, *, low: float = 0.0) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingError(f"{name}: expected a number, got {raw!r}") from None
-    if value < low:
-        raise SettingError(f"{name}: must be at least {low}, got {value}")
-    return value
-
-
-def env_bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise SettingError(f"{name}: expected true or false, got {raw!r}")
-
-
 def env_url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str:
-    value = env_str(env, name)
-    if not value.startswith(tuple(f"{s}://" for s in schemes)):
-        raise SettingError(f"{name}: expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
-    return value
+    return str(Setting(name, url(*schemes), "", required=True).read(env))
 
 
 def environ() -> Mapping[str, str]:
     return os.environ
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m common.config MODULE:CLASS ...``: each class's own settings as a docs table."""
+    for index, path in enumerate(argv):
+        module, _, name = path.partition(":")
+        cls = getattr(importlib.import_module(module), name)
+        print(("\n" if index else "") + markdown(declared(cls, inherited=False).values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

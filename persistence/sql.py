@@ -22,7 +22,7 @@ ON CONFLICT (user_id, client_id) DO NOTHING
 RETURNING id
 """
 ACTIVE_RUNS = """
-SELECT id, status, message_id FROM runs
+SELECT id FROM runs
 WHERE conversation_id = $1 AND status IN ('waiting', 'queued', 'running') ORDER BY created_at
 """
 INSERT_RUN = """

@@ -48,7 +48,6 @@ class Conflict(Exception):
 
     def __init__(self, run: str) -> None:
         super().__init__(f"run {run} is still in flight in this conversation")
-        self.run = run
 
 
 class Store:

@@ -61,10 +61,6 @@ class RunStatus(enum.StrEnum):
     CANCELLED = "cancelled"
     FAILED = "failed"
 
-    @property
-    def ended(self) -> bool:
-        return self in ENDED
-
 
 ENDED = frozenset({RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED})
 IN_FLIGHT = frozenset({RunStatus.WAITING, RunStatus.QUEUED, RunStatus.RUNNING})

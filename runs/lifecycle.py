@@ -16,6 +16,8 @@ Errors for the caller to translate (the node into `error` frames):
 
     persistence.store.NotFound   no such conversation or run for this user
     persistence.store.Conflict   the `reject` policy refused a send
+    TooManyRuns                  the user has `max_in_flight` runs not yet ended
+    runs.agents.UnknownAgent     a send that starts a conversation names an agent no worker serves
     RunEnded                     cancelling a run that already ended
     NotWaiting                   answering a run that is not running
     AlreadyAnswered              another device answered that question first
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from common.backoff import retrying
 from fanout.broker import Broker, Fenced, PublishResult
 from persistence.records import SendRecord
-from persistence.store import Store, Unavailable
+from persistence.store import Store, Unavailable, new_id
 from protocol.events import (
     EventData,
     MessageCreated,
@@ -43,7 +45,13 @@ from protocol.events import (
     event_body,
 )
 from protocol.vocabulary import ENDED, DoubleTexting, RunStatus
+from runs.agents import DEFAULT, AgentDirectory
 from runs.queue import Answer, Job, RunQueue
+
+
+class TooManyRuns(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} runs already in flight; wait for one to end or cancel one")
 
 
 class RunEnded(Exception):
@@ -59,7 +67,6 @@ class NotWaiting(Exception):
 class AlreadyAnswered(Exception):
     def __init__(self, by: str) -> None:
         super().__init__(f"already answered from {by}")
-        self.by = by
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ class Runs:
     queue: RunQueue
     store_retry_s: float = 600.0  # how long ending a run waits for Postgres to come back
     answer_ttl_s: int = 86_400
+    agents: AgentDirectory | None = None  # checks the agent a new conversation names
+    max_in_flight: int = 0  # runs not yet ended per user; 0: no limit
 
     async def publish(
         self, user: str, conversation: str, run: str | None, data: EventData, *, producer: str, pseq: int = 1,
@@ -107,13 +116,19 @@ class Runs:
     # Sends
 
     async def accept_send(
-        self, user: str, device: str, *, client_id: str, text: str, conversation: str | None, agent: str,
-        policy: DoubleTexting | None,
+        self, user: str, device: str, *, client_id: str | None, text: str, conversation: str | None,
+        agent: str | None, policy: DoubleTexting | None,
     ) -> tuple[SendRecord, int]:
         """Store the message and its run, publish `message.created`, queue the run (or let it
-        wait, cancelling what the policy replaces); returns the record and the message's seq."""
+        wait, cancelling what the policy replaces); returns the record and the message's seq.
+        Without a `client_id` the send cannot be retried safely (one is made up)."""
+        if await self._too_many_runs(user, client_id):
+            raise TooManyRuns(self.max_in_flight)
+        if agent is not None and conversation is None and self.agents is not None:
+            await self.agents.check(agent)
+        client_id = client_id or new_id("s")
         record = await self.store.accept_send(user, client_id=client_id, conversation=conversation, text=text,
-                                              device=device, agent=agent, policy=policy)
+                                              device=device, agent=agent or DEFAULT, policy=policy)
         if record.seq is not None:
             return record, record.seq  # a retry of a send fully done before
         created = MessageCreated(message=record.message, text=text, device=device, client_id=client_id)
@@ -122,6 +137,16 @@ class Runs:
         await self._double_text(user, device, record)
         await self.store.set_message_seq(user, record.message, published.seq)
         return record, published.seq
+
+    async def _too_many_runs(self, user: str, client_id: str | None) -> bool:
+        """True when a new send would start one run more than `max_in_flight` runs not yet ended.
+        A retry of a send already stored (same client id) is never refused: it starts nothing new.
+        Racy by design: two sends at once may both pass, so the limit can be exceeded by
+        concurrent sends."""
+        if self.max_in_flight <= 0:
+            return False
+        in_flight, seen = await self.store.count_runs_in_flight(user, client_id or "")
+        return not seen and in_flight >= self.max_in_flight
 
     async def _double_text(self, user: str, device: str, record: SendRecord) -> None:
         """Start the new run, or tell every device it waits, and cancel what the policy replaces."""

@@ -263,8 +263,35 @@ class McpTestServer:
             return list(self.calls)
 
 
-def payload(conversation: str, run: str | None, event: str, data: dict[str, Any]) -> str:
+def event_payload(conversation: str, run: str | None, event: str, data: dict[str, Any]) -> str:
     """An event frame's payload, for tests that publish straight into a user's stream (also events
     the protocol does not define, which clients must pass through)."""
+    # Compact, as protocol.events.event_body encodes: the node's token merging looks for it.
     return json.dumps({"type": "event", "conversation": conversation, "run": run, "event": event, "data": data,
-                       "ts": int(time.time() * 1000)})
+                       "ts": int(time.time() * 1000)}, separators=(",", ":"))
+
+
+class Recorder:
+    """A hub subscriber that keeps what it was given."""
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.frames: list[tuple[int, str]] = []
+        self.resumes = 0
+        self.changed = asyncio.Event()
+
+    def deliver(self, seq: int, frame: str) -> None:
+        self.frames.append((seq, frame))
+        self.changed.set()
+
+    def resume(self) -> None:
+        self.resumes += 1
+        self.changed.set()
+
+    async def wait(self, predicate: object, timeout_s: float = 10) -> None:
+        async def loop() -> None:
+            while not predicate():  # type: ignore[operator]
+                self.changed.clear()
+                await self.changed.wait()
+
+        await asyncio.wait_for(loop(), timeout_s)

@@ -16,6 +16,7 @@ from fanout.recovery import frame_seq
 from fanout.redis_broker import RedisBroker
 from loadtest.procs import RedisServer
 from protocol.events import RunCancelled, Token, event_body
+from tests.support import Recorder
 
 
 @pytest.fixture
@@ -23,32 +24,6 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_server.url, decode_responses=True)
     yield client
     await client.aclose()
-
-
-class Recorder:
-    """A hub subscriber that keeps what it was given."""
-
-    def __init__(self, user: str) -> None:
-        self.user = user
-        self.frames: list[tuple[int, str]] = []
-        self.resumes = 0
-        self.changed = asyncio.Event()
-
-    def deliver(self, seq: int, frame: str) -> None:
-        self.frames.append((seq, frame))
-        self.changed.set()
-
-    def resume(self) -> None:
-        self.resumes += 1
-        self.changed.set()
-
-    async def wait(self, predicate: object, timeout_s: float = 10) -> None:
-        async def loop() -> None:
-            while not predicate():  # type: ignore[operator]
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(loop(), timeout_s)
 
 
 def token(n: object = "") -> str:

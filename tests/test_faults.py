@@ -47,7 +47,7 @@ CATCH_UP_HINT = (
 RST_HINT = (
     "Under uvloop, redis-py's first command on a pooled connection that was reset raises a bare "
     "RuntimeError ('unable to perform operation on <TCPTransport closed=True ...>; the handler is "
-    "closed'), which is not in fanout.stream.TRANSIENT: a node answers `internal` or its catch-up dies, "
+    "closed'), which is not in common.redis_client.TRANSIENT: a node answers `internal` or its catch-up dies, "
     "a worker fails the run."
 )
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,10 @@ import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import latest_version, major_minor
+
+from agent_worker.settings import WorkerSettings
+from common.config import declared
+from ws_node.settings import NodeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART_DIR = ROOT / "helm" / "chorus"
@@ -407,14 +412,16 @@ def test_commands_env_and_ports(rendered: dict[str, list[Manifest]], case: str) 
     assert all(p["port"] != 9090 for p in public["spec"]["ports"])
 
 
-# The environment variable names each component's code reads, taken from its source: string literals
-# passed as the name next to the environment (`env_int(env, "PORT", ...)`, `_http_url(env, "X")`,
-# `env.get("X", ...)`, `os.environ.get("LOG_LEVEL", ...)`) anywhere in the component's package.
+# The environment variable names each component reads: those its settings class declares
+# (`common.config`), plus any its package still reads straight from the environment, found in its
+# source as string literals passed as the name next to the environment (`env_url(environ(),
+# "DATABASE_URL", ...)`, `env.get("X", ...)`, `os.environ.get("LOG_LEVEL", ...)`).
 COMPONENT_SOURCES = {
     "ws-node": tuple(sorted((ROOT / "ws_node").glob("*.py"))),
     "agent-worker": tuple(sorted((ROOT / "agent_worker").glob("*.py"))),
     "migration": (ROOT / "persistence" / "__main__.py",),
 }
+COMPONENT_SETTINGS: dict[str, type[Any]] = {"ws-node": NodeSettings, "agent-worker": WorkerSettings}
 _ENV_READ = re.compile(
     r'(?:\b\w+\(\s*(?:env|environ\(\)),\s*|\benv\.get\(|os\.environ\.get\()"([A-Z][A-Z0-9_]*)"'
 )
@@ -422,7 +429,10 @@ _ENV_READ = re.compile(
 
 def names_read_by(component: str) -> set[str]:
     sources = [path.read_text() for path in COMPONENT_SOURCES[component]]
-    return {name for text in sources for name in _ENV_READ.findall(text)}
+    names = {name for text in sources for name in _ENV_READ.findall(text)}
+    if component in COMPONENT_SETTINGS:
+        names |= {spec.variable for spec in declared(COMPONENT_SETTINGS[component]).values()}
+    return names
 
 
 def test_names_read_by_finds_the_settings() -> None:
@@ -450,8 +460,9 @@ def test_every_env_name_the_chart_sets_is_read_by_its_component(
         assert unread == set(), f"{name} sets {sorted(unread)}, which {component} never reads"
 
 
-# name -> default, where the code gives a literal or a module constant: env_int(env, "PORT", 8080, ...),
-# env_str(env, "HOST", "0.0.0.0"), env_float(env, "X", DEFAULT_X_S), os.environ.get("LOG_LEVEL", "INFO").
+# name -> default, for a variable read straight from the environment with a literal or a module
+# constant as default: os.environ.get("LOG_LEVEL", "INFO"), env_float(env, "X", DEFAULT_X_S). The defaults
+# of the declared settings are checked against the docs by tests/test_settings.py.
 _ENV_DEFAULT = re.compile(
     r'(?:\benv_(?:int|float|str)\([^,()]+(?:\(\))?,\s*|os\.environ\.get\()"([A-Z][A-Z0-9_]*)",\s*'
     r'("[^"]*"|[0-9][0-9_.]*|[A-Z][A-Z0-9_]*\b)'
@@ -792,3 +803,15 @@ def test_notes_say_how_to_connect(chart: helm.Chart) -> None:
     assert "kubectl port-forward -n chat svc/rel-chorus 8080:80" in notes
     assert "ws://127.0.0.1:8080/ws" in notes
     assert "secrets.databaseUrl" in notes  # empty credentials are called out
+
+
+def test_the_image_build_context_admits_every_package() -> None:
+    """.dockerignore is an allow-list: a package left out of it installs fine locally and is
+    missing from the image, which then fails at import (found when protocol/, common/ and runs/
+    were added)."""
+    admitted = {line[1:].strip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.startswith("!")}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages <= admitted, f"not in the image: {sorted(packages - admitted)}"
+    assert all((ROOT / name).exists() for name in admitted), "admits a file that does not exist"

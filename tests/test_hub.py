@@ -11,34 +11,9 @@ from fanout.broker import Fenced
 from fanout.hub import Hub
 from fanout.memory_broker import MemoryBroker
 from fanout.recovery import frame_seq
+from tests.support import Recorder
 
 WAIT_S = 5.0
-
-
-class Recorder:
-    """A hub subscriber that keeps what it was given."""
-
-    def __init__(self, user: str) -> None:
-        self.user = user
-        self.frames: list[tuple[int, str]] = []
-        self.resumes = 0
-        self.changed = asyncio.Event()
-
-    def deliver(self, seq: int, frame: str) -> None:
-        self.frames.append((seq, frame))
-        self.changed.set()
-
-    def resume(self) -> None:
-        self.resumes += 1
-        self.changed.set()
-
-    async def until(self, predicate: object) -> None:
-        async def loop() -> None:
-            while not predicate():  # type: ignore[operator]
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(loop(), WAIT_S)
 
 
 @pytest.fixture
@@ -60,8 +35,8 @@ async def test_frames_reach_every_local_socket_of_the_user_and_no_other(
         await hub.attach(sub)
     assert hub.users == 2
     result = await broker.publish("alice", '{"text":"hi"}')
-    await phone.until(lambda: phone.frames)
-    await laptop.until(lambda: laptop.frames)
+    await phone.wait(lambda: phone.frames)
+    await laptop.wait(lambda: laptop.frames)
     assert phone.frames == laptop.frames == [(result.seq, f'{{"seq":{result.seq},"text":"hi"}}')]
     assert other.frames == []
 
@@ -87,10 +62,10 @@ async def test_after_the_broker_connection_drops_every_channel_is_resubscribed_a
     phone = Recorder("alice")
     await hub.attach(phone)
     broker.drop_connections()
-    await phone.until(lambda: phone.resumes == 1)  # told to catch up from history
+    await phone.wait(lambda: phone.resumes == 1)  # told to catch up from history
     await hub.wait_connected(WAIT_S)
     result = await broker.publish("alice", '{"text":"again"}')
-    await phone.until(lambda: phone.frames)
+    await phone.wait(lambda: phone.frames)
     assert phone.frames[0][0] == result.seq
     assert hub.healthy
 

@@ -22,7 +22,7 @@ from fanout.redis_broker import RedisBroker
 from loadtest.client import ChorusClient
 from loadtest.cluster import LocalCluster
 from loadtest.procs import Proc, free_port, wait_http_ok
-from tests.support import RawSocket, payload, send_frame, unique
+from tests.support import RawSocket, event_payload, send_frame, unique
 
 
 def node_url(cluster: LocalCluster, path: str, index: int = 0) -> str:
@@ -210,7 +210,7 @@ async def test_slow_consumer_is_closed_with_4008_and_others_keep_up(cluster: Loc
         stream = RedisBroker(redis, Keys())
         padding = "x" * 2000
         for n in range(3000):  # not tokens: nothing to merge
-            await stream.publish(user, payload("c", "r", "note", {"text": padding, "n": n}))
+            await stream.publish(user, event_payload("c", "r", "note", {"text": padding, "n": n}))
         await healthy.wait_for(lambda: len(healthy.seqs()) == 3000, 30)
         assert healthy.gaps == [] and healthy.seqs()[0] == start + 1
         texts, code = await asyncio.to_thread(slow.frames_until_close)
@@ -238,7 +238,7 @@ async def test_a_slow_devices_queued_tokens_are_merged_instead_of_closing_it(
         # ~4.5 MB: more than the kernel's socket buffers hold, so the node's queue fills
         texts = [f"token-{n:04d}-" + "y" * 1500 for n in range(3000)]
         for text in texts:
-            last = await stream.publish(user, payload("c", "r", "token", {"text": text}))
+            last = await stream.publish(user, event_payload("c", "r", "token", {"text": text}))
         events = await asyncio.to_thread(slow.events_until, last.seq)
         covered = [s for e in events for s in range(e.get("seq_from", e["seq"]), e["seq"] + 1)]
         assert covered == list(range(last.seq - 2999, last.seq + 1)), "every seq exactly once, in order"

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from common.config import SettingError
+from common.config import SettingError, redact_url
 from common.keys import Keys
 from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import LocalCluster
@@ -49,7 +49,7 @@ from ws_node.auth import (
     origin_allowed,
 )
 from ws_node.limits import Bucket, Decision, LocalBucket, Rate, RedisBuckets, take
-from ws_node.settings import NodeSettings, redact_url
+from ws_node.settings import NodeSettings
 
 SECRET = "strict-node-secret-of-at-least-32-chars"
 AUDIENCE, ISSUER = "chorus-test", "https://issuer.test"

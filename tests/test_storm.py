@@ -34,7 +34,7 @@ from fanout.redis_broker import RedisBroker
 from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from tests.fake_llm import FakeLLM
-from tests.support import comparable_without_conversation, payload, unique
+from tests.support import comparable_without_conversation, event_payload, unique
 
 # 1000 sockets = USERS x DEVICES. Measured on the 2-core dev box: 1000 connect in ~1.5 s, all are
 # back ~3 s after nginx dies and ~1 s after a node dies; the module takes ~15 s. 4000 (40 x 100)
@@ -154,7 +154,7 @@ async def publish_while_away(cluster: LocalCluster, users: list[str]) -> None:
         try:
             stream = RedisBroker(redis, Keys())
             await asyncio.gather(*(
-                stream.publish(user, payload("storm", None, "notice",
+                stream.publish(user, event_payload("storm", None, "notice",
                                              {"text": "published while the sockets were down"}))
                 for user in users
             ))

@@ -13,11 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
-from agent_worker.agents import AgentRegistry, UnknownAgent, agents_from_env
+from agent_worker.agents import AgentRegistry, agents_from_env
 from agent_worker.graph import Item, Text, ToolCompleted, ToolStarted
 from agent_worker.mcp_client import McpClient, McpError, McpRpcError, summarize
 from common.config import SettingError
 from loadtest.procs import free_port
+from runs.agents import UnknownAgent
 from tests.fake_llm import FakeLLM
 from tests.support import WAIT_S, McpTestServer, text_of, weather
 

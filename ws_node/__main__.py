@@ -10,7 +10,7 @@ import sys
 
 from aiohttp import web
 
-from common.config import SettingError
+from common import process
 from ws_node.app import create_app, create_internal_app, drain
 from ws_node.services import SERVICES
 from ws_node.settings import NodeSettings
@@ -43,20 +43,8 @@ async def serve(settings: NodeSettings) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = NodeSettings.from_env(os.environ)
-    except SettingError as exc:
-        print(f"ws_node: configuration error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
-    return 0
+    return process.run("ws_node", lambda: NodeSettings.from_env(os.environ), serve,
+                       log_level=lambda settings: settings.log_level)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from fanout.redis_broker import RedisBroker
 from persistence.store import Store
 from persistence.store import Unavailable as StoreUnavailable
 from protocol import Ack, CloseCode, Error, ErrorCode, ProtocolError, Reconnect, encode
+from runs.agents import AgentDirectory
 from runs.lifecycle import Runs
 from runs.queue import RedisRunQueue
 from ws_node import commands, limits, presence, rest
@@ -221,7 +222,7 @@ async def _detach(svc: Services, conn: Connection) -> None:
         await presence.mark_offline(svc.redis, svc.keys, conn.user, conn.device, svc.settings.node_id)
 
 
-async def handle_frame(svc: Services, guard: Admission, conn: Connection, lease: TokenLease | None,
+async def handle_frame(svc: Services, guard: Admission, conn: Connection, lease: TokenLease,
                        raw: str) -> None:
     """Serve one client frame. Nothing a client sends may end the socket or the node."""
     cmd_id = None
@@ -253,7 +254,7 @@ async def handle_frame(svc: Services, guard: Admission, conn: Connection, lease:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Verify the token of every REST request once, under the full policy (JWKS included), and
-    leave the identity on the request for `ws_node.auth.authenticate`."""
+    leave the identity on the request for the REST handlers (`ws_node.rest`)."""
     if request.path.startswith("/v1/"):
         token = token_of(request)
         if token is not None:
@@ -314,9 +315,11 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
         store = await Store.connect_when_ready(settings.database_url)
         broker = RedisBroker(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
         hub = Hub(broker)
-        runs = Runs(store, broker, RedisRunQueue(redis, keys), answer_ttl_s=settings.history_ttl_s)
+        agents = AgentDirectory(redis, keys)
+        runs = Runs(store, broker, RedisRunQueue(redis, keys), answer_ttl_s=settings.history_ttl_s,
+                    agents=agents, max_in_flight=settings.max_runs_in_flight)
         svc = Services(settings=settings, redis=redis, keys=keys, broker=broker, hub=hub, store=store,
-                       runs=runs)
+                       runs=runs, agents=agents)
         app[SERVICES] = svc
         app[ADMISSION] = build_admission(settings, redis, keys)
         await hub.start()

@@ -74,7 +74,6 @@ class JwksKeys:
         self.url = url
         self.cache_s = cache_s
         self.cooldown_s = cooldown_s
-        self.fetches = 0
         self._keys: jwt.PyJWKSet | None = None
         self._fetched_at = -math.inf
         self._retry_at = -math.inf
@@ -109,7 +108,6 @@ class JwksKeys:
                     raise AuthUnavailable("JWKS fetch failed recently")
                 return
             try:
-                self.fetches += 1
                 keys = await asyncio.to_thread(self._client.get_jwk_set, True)
             except (jwt.PyJWTError, ValueError, OSError) as exc:
                 # A key server that is down must not be asked again by every connecting client.

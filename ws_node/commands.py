@@ -4,17 +4,16 @@ returns the one reply frame owed to its command id."""
 from __future__ import annotations
 
 from fanout.broker import Fenced
-from persistence.store import Conflict, NotFound, new_id
+from persistence.store import Conflict, NotFound
 from protocol import Ack, Auth, Cancel, Command, ErrorCode, Ping, Pong, ProtocolError, Respond, Send, encode
-from runs import agents
-from runs.lifecycle import AlreadyAnswered, NotWaiting, RunEnded
-from ws_node import limits
+from runs.agents import UnknownAgent
+from runs.lifecycle import AlreadyAnswered, NotWaiting, RunEnded, TooManyRuns
 from ws_node.auth import AuthUnavailable, Forbidden, TokenLease, Unauthorized
 from ws_node.connection import Connection
 from ws_node.services import Services
 
 
-async def execute(svc: Services, conn: Connection, cmd: Command, lease: TokenLease | None = None) -> str:
+async def execute(svc: Services, conn: Connection, cmd: Command, lease: TokenLease) -> str:
     if isinstance(cmd, Send):
         return await send(svc, conn, cmd)
     if isinstance(cmd, Cancel):
@@ -28,11 +27,9 @@ async def execute(svc: Services, conn: Connection, cmd: Command, lease: TokenLea
     raise AssertionError(cmd)
 
 
-async def auth(lease: TokenLease | None, cmd: Auth) -> str:
+async def auth(lease: TokenLease, cmd: Auth) -> str:
     """Renew the socket's token: the socket then lives until the new `exp`. A token that does not
     verify, or is another user's, is refused and the old one stays in force."""
-    if lease is None:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "auth is not accepted on this socket", cmd.id)
     try:
         identity = await lease.renew(cmd.token)
     except Unauthorized:
@@ -48,20 +45,15 @@ async def send(svc: Services, conn: Connection, cmd: Send) -> str:
     """Accept the send (stored, published, queued), then ack. Each step is idempotent under the
     client's id, so a retry after any failure completes the same send instead of starting a
     second one; only a fully done send is acked."""
-    limit = svc.settings.max_runs_in_flight
-    if await limits.runs_in_flight_exceeded(svc.store, conn.user, cmd.id, limit):
-        raise ProtocolError(ErrorCode.RATE_LIMITED,
-                            f"{limit} runs already in flight; wait for one to end or cancel one", cmd.id)
-    if cmd.agent is not None and cmd.conversation is None:
-        try:
-            await agents.check(svc.redis, svc.keys, cmd.agent)
-        except agents.UnknownAgent as exc:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc), cmd.id) from None
     try:
         record, seq = await svc.runs.accept_send(
-            conn.user, conn.device, client_id=cmd.id or new_id("s"), text=cmd.text,
-            conversation=cmd.conversation, agent=cmd.agent or agents.DEFAULT, policy=cmd.double_texting,
+            conn.user, conn.device, client_id=cmd.id, text=cmd.text, conversation=cmd.conversation,
+            agent=cmd.agent, policy=cmd.double_texting,
         )
+    except TooManyRuns as exc:
+        raise ProtocolError(ErrorCode.RATE_LIMITED, str(exc), cmd.id) from None
+    except UnknownAgent as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc), cmd.id) from None
     except NotFound:
         raise ProtocolError(ErrorCode.NOT_FOUND, f"no conversation {cmd.conversation}", cmd.id) from None
     except Conflict as exc:

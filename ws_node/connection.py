@@ -33,7 +33,7 @@ class Connection:
 
     def __init__(
         self, ws: web.WebSocketResponse, *, user: str, device: str, broker: Broker, queue_max_frames: int,
-        runs_in_flight: Callable[[str], Awaitable[list[RunInFlight]]] | None = None,
+        runs_in_flight: Callable[[str], Awaitable[list[RunInFlight]]],
         merged_token_max_chars: int = 65_536,
     ) -> None:
         self.merged_token_max_chars = merged_token_max_chars
@@ -180,8 +180,6 @@ class Connection:
         await self._snapshot(position)
 
     async def _snapshot(self, position: Position) -> None:
-        if self.runs_in_flight is None:
-            return
         try:
             runs = await self.runs_in_flight(self.user)
         except Exception as exc:  # Postgres away: the device still gets live events

@@ -1,8 +1,8 @@
 """Limits that keep one client from hurting others: connection rate per node, commands per user,
-runs in flight per user, devices per user. Each refusal is a documented code (docs/security.md).
+devices per user (runs in flight per user: `runs.Runs`). Each refusal is a documented code (docs/security.md).
 
 The token-bucket arithmetic is one pure function, `take`, shared by the node-local bucket (new
-connections) and mirrored line for line by fanout/ratelimit.lua (commands per user, one bucket in
+connections) and mirrored line for line by ws_node/ratelimit.lua (commands per user, one bucket in
 Redis for the whole cluster, so a user cannot multiply the limit by spreading devices over nodes).
 Tokens are counted in thousandths and time in milliseconds, as integers: Lua and Python then compute
 bit-identical results, which tests/test_security.py checks.
@@ -19,7 +19,6 @@ from importlib import resources
 from redis.asyncio import Redis
 
 from common.keys import Keys
-from persistence.store import Store
 from ws_node import presence
 
 _RATELIMIT_LUA = resources.files("ws_node").joinpath("ratelimit.lua").read_text()
@@ -103,16 +102,6 @@ class RedisBuckets:
             keys=[self.keys.command_bucket(user)], args=[self.rate.per_s, self.rate.burst, 1, now_ms]
         )
         return Decision(bool(allowed), int(retry_after_ms), Bucket(int(milli), int(at_ms)))
-
-
-async def runs_in_flight_exceeded(store: Store, user: str, client_id: str | None, limit: int) -> bool:
-    """True when a new send would start one run more than `limit` runs not yet ended. A retry
-    of a send already stored (same client id) is never refused: it starts nothing new. Racy by
-    design: two sends at once may both pass, so the limit can be exceeded by concurrent sends."""
-    if limit <= 0:
-        return False
-    in_flight, seen = await store.count_runs_in_flight(user, client_id or "")
-    return not seen and in_flight >= limit
 
 
 async def devices_exceeded(redis: Redis, keys: Keys, user: str, device: str, limit: int) -> bool:

@@ -50,6 +50,5 @@ def compact(frames: Iterable[str], *, max_chars: int = 32_768) -> list[str]:
         flush()
         # seq first, so fanout.recovery.frame_seq still reads it; seq_from = the first seq covered
         pending = {"seq": event["seq"], "seq_from": event.get("seq_from", event["seq"]), **event}
-        pending["seq"] = event["seq"]
     flush()
     return out

@@ -11,7 +11,7 @@ from aiohttp import web
 from common.redis_client import TRANSIENT
 from persistence.store import NotFound, Unavailable
 from protocol.vocabulary import DoubleTexting
-from runs import agents
+from runs.agents import UnknownAgent
 from ws_node.auth import IDENTITY, Identity
 from ws_node.services import SERVICES, Services
 
@@ -101,8 +101,8 @@ async def create_conversation(request: web.Request) -> web.Response:
     if not isinstance(agent, str) or not agent or len(agent) > 128 or not agent.isprintable():
         raise RestError(400, "bad_request", "agent must be a non-empty string")
     try:
-        await agents.check(svc.redis, svc.keys, agent)
-    except agents.UnknownAgent as exc:
+        await svc.agents.check(agent)
+    except UnknownAgent as exc:
         raise RestError(400, "bad_request", str(exc)) from None
     conversation = await svc.store.create_conversation(ident.user, title=title, agent=agent,
                                                        double_texting=double_texting)
@@ -150,7 +150,7 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
 
 async def list_agents(request: web.Request) -> web.Response:
     svc, _ = _auth(request)
-    described = await agents.advertised(svc.redis, svc.keys)
+    described = await svc.agents.advertised()
     if described is None:
         raise RestError(503, "unavailable", "no agent worker has registered its agents yet")
     return json_response({"agents": described})

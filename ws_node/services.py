@@ -12,6 +12,7 @@ from common.keys import Keys
 from fanout.hub import Hub
 from fanout.redis_broker import RedisBroker
 from persistence.store import Store
+from runs.agents import AgentDirectory
 from runs.lifecycle import Runs
 from ws_node.connection import Connection
 from ws_node.settings import NodeSettings
@@ -26,6 +27,7 @@ class Services:
     hub: Hub
     store: Store
     runs: Runs
+    agents: AgentDirectory
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False
     sockets: int = 0  # WebSocket requests in progress, from handshake to close
