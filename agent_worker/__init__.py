@@ -1,1 +1,2 @@
-"""Agent workers: take runs from a Redis Streams consumer group, run the agent graph, stream tokens."""
+"""Agent workers: take runs from the run queue (`runs.queue`), run the agent's LangGraph graph over
+its model and tools, and stream coalesced tokens; the run lifecycle itself is `runs.Runs`'s."""

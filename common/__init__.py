@@ -1,2 +1,2 @@
-"""Generic helpers every process shares: settings from the environment, backoff, the Redis
-client and its keys."""
+"""Generic helpers every process shares: settings declared once and read from the environment
+(`config`), process start-up (`process`), backoff, the Redis client and every Redis key."""
