@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 AnswerStream = Callable[[str, Sequence[tuple[str, str]], str, str | None], AsyncIterator[object]]
 
 STALE_SWEEP_S = 15.0
+# Runs waiting this long for a worker are told their position (`run.queued`), again as it changes;
+# only the first POSITIONS_SHOWN, so a deep backlog costs a bounded number of publishes.
+POSITIONS_EVERY_S = 2.0
+POSITIONS_SHOWN = 200
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Worker:
         tasks: set[asyncio.Task[None]] = set()
         slots = asyncio.Semaphore(self.settings.concurrency)
         maintenance = asyncio.create_task(self._maintain(slots, tasks, stop))
+        positions = asyncio.create_task(self._announce_positions(stop))
         delays = delays_s(base_s=0.1, cap_s=2.0)
         created = False
         while await _acquire_unless_stopped(slots, stop):
@@ -88,13 +93,14 @@ class Worker:
             for delivery in deliveries:
                 self._spawn(delivery, slots, tasks)
         maintenance.cancel()
+        positions.cancel()
         if tasks:
             log.info("draining %d runs for up to %.1fs", len(tasks), self.settings.drain_s)
             _, pending = await asyncio.wait(tasks, timeout=self.settings.drain_s)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.gather(maintenance, return_exceptions=True)
+        await asyncio.gather(maintenance, positions, return_exceptions=True)
 
     def _spawn(self, delivery: Delivery, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> None:
         async def process() -> None:
@@ -148,6 +154,27 @@ class Worker:
             except Exception:
                 log.exception("maintenance failed")
 
+    async def _announce_positions(self, stop: asyncio.Event) -> None:
+        """Backpressure a person can see: every few seconds, each run waiting for a worker is told
+        its place in the queue when it changed."""
+        announced: dict[str, int] = {}
+        while not stop.is_set():
+            await asyncio.sleep(POSITIONS_EVERY_S)
+            try:
+                waiting = await self.queue.next_jobs(limit=POSITIONS_SHOWN)
+                now: dict[str, int] = {}
+                for position, (job, waited_s) in enumerate(waiting, 1):
+                    if waited_s < POSITIONS_EVERY_S:
+                        continue  # about to be taken; nothing to tell yet
+                    now[job.run] = position
+                    if announced.get(job.run) != position:
+                        await self.runs.announce_position(job, position)
+                announced = now
+            except (Unavailable, *TRANSIENT) as exc:
+                log.warning("announcing queue positions deferred: %r", exc)
+            except Exception:
+                log.exception("announcing queue positions failed")
+
     async def _renew_leases(self) -> None:
         deliveries = list(self.running.values())
         if not deliveries:
@@ -188,8 +215,15 @@ class Worker:
         conversation whose next run was never started (its starter crashed) gets it started."""
         for conversation in await self.store.stranded_conversations(waiting_for_s=self.settings.lease_s):
             await self.runs.start_next(conversation)
-        for row in await self.store.stale_runs(queued_for_s=max(30.0, self.settings.lease_s)):
-            log.warning("requeueing run %s (job lost or lease expired)", row["id"])
+        stale = await self.store.stale_runs(queued_for_s=max(30.0, self.settings.lease_s))
+        # A run merely waiting in a backlog (or pending with a worker that died, which `reclaim`
+        # handles) still has its job: queueing it again only feeds the backlog (issue 15 saw
+        # 38-100 such duplicates in 90 s).
+        held = await self.queue.holding([row["id"] for row in stale])
+        for row in stale:
+            if row["id"] in held:
+                continue
+            log.warning("requeueing run %s (its job was lost)", row["id"])
             await self.store.touch_run(row["id"])
             job = Job(run=row["id"], user=row["user_id"], conversation=row["conversation_id"])
             await self.queue.enqueue(job)
@@ -218,7 +252,7 @@ class RunExecution:
         self.pseq += 1
         c = self.claim
         result = await self.worker.runs.publish(c.user, c.conversation, c.run, data, producer=self.producer,
-                                                pseq=self.pseq, fenced=True)
+                                                pseq=self.pseq, fenced=True, producer_epoch=self.epoch)
         moved = bool(self.epoch) and result.epoch != self.epoch
         self.last_seq = result.seq
         self.epoch = result.epoch
@@ -331,7 +365,8 @@ class RunExecution:
 
     async def _stream(self, history: Sequence[tuple[str, str]], resume: str | None) -> InputRequired | None:
         """Forward the model's text as `token` events, coalesced over `coalesce_s` so a fast
-        model costs a few publishes a second per run, not one per token. A cancel fence stops
+        model costs a few publishes a second per run, not one per token; the first token of an
+        attempt is not held back. A cancel fence stops
         the model (its HTTP request is aborted with the task)."""
         buffer: list[object] = []
         arrived = asyncio.Event()
@@ -352,7 +387,8 @@ class RunExecution:
                 waiter.cancel()
                 if not done and await self.worker.runs.broker.is_fenced(self.claim.user, self.claim.run):
                     raise Fenced(self.claim.run)
-                if buffer and not model.done():
+                if buffer and not model.done() and self.text:
+                    # Coalesce, but not the first token: it goes out at once (time to first token).
                     await asyncio.sleep(self.worker.settings.coalesce_s)
                 arrived.clear()
                 if buffer:

@@ -28,6 +28,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -237,6 +238,15 @@ class SharedSettings:
                                  "device returning later gets `resync` (new epoch). Keep equal on both "
                                  "components")
     log_level: str = setting("LOG_LEVEL", "INFO", text, "`DEBUG`, `INFO`, `WARNING`, `ERROR`")
+    redis_pool_size: int = setting(
+        "REDIS_POOL_SIZE", "0", integer(0, 100_000),
+        "most Redis connections the process opens (Pub/Sub not counted); 0 sizes it from the load: 256 "
+        "for a node, `WORKER_CONCURRENCY` + 16 for a worker. A command waits for a free connection "
+        "rather than fail", shown="0 (from the load)")
+    redis_pool_wait_s: float = setting(
+        "REDIS_POOL_WAIT_SECONDS", "30", number(low=0.1),
+        "longest wait for a free pooled Redis connection; past it the command fails as a bug (the pool "
+        "is too small), never as a Redis outage (at least 0.1)")
 
     def __repr__(self) -> str:
         # URLs may carry passwords and secrets are secrets: a logged settings object shows neither.
@@ -285,11 +295,35 @@ def environ() -> Mapping[str, str]:
     return os.environ
 
 
+def rewrite_tables(text: str, sections: Mapping[str, type[Any]]) -> str:
+    """`text` (markdown) with the table under each ``### <heading>`` of `sections` replaced by that
+    class's own declarations."""
+    for heading, cls in sections.items():
+        start = text.index("| variable |", text.index(f"### {heading}\n"))
+        end = start
+        for line in text[start:].splitlines(keepends=True):
+            if not line.startswith("|"):
+                break
+            end += len(line)
+        text = text[:start] + markdown(declared(cls, inherited=False).values()) + "\n" + text[end:]
+    return text
+
+
 def main(argv: Sequence[str]) -> int:
-    """``python -m common.config MODULE:CLASS ...``: each class's own settings as a docs table."""
-    for index, path in enumerate(argv):
+    """``python -m common.config [--write FILE] HEADING=MODULE:CLASS ...``: each class's own settings
+    as a docs table; with ``--write``, rewritten in place under each ``### HEADING`` of FILE."""
+    target = None
+    if argv[:1] == ["--write"]:
+        target, argv = Path(argv[1]), argv[2:]
+    sections = {}
+    for arg in argv:
+        heading, _, path = arg.rpartition("=")
         module, _, name = path.partition(":")
-        cls = getattr(importlib.import_module(module), name)
+        sections[heading or name] = getattr(importlib.import_module(module), name)
+    if target is not None:
+        target.write_text(rewrite_tables(target.read_text(), sections))
+        return 0
+    for index, cls in enumerate(sections.values()):
         print(("\n" if index else "") + markdown(declared(cls, inherited=False).values()))
     return 0
 

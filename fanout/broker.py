@@ -59,12 +59,13 @@ class Broker(Protocol):
 
     async def publish(
         self, user: str, payload: str, *, producer: str = "", pseq: int = 0, fence: str | None = None,
-        pass_fence: bool = False,
+        pass_fence: bool = False, producer_epoch: str = "",
     ) -> PublishResult:
         """Append `payload` to `user`'s stream and publish it. Give each publish a (`producer`,
         `pseq`), numbered 1, 2, 3... per producer, so a retry is never doubled, and a hole in
-        them (the broker lost writes it had acknowledged) starts a new epoch. With `fence`,
-        raise `Fenced` instead when that tag was fenced, unless `pass_fence`."""
+        them (the broker lost writes it had acknowledged) starts a new epoch, unless the epoch
+        already differs from `producer_epoch` (the epoch of the producer's previous publish, if
+        known). With `fence`, raise `Fenced` instead when that tag was fenced, unless `pass_fence`."""
 
     async def position(self, user: str) -> Position:
         """The user's epoch and latest seq (creating the epoch for a new history)."""

@@ -93,7 +93,7 @@ class MemoryBroker:
 
     async def publish(
         self, user: str, payload: str, *, producer: str = "", pseq: int = 0, fence: str | None = None,
-        pass_fence: bool = False,
+        pass_fence: bool = False, producer_epoch: str = "",
     ) -> PublishResult:
         stream = self._stream(user)
         if producer:

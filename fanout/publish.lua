@@ -2,7 +2,8 @@
 -- KEYS[1] meta hash, KEYS[2] history stream, KEYS[3] producers hash, KEYS[4] fences hash
 -- ARGV[1] channel, ARGV[2] payload (a non-empty JSON object), ARGV[3] history max length,
 -- ARGV[4] ttl seconds, ARGV[5] epoch to use if the history is new, ARGV[6] producer ('' = none),
--- ARGV[7] producer seq, ARGV[8] fence tag to check ('' = none), ARGV[9] '1' to pass a fence
+-- ARGV[7] producer seq, ARGV[8] fence tag to check ('' = none), ARGV[9] '1' to pass a fence,
+-- ARGV[10] the epoch of the producer's previous publish ('' = unknown)
 -- Returns {status, seq, epoch}: status 1 published, 0 duplicate of an earlier publish (seq is the
 -- earlier one), -1 refused because the fence tag is fenced (a cancelled run).
 -- The frame is the payload opened with "seq":N, so the seq is always its first member.
@@ -23,7 +24,11 @@ end
 -- A producer numbers its publishes 1, 2, 3...: one arriving after a hole means Redis lost writes
 -- it had acknowledged (restarted from an older snapshot). Its seqs would be reused under the same
 -- epoch and devices would drop them as duplicates, so this history's life is over: new epoch.
-local lost_writes = producer ~= '' and pseq > last_pseq + 1
+-- Unless the epoch already changed since the producer's previous publish: then the loss was
+-- noticed already (Redis came back empty and a reader started this epoch), no seq of the lost
+-- life can be reused in it, and a second new epoch would only split the devices between two
+-- (tests/test_faults.py, Redis restart without data).
+local lost_writes = producer ~= '' and pseq > last_pseq + 1 and (ARGV[10] == '' or ARGV[10] == epoch)
 if ARGV[8] ~= '' and ARGV[9] ~= '1' and redis.call('HEXISTS', fences, ARGV[8]) == 1 then
   return {-1, 0, epoch or ''}
 end

@@ -45,13 +45,13 @@ class RedisBroker:
 
     async def publish(
         self, user: str, payload: str, *, producer: str = "", pseq: int = 0, fence: str | None = None,
-        pass_fence: bool = False,
+        pass_fence: bool = False, producer_epoch: str = "",
     ) -> PublishResult:
         k = self.keys
         keys = [k.meta(user), k.history(user), k.producers(user), k.fences(user)]
         args: list[str | int] = [
             k.channel(user), payload, self.history_max, self.ttl_s, new_epoch(),
-            producer, pseq, fence or "", "1" if pass_fence else "0",
+            producer, pseq, fence or "", "1" if pass_fence else "0", producer_epoch,
         ]
 
         async def once() -> Any:

@@ -45,10 +45,16 @@ class MessageCreated(EventData):
 
 @dataclass(frozen=True)
 class RunQueued(EventData):
+    """The run waits: behind run `behind` of its conversation (double-texting, with the `policy`
+    and the `message` that started it), or for a free worker, `position` 1 being next (sent again
+    as the position changes)."""
+
     event = Event.RUN_QUEUED
+    optional = ("policy", "message", "position")
     behind: str | None
-    policy: DoubleTexting
-    message: str
+    policy: DoubleTexting | None = None
+    message: str | None = None
+    position: int | None = None
 
 
 @dataclass(frozen=True)

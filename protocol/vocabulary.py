@@ -97,6 +97,7 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"
     CONFLICT = "conflict"
     RATE_LIMITED = "rate_limited"
+    OVERLOADED = "overloaded"  # the run queue is past its operator-set depth or age: retry later
     TOO_LARGE = "too_large"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"

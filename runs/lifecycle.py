@@ -17,6 +17,7 @@ Errors for the caller to translate (the node into `error` frames):
     persistence.store.NotFound   no such conversation or run for this user
     persistence.store.Conflict   the `reject` policy refused a send
     TooManyRuns                  the user has `max_in_flight` runs not yet ended
+    Overloaded                   the run queue is past `max_queue_depth` or `max_queue_age_s`
     runs.agents.UnknownAgent     a send that starts a conversation names an agent no worker serves
     RunEnded                     cancelling a run that already ended
     NotWaiting                   answering a run that is not running
@@ -27,6 +28,7 @@ Errors for the caller to translate (the node into `error` frames):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -52,6 +54,16 @@ from runs.queue import Answer, Job, RunQueue
 class TooManyRuns(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"{limit} runs already in flight; wait for one to end or cancel one")
+
+
+class Overloaded(Exception):
+    """Runs wait for workers longer (or in greater number) than the operator allows: a new send
+    is refused rather than queued behind them; `retry_after_ms` suggests when to try again."""
+
+    def __init__(self, depth: int, oldest_s: float, retry_after_ms: int) -> None:
+        super().__init__(f"{depth} runs are waiting for a worker, the oldest for {oldest_s:.0f}s; "
+                         "retry later with the same id")
+        self.retry_after_ms = retry_after_ms
 
 
 class RunEnded(Exception):
@@ -102,16 +114,20 @@ class Runs:
     answer_ttl_s: int = 86_400
     agents: AgentDirectory | None = None  # checks the agent a new conversation names
     max_in_flight: int = 0  # runs not yet ended per user; 0: no limit
+    max_queue_depth: int = 0  # runs waiting for a worker before new sends are refused; 0: no limit
+    max_queue_age_s: float = 0.0  # the oldest run's wait before new sends are refused; 0: no limit
 
     async def publish(
         self, user: str, conversation: str, run: str | None, data: EventData, *, producer: str, pseq: int = 1,
-        fenced: bool = False, pass_fence: bool = False,
+        fenced: bool = False, pass_fence: bool = False, producer_epoch: str = "",
     ) -> PublishResult:
         """Publish one event of `run` to `user`'s devices. `fenced`: refuse it (`Fenced`) once the
-        run was cancelled, unless `pass_fence` (the run's own end)."""
+        run was cancelled, unless `pass_fence` (the run's own end). `producer_epoch`: see
+        `fanout.broker.Broker.publish`."""
         payload = event_body(conversation, run, data, int(time.time() * 1000))
         return await self.broker.publish(user, payload, producer=producer, pseq=pseq,
-                                         fence=run if fenced else None, pass_fence=pass_fence)
+                                         fence=run if fenced else None, pass_fence=pass_fence,
+                                         producer_epoch=producer_epoch)
 
     # Sends
 
@@ -122,8 +138,7 @@ class Runs:
         """Store the message and its run, publish `message.created`, queue the run (or let it
         wait, cancelling what the policy replaces); returns the record and the message's seq.
         Without a `client_id` the send cannot be retried safely (one is made up)."""
-        if await self._too_many_runs(user, client_id):
-            raise TooManyRuns(self.max_in_flight)
+        await self._admit(user, client_id)
         if agent is not None and conversation is None and self.agents is not None:
             await self.agents.check(agent)
         client_id = client_id or new_id("s")
@@ -138,20 +153,34 @@ class Runs:
         await self.store.set_message_seq(user, record.message, published.seq)
         return record, published.seq
 
-    async def _too_many_runs(self, user: str, client_id: str | None) -> bool:
-        """True when a new send would start one run more than `max_in_flight` runs not yet ended.
-        A retry of a send already stored (same client id) is never refused: it starts nothing new.
-        Racy by design: two sends at once may both pass, so the limit can be exceeded by
-        concurrent sends."""
-        if self.max_in_flight <= 0:
-            return False
+    async def _admit(self, user: str, client_id: str | None) -> None:
+        """Refuse a new send that would start one run more than `max_in_flight` runs not yet ended
+        (`TooManyRuns`), or join a queue past its limits (`Overloaded`). A retry of a send already
+        stored (same client id) is never refused: it starts nothing new. Racy by design: sends at
+        the same moment may all pass, so a limit can be exceeded by that many."""
+        queue_limited = self.max_queue_depth > 0 or self.max_queue_age_s > 0
+        if self.max_in_flight <= 0 and not queue_limited:
+            return
         in_flight, seen = await self.store.count_runs_in_flight(user, client_id or "")
-        return not seen and in_flight >= self.max_in_flight
+        if seen:
+            return
+        if 0 < self.max_in_flight <= in_flight:
+            raise TooManyRuns(self.max_in_flight)
+        if queue_limited:
+            backlog = await self.queue.backlog()
+            too_deep = 0 < self.max_queue_depth <= backlog.depth
+            too_old = 0 < self.max_queue_age_s <= backlog.oldest_s
+            if too_deep or too_old:
+                retry_s = max(1.0, self.max_queue_age_s / 2 if too_old else 5.0)
+                raise Overloaded(backlog.depth, backlog.oldest_s, int(retry_s * 1000))
 
     async def _double_text(self, user: str, device: str, record: SendRecord) -> None:
         """Start the new run, or tell every device it waits, and cancel what the policy replaces."""
         if record.status == RunStatus.QUEUED:
+            ahead = (await self.queue.backlog()).depth
             await self.queue.enqueue(Job(run=record.run, user=user, conversation=record.conversation))
+            if ahead:  # no free worker: say where the run stands (workers update it as it moves)
+                await self.announce_position(Job(record.run, user, record.conversation), ahead + 1)
             return
         queued = RunQueued(behind=record.behind, policy=record.policy, message=record.message)
         await self.publish(user, record.conversation, record.run, queued, producer=f"run:{record.run}:queued")
@@ -159,6 +188,13 @@ class Runs:
             await self._cancel(user, run, by=device)
         # The run it waited behind may have ended meanwhile; then nobody else would start it.
         await self.start_next(record.conversation)
+
+    async def announce_position(self, job: Job, position: int) -> None:
+        """Tell the devices the run waits for a worker at `position` (1: next). Each position of a
+        run is published once, whoever announces it (its own producer id)."""
+        with contextlib.suppress(Fenced):  # cancelled meanwhile: its end says so
+            await self.publish(job.user, job.conversation, job.run, RunQueued(behind=None, position=position),
+                               producer=f"run:{job.run}:queued:{position}", fenced=True)
 
     # Cancelling and ending
 

@@ -23,6 +23,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from common.keys import RUNS_GROUP, Keys
+from common.redis_client import as_text
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,14 @@ class Delivery:
     entry: str
     job: Job
     deliveries: int = 1
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Jobs no worker has taken yet: how many, and how long the oldest has waited."""
+
+    depth: int
+    oldest_s: float
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,16 @@ class RunQueue(Protocol):
 
     async def dead_letter(self, delivery: Delivery) -> None:
         """Set a job aside for good (delivered too often) and ack it."""
+
+    async def holding(self, runs: Sequence[str]) -> set[str]:
+        """Which of `runs` still have a job in the queue, read or not (so need no new one)."""
+
+    async def backlog(self) -> Backlog:
+        """The jobs waiting for a worker (taken ones are not counted)."""
+
+    async def next_jobs(self, *, limit: int) -> list[tuple[Job, float]]:
+        """The first `limit` jobs waiting for a worker, the next one first, with the seconds each
+        has waited."""
 
     async def first_answer(self, user: str, run: str, request: str, *, device: str, ttl_s: int) -> str:
         """Record `device` as answering `request` unless a device did already; returns the
@@ -148,6 +167,51 @@ class RedisRunQueue:
             deliveries.append(Delivery(entry, Job.from_fields(fields), deliveries=times))
         return deliveries
 
+    async def _last_taken(self) -> str | None:
+        """The id of the last job the group handed out (None: no group yet)."""
+        try:
+            groups: Any = await self.redis.xinfo_groups(self.keys.runs)
+        except redis_errors.ResponseError:
+            return None  # no stream yet
+        for group in groups:
+            if as_text(group["name"]) == RUNS_GROUP:
+                return as_text(group["last-delivered-id"])
+        return None
+
+    async def backlog(self) -> Backlog:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.keys.runs)
+            pipe.xpending(self.keys.runs, RUNS_GROUP)
+            length_reply, summary = await pipe.execute(raise_on_error=False)
+        length = int(length_reply) if isinstance(length_reply, int) else 0
+        taken = int(summary["pending"]) if isinstance(summary, dict) else 0  # NOGROUP: none taken
+        last = await self._last_taken()
+        after = f"({last}" if last else "-"
+        first: Any = await self.redis.xrange(self.keys.runs, min=after, max="+", count=1)
+        if not first:
+            return Backlog(depth=0, oldest_s=0.0)
+        enqueued_ms = int(as_text(first[0][0]).split("-")[0])
+        return Backlog(depth=max(1, length - taken), oldest_s=max(0.0, time.time() - enqueued_ms / 1000))
+
+    async def next_jobs(self, *, limit: int) -> list[tuple[Job, float]]:
+        last = await self._last_taken()
+        entries: Any = await self.redis.xrange(self.keys.runs, min=f"({last}" if last else "-", max="+",
+                                               count=limit)
+        now = time.time()
+        return [(Job.from_fields(fields), max(0.0, now - int(as_text(entry).split("-")[0]) / 1000))
+                for entry, fields in entries if fields]
+
+    async def holding(self, runs: Sequence[str]) -> set[str]:
+        # Acked jobs are deleted, so the stream holds only jobs not done: a backlog, not history.
+        wanted, found, start = set(runs), set[str](), "-"
+        while wanted - found:
+            entries: Any = await self.redis.xrange(self.keys.runs, min=start, max="+", count=1000)
+            found |= {fields.get("run") for _, fields in entries} & wanted
+            if len(entries) < 1000:
+                break
+            start = "(" + entries[-1][0]
+        return found
+
     async def dead_letter(self, delivery: Delivery) -> None:
         fields: dict[Any, Any] = {**delivery.job.fields(), "deliveries": str(delivery.deliveries)}
         await self.redis.xadd(self.keys.runs_dead, fields)
@@ -192,6 +256,7 @@ class MemoryRunQueue:
     dead: list[Delivery] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _enqueued: dict[str, float] = field(default_factory=dict)  # entry -> monotonic time queued
     _answered: dict[tuple[str, str, str], str] = field(default_factory=dict)
     _answers: dict[tuple[str, str], asyncio.Queue[Answer]] = field(default_factory=dict)
 
@@ -199,7 +264,9 @@ class MemoryRunQueue:
         return None
 
     async def enqueue(self, job: Job) -> None:
-        self.waiting.append(Delivery(f"{next(self._ids)}-0", job))
+        delivery = Delivery(f"{next(self._ids)}-0", job)
+        self._enqueued[delivery.entry] = time.monotonic()
+        self.waiting.append(delivery)
         async with self._arrived:
             self._arrived.notify_all()
 
@@ -234,6 +301,20 @@ class MemoryRunQueue:
                 self.pending[entry] = _Pending(delivery, consumer, now)
                 claimed.append(delivery)
         return claimed
+
+    async def backlog(self) -> Backlog:
+        if not self.waiting:
+            return Backlog(depth=0, oldest_s=0.0)
+        oldest_s = time.monotonic() - self._enqueued[self.waiting[0].entry]
+        return Backlog(depth=len(self.waiting), oldest_s=oldest_s)
+
+    async def next_jobs(self, *, limit: int) -> list[tuple[Job, float]]:
+        now = time.monotonic()
+        return [(d.job, now - self._enqueued[d.entry]) for d in self.waiting[:limit]]
+
+    async def holding(self, runs: Sequence[str]) -> set[str]:
+        jobs = {d.job.run for d in self.waiting} | {p.delivery.job.run for p in self.pending.values()}
+        return jobs & set(runs)
 
     async def dead_letter(self, delivery: Delivery) -> None:
         self.dead.append(delivery)

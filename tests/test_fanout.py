@@ -226,3 +226,20 @@ async def test_lost_acknowledged_writes_start_a_new_epoch(redis: Redis, keys: Ke
     # an ordinary next publish keeps the new epoch
     fourth = await stream.publish("u", token(), producer="p", pseq=4)
     assert fourth.epoch == third.epoch and fourth.seq == third.seq + 1
+
+
+async def test_after_an_empty_restart_a_producer_joins_the_epoch_a_reader_started(redis: Redis, keys: Keys) -> None:
+    """Redis came back empty mid-answer; a node's catch-up started a new epoch before the worker's
+    next publish, whose numbering has a hole. That hole was already answered by the new epoch: a
+    second one would leave the devices that resynced first on an epoch nobody writes to."""
+    stream = RedisBroker(redis, keys)
+    first = await stream.publish("u", token(), producer="p", pseq=1)
+    await stream.publish("u", token(), producer="p", pseq=2, producer_epoch=first.epoch)
+    await redis.delete(keys.meta("u"), keys.history("u"), keys.producers("u"))  # an empty restart
+    reader = await stream.position("u")  # a node catching up: the new epoch starts here
+    assert reader.epoch != first.epoch
+    third = await stream.publish("u", token(), producer="p", pseq=3, producer_epoch=first.epoch)
+    assert (third.epoch, third.seq) == (reader.epoch, reader.seq + 1)
+    # the same hole within the producer's own epoch is still lost writes: a new epoch
+    fifth = await stream.publish("u", token(), producer="p", pseq=5, producer_epoch=third.epoch)
+    assert fifth.epoch != third.epoch

@@ -15,11 +15,11 @@ import pytest
 from agent_worker.graph import InputRequired, Text
 from agent_worker.settings import WorkerSettings
 from agent_worker.worker import Worker
-from fanout.memory_broker import MemoryBroker
+from fanout.memory_broker import MemoryBroker, MemoryPubSub
 from loadtest.cluster import LocalCluster
 from persistence.store import Conflict, NotFound, Store
 from protocol import DoubleTexting, Event, RunStatus
-from runs.lifecycle import AlreadyAnswered, Ending, NotWaiting, RunEnded, Runs
+from runs.lifecycle import AlreadyAnswered, Ending, NotWaiting, Overloaded, RunEnded, Runs
 from runs.queue import MemoryRunQueue
 
 WAIT_S = 10.0
@@ -51,6 +51,30 @@ async def events(runs: Runs, user: str) -> list[dict[str, Any]]:
 
 async def of_run(runs: Runs, user: str, run: str) -> list[str]:
     return [e["event"] for e in await events(runs, user) if e["run"] == run]
+
+
+async def watch(runs: Runs, user: str) -> MemoryPubSub:
+    """A subscriber to the user's channel: sees every event published from now on."""
+    broker = runs.broker
+    assert isinstance(broker, MemoryBroker)
+    pubsub = broker.pubsub()
+    await pubsub.subscribe(broker.channel(user))
+    return pubsub
+
+
+async def published(pubsub: MemoryPubSub, run: str, name: Event, **data: Any) -> dict[str, Any]:
+    """The next event `name` of `run` (with these `data` members) on the watched channel, bounded
+    by WAIT_S; the events before it are passed over."""
+    async def wait() -> dict[str, Any]:
+        while True:
+            message = await pubsub.get_message(timeout=WAIT_S)
+            assert message is not None, f"no {name} of {run} within {WAIT_S}s"
+            if message["type"] == "message":
+                event: dict[str, Any] = orjson.loads(message["data"])
+                if event["run"] == run and event["event"] == name and data.items() <= event["data"].items():
+                    return event
+
+    return await asyncio.wait_for(wait(), WAIT_S)
 
 
 def queued(runs: Runs) -> list[str]:
@@ -160,27 +184,115 @@ async def test_a_worker_carries_queued_runs_to_their_end_in_order(runs: Runs, us
     }))
     stop = asyncio.Event()
     serving = asyncio.create_task(worker.run(stop))
+    pubsub = await watch(runs, user)
     try:
         first, _ = await send(runs, user, "one")
         second, _ = await send(runs, user, "two", conversation=first.conversation)
-
-        async def event_of(run: str, name: Event) -> dict[str, Any]:
-            while True:
-                found = [e for e in await events(runs, user) if e["run"] == run and e["event"] == name]
-                if found:
-                    return found[0]
-                await asyncio.sleep(0.01)
-
-        done = await asyncio.wait_for(event_of(first.run, Event.RUN_COMPLETED), WAIT_S)
+        done = await published(pubsub, first.run, Event.RUN_COMPLETED)
         assert done["data"]["text"] == "first answer"
-        await asyncio.wait_for(event_of(second.run, Event.RUN_INPUT_REQUIRED), WAIT_S)
+        await published(pubsub, second.run, Event.RUN_INPUT_REQUIRED)
         await runs.respond(user, second.run, request="q", text="green", device="phone")
-        done = await asyncio.wait_for(event_of(second.run, Event.RUN_COMPLETED), WAIT_S)
+        done = await published(pubsub, second.run, Event.RUN_COMPLETED)
         assert done["data"]["text"] == " you said green"
         names = [e["event"] for e in await events(runs, user) if e["run"] == second.run]
         assert names.index(Event.RUN_QUEUED) < names.index(Event.RUN_STARTED), "it waited for the first"
-        queue = runs.queue
-        assert isinstance(queue, MemoryRunQueue) and queue.pending == {}, "every job acked"
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, WAIT_S)  # a stopping worker lets its runs finish first
+    queue = runs.queue
+    assert isinstance(queue, MemoryRunQueue) and queue.pending == {}, "every job acked"
+
+
+async def test_the_lost_job_sweep_requeues_only_runs_whose_job_is_gone(runs: Runs, user: str) -> None:
+    kept, _ = await send(runs, user, "one")
+    lost, _ = await send(runs, user, "two")
+    # Both look stale to Postgres (queued an hour ago, acked); only one's job left the queue.
+    await runs.store.pool.execute("UPDATE runs SET updated_at = now() - interval '1 hour' WHERE id = ANY($1)",
+                                  [kept.run, lost.run])
+    queue = runs.queue
+    assert isinstance(queue, MemoryRunQueue)
+    queue.waiting = [d for d in queue.waiting if d.job.run != lost.run]
+    settings = WorkerSettings(redis_url="redis://unused", database_url="postgresql://unused", worker_id="w2")
+    worker = Worker(settings=settings, runs=runs, answer=scripted({}))
+    await worker._requeue_lost()
+    mine = [run for run in queued(runs) if run in (kept.run, lost.run)]
+    assert mine == [kept.run, lost.run], "the lost job is queued again, the waiting one is not doubled"
+
+
+async def test_the_first_token_is_published_at_once_however_long_the_coalescing_window(
+    runs: Runs, user: str
+) -> None:
+    release = asyncio.Event()
+
+    async def answer(agent: str, history: Sequence[tuple[str, str]], thread: str,
+                     resume: str | None) -> AsyncIterator[object]:
+        yield Text("first")
+        await release.wait()  # the model goes on only once the device has seen the first token
+        yield Text(" second")
+
+    settings = WorkerSettings(redis_url="redis://unused", database_url="postgresql://unused", worker_id="w3",
+                              coalesce_s=30.0)
+    worker = Worker(settings=settings, runs=runs, answer=answer)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(worker.run(stop))
+    pubsub = await watch(runs, user)
+    try:
+        record, _ = await send(runs, user, "hi")
+        token = await published(pubsub, record.run, Event.TOKEN)  # within WAIT_S, far less than 30 s
+        assert token["data"]["text"] == "first"
+        release.set()
+        done = await published(pubsub, record.run, Event.RUN_COMPLETED)
+        assert done["data"]["text"] == "first second"
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, WAIT_S + 30)
+
+
+async def test_a_full_queue_refuses_new_sends_but_not_retries(store: Store, user: str) -> None:
+    runs = Runs(store, MemoryBroker(), MemoryRunQueue(), max_queue_depth=2)
+    first, _ = await send(runs, user, "one", client_id="c1")
+    await send(runs, user, "two")
+    with pytest.raises(Overloaded) as refused:
+        await send(runs, user, "three")
+    assert refused.value.retry_after_ms > 0 and "2 runs are waiting" in str(refused.value)
+    again, _ = await send(runs, user, "one", client_id="c1")  # a retry starts nothing: never refused
+    assert again.run == first.run
+
+
+async def test_runs_waiting_for_a_worker_are_told_their_place_as_it_moves(
+    runs: Runs, user: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agent_worker.worker.POSITIONS_EVERY_S", 0.05)
+    gates = {text: asyncio.Event() for text in ("a", "b", "c")}
+
+    async def answer(agent: str, history: Sequence[tuple[str, str]], thread: str,
+                     resume: str | None) -> AsyncIterator[object]:
+        await gates[history[-1][1]].wait()
+        yield Text(f"done {history[-1][1]}")
+
+    pubsub = await watch(runs, user)
+    a, _ = await send(runs, user, "a")
+    b, _ = await send(runs, user, "b")
+    c, _ = await send(runs, user, "c")  # no worker yet: b and c are told 2 and 3 as they queue
+    settings = WorkerSettings(redis_url="redis://unused", database_url="postgresql://unused", worker_id="w4",
+                              concurrency=1)
+    worker = Worker(settings=settings, runs=runs, answer=answer)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(worker.run(stop))
+    try:
+        await published(pubsub, a.run, Event.RUN_STARTED)
+        await published(pubsub, c.run, Event.RUN_QUEUED, position=2)  # a took the one slot
+        gates["a"].set()
+        await published(pubsub, c.run, Event.RUN_QUEUED, position=1)  # then b did
+        gates["b"].set()
+        gates["c"].set()
+        await published(pubsub, c.run, Event.RUN_COMPLETED)
     finally:
         stop.set()
         await asyncio.wait_for(serving, WAIT_S)
+
+    def positions(run: str) -> list[int]:
+        return [e["data"]["position"] for e in history if e["run"] == run and e["event"] == Event.RUN_QUEUED]
+
+    history = await events(runs, user)
+    assert (positions(a.run), positions(b.run), positions(c.run)) == ([], [2, 1], [3, 2, 1])

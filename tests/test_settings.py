@@ -2,7 +2,7 @@
 
 Each settings table of docs/operations.md is a class's own declarations rendered by
 `common.config.markdown`; after adding or changing a setting, regenerate them with the command in
-`REGENERATE` and paste each table under its heading. Pure tests: no network, no processes.
+`REGENERATE` (it rewrites the tables in place). Pure tests: no network, no processes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ SECTIONS: dict[str, type[Any]] = {
     "ws node": NodeSettings,
     "agent worker": WorkerSettings,
 }
-REGENERATE = "python -m common.config " + " ".join(f"{c.__module__}:{c.__name__}" for c in SECTIONS.values())
+REGENERATE = "python -m common.config --write docs/operations.md " + " ".join(
+    f'"{heading}={c.__module__}:{c.__name__}"' for heading, c in SECTIONS.items())
 PROCESSES: list[type[Any]] = [NodeSettings, WorkerSettings]
 BASE_ENV = {"REDIS_URL": "redis://127.0.0.1:1/0", "DATABASE_URL": "postgresql://u@127.0.0.1:1/x",
             "AUTH_JWT_SECRET": "s" * 32}

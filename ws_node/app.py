@@ -46,6 +46,9 @@ from ws_node.services import SERVICES, Services
 from ws_node.settings import NodeSettings
 
 log = logging.getLogger(__name__)
+# Redis connections of a node when REDIS_POOL_SIZE is 0: each socket or command holds one only
+# for the duration of a command, so a burst of connects waits briefly instead of failing.
+NODE_POOL_SIZE = 256
 
 
 @dataclass
@@ -310,14 +313,17 @@ async def _presence_refresher(svc: Services) -> None:
 
 def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
-        redis = redis_client.connect(settings.redis_url, socket_timeout_s=5)
+        redis = redis_client.connect(settings.redis_url, socket_timeout_s=5,
+                                     pool_size=settings.redis_pool_size or NODE_POOL_SIZE,
+                                     pool_wait_s=settings.redis_pool_wait_s)
         keys = Keys(settings.redis_prefix)
         store = await Store.connect_when_ready(settings.database_url)
         broker = RedisBroker(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
         hub = Hub(broker)
         agents = AgentDirectory(redis, keys)
         runs = Runs(store, broker, RedisRunQueue(redis, keys), answer_ttl_s=settings.history_ttl_s,
-                    agents=agents, max_in_flight=settings.max_runs_in_flight)
+                    agents=agents, max_in_flight=settings.max_runs_in_flight,
+                    max_queue_depth=settings.max_queue_depth, max_queue_age_s=settings.max_queue_age_s)
         svc = Services(settings=settings, redis=redis, keys=keys, broker=broker, hub=hub, store=store,
                        runs=runs, agents=agents)
         app[SERVICES] = svc

@@ -7,7 +7,7 @@ from fanout.broker import Fenced
 from persistence.store import Conflict, NotFound
 from protocol import Ack, Auth, Cancel, Command, ErrorCode, Ping, Pong, ProtocolError, Respond, Send, encode
 from runs.agents import UnknownAgent
-from runs.lifecycle import AlreadyAnswered, NotWaiting, RunEnded, TooManyRuns
+from runs.lifecycle import AlreadyAnswered, NotWaiting, Overloaded, RunEnded, TooManyRuns
 from ws_node.auth import AuthUnavailable, Forbidden, TokenLease, Unauthorized
 from ws_node.connection import Connection
 from ws_node.services import Services
@@ -52,6 +52,9 @@ async def send(svc: Services, conn: Connection, cmd: Send) -> str:
         )
     except TooManyRuns as exc:
         raise ProtocolError(ErrorCode.RATE_LIMITED, str(exc), cmd.id) from None
+    except Overloaded as exc:
+        raise ProtocolError(ErrorCode.OVERLOADED, str(exc), cmd.id,
+                            retry_after_ms=exc.retry_after_ms) from None
     except UnknownAgent as exc:
         raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc), cmd.id) from None
     except NotFound:

@@ -126,6 +126,14 @@ class NodeSettings(SharedSettings):
         "commands a user may send at once above that rate (at least 1)")
     max_runs_in_flight: int = setting(
         "USER_MAX_RUNS_IN_FLIGHT", "8", integer(), "runs one user may have queued or running; 0 for no limit")
+    max_queue_depth: int = setting(
+        "RUN_QUEUE_MAX_DEPTH", "0", integer(),
+        "runs waiting for a worker beyond which a new `send` is refused with `overloaded` (and "
+        "`retry_after_ms`) instead of queued; 0 for no limit")
+    max_queue_age_s: float = setting(
+        "RUN_QUEUE_MAX_AGE_SECONDS", "0", number(),
+        "how long the oldest run may have waited for a worker before a new `send` is refused with "
+        "`overloaded`; 0 for no limit")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NodeSettings:
