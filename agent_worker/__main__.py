@@ -9,7 +9,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -18,6 +19,7 @@ from agent_worker.agents import AgentRegistry, agents_from_env
 from agent_worker.model import ModelConfig
 from agent_worker.resilience import BreakerRegistry, RetryPolicy, endpoint_key, resilient
 from agent_worker.settings import WorkerSettings
+from agent_worker.supervisor import supervise
 from agent_worker.worker import AnswerStream, Worker
 from common import process, redis_client
 from common.keys import Keys
@@ -158,8 +160,11 @@ def main() -> int:
         settings = WorkerSettings.from_env(os.environ)
         return settings, Agents.from_env(os.environ, settings)
 
-    return process.run("agent_worker", configure, lambda configured: serve(*configured),
-                       log_level=lambda configured: configured[0].log_level)
+    def start(configured: tuple[WorkerSettings, Agents]) -> Coroutine[Any, Any, None]:
+        settings, agents = configured
+        return supervise(settings) if settings.processes > 1 else serve(settings, agents)
+
+    return process.run("agent_worker", configure, start, log_level=lambda configured: configured[0].log_level)
 
 
 if __name__ == "__main__":

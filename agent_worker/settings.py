@@ -105,6 +105,11 @@ class WorkerSettings(SharedSettings):
     agents_file: str | None = optional(
         "AGENTS_FILE", text, "path to a file holding that JSON instead; not together with `AGENTS_JSON`")
     # Running runs (agent_worker.worker)
+    processes: int = setting(
+        "WORKER_PROCESSES", "1", integer(1, 256),
+        "worker processes under one supervisor (1 to 256): a process uses one core, so set it to the "
+        "cores the worker may use; each has `WORKER_CONCURRENCY` slots and its own consumer name "
+        "(`NODE_ID-<i>`), and one that dies is started again")
     concurrency: int = setting(
         "WORKER_CONCURRENCY", "8", integer(1, 10_000), "runs one worker executes at once (1 to 10000)")
     drain_s: float = setting(
