@@ -45,7 +45,14 @@ from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from langchain_openai import ChatOpenAI
 from langgraph.checkpoint.memory import InMemorySaver
 
-from agent_worker.graph import DEFAULT_MAX_TOOL_ROUNDS, AgentGraph, Item, build_graph, stream_answer
+from agent_worker.graph import (
+    DEFAULT_MAX_TOOL_ROUNDS,
+    AgentGraph,
+    Item,
+    build_graph,
+    stream_answer,
+    stream_model,
+)
 from agent_worker.mcp_client import McpClient, McpError, McpTool
 from agent_worker.model import ModelConfig, build_chat_model
 from agent_worker.settings import WorkerSettings
@@ -183,20 +190,31 @@ class AgentRegistry:
     async def _answer(
         self, spec: AgentSpec, history: Sequence[tuple[str, str]], thread: str | None, resume: str | None
     ) -> AsyncGenerator[Item, None]:
+        if not spec.mcp_servers and not spec.ask_user and resume is None:
+            # One model call and nothing else: the graph would only add its overhead per token.
+            model = self._model(spec)
+            direct = stream_model(model, history, system_prompt=spec.system_prompt)
+            async with aclosing(direct) as items:
+                async for item in items:
+                    yield item
+            return
         graph = await self._graph(spec)
         async with aclosing(stream_answer(graph, history, thread=thread, resume=resume)) as items:
             async for item in items:
                 yield item
+
+    def _model(self, spec: AgentSpec) -> BaseChatModel:
+        model = self._models.get(spec.name)
+        if model is None:
+            model = self._models[spec.name] = build_chat_model(spec.model)
+        return model
 
     async def _graph(self, spec: AgentSpec) -> AgentGraph:
         graph = self._graphs.get(spec.name)
         if graph is not None:
             return graph
         tools, missing = await self._tools(spec)
-        model = self._models.get(spec.name)
-        if model is None:
-            model = self._models[spec.name] = build_chat_model(spec.model)
-        graph = build_graph(model, system_prompt=spec.system_prompt, tools=tools,
+        graph = build_graph(self._model(spec), system_prompt=spec.system_prompt, tools=tools,
                             max_tool_rounds=spec.max_tool_rounds, ask_user=spec.ask_user,
                             checkpointer=self._paused)
         if not missing:  # a graph short of tools is rebuilt next run, when its servers may be back

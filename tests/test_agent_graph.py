@@ -30,6 +30,7 @@ from agent_worker.graph import (
     ToolStarted,
     build_graph,
     stream_answer,
+    stream_model,
     to_messages,
 )
 from agent_worker.model import ModelConfig, build_chat_model
@@ -457,3 +458,48 @@ def test_fake_llm_answers_a_tool_result_with_it(fake_llm: FakeLLM) -> None:
     first_call = fake_llm.tool_calls_for({"tools": [{}], "messages": messages[:1]})
     assert first_call == [("lookup", '{"city": "Oslo"}')]
     assert fake_llm.tool_calls_for({"messages": messages[:1]}) == []  # no tools offered
+
+
+async def test_an_agent_without_tools_streams_the_same_from_the_model_as_through_the_graph(
+    make_graph: Callable[..., AgentGraph], fake_llm: FakeLLM
+) -> None:
+    """The worker's fast path (`stream_model`) for the tool-less graph: same request, same items."""
+    history = [("user", "hi"), ("assistant", "hello"), ("user", "[[tokens:40]] tell me more")]
+    via_graph = await collect_items(make_graph(system_prompt="Be brief."), history)
+    model = build_chat_model(ModelConfig(base_url=fake_llm.base_url, api_key=None))
+    assert isinstance(model, ChatOpenAI)
+    try:
+        async with asyncio.timeout(WAIT_S):
+            direct = [item async for item in stream_model(model, history, system_prompt="Be brief.")]
+    finally:
+        await model.root_async_client.close()
+    assert direct == via_graph and len(direct) > 1
+    # and the same request: the system prompt first, then the history
+    assert fake_llm.requests[-1]["messages"] == fake_llm.requests[-2]["messages"]
+    assert fake_llm.requests[-1]["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+async def test_an_agent_without_tools_still_maps_a_stalled_stream_to_a_model_timeout(fake_llm: FakeLLM) -> None:
+    model = build_chat_model(ModelConfig(base_url=fake_llm.base_url, api_key=None, timeout_s=0.3))
+    assert isinstance(model, ChatOpenAI)
+    try:
+        with pytest.raises(ModelTimeoutError):
+            async with asyncio.timeout(WAIT_S):
+                async for _ in stream_model(model, [("user", "[[tokens:5]] [[stall:5]] hello")]):
+                    pass
+    finally:
+        await model.root_async_client.close()
+
+
+def test_the_cheaper_chunk_parsing_builds_the_same_chunks() -> None:
+    """agent_worker.model swaps the SDK's slow config Protocol check (see there): a streamed chunk
+    must still be built exactly as pydantic validation builds it."""
+    from openai.types.chat import ChatCompletionChunk
+
+    import agent_worker.model  # noqa: F401  (applies the swap)
+
+    data = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}, "finish_reason": None}]}
+    built = ChatCompletionChunk.construct(**data)  # what the SDK does per streamed line
+    assert built.model_dump() == ChatCompletionChunk.model_validate(data).model_dump()
+    assert built.choices[0].delta.content == "hi"
