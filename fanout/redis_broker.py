@@ -8,11 +8,13 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.connection import SSLConnection
 
 from common.backoff import retrying
 from common.redis_client import TRANSIENT, as_text
 from fanout.broker import Fenced, Position, PublishResult, PubSub
 from fanout.keys import StreamKeys
+from fanout.resp_pubsub import RespPubSub
 
 _PUBLISH_LUA = resources.files("fanout").joinpath("publish.lua").read_text()
 _POSITION_LUA = resources.files("fanout").joinpath("position.lua").read_text()
@@ -100,7 +102,10 @@ class RedisBroker:
         return self.keys.canary(hub)
 
     def pubsub(self) -> PubSub:
-        return self.redis.pubsub()
+        params = self.redis.connection_pool.connection_kwargs
+        if issubclass(self.redis.connection_pool.connection_class, SSLConnection):
+            return self.redis.pubsub()  # TLS: redis-py's connection (slower per message)
+        return RespPubSub(dict(params))
 
     async def signal(self, channel: str, data: str) -> None:
         await self.redis.publish(channel, data)

@@ -14,6 +14,7 @@ from fanout.broker import Fenced
 from fanout.hub import Hub
 from fanout.recovery import frame_seq
 from fanout.redis_broker import RedisBroker
+from fanout.resp_pubsub import RespPubSub
 from loadtest.procs import RedisServer
 from protocol.events import RunCancelled, Token, event_body
 from tests.support import Recorder
@@ -243,3 +244,53 @@ async def test_after_an_empty_restart_a_producer_joins_the_epoch_a_reader_starte
     # the same hole within the producer's own epoch is still lost writes: a new epoch
     fifth = await stream.publish("u", token(), producer="p", pseq=5, producer_epoch=third.epoch)
     assert fifth.epoch != third.epoch
+
+
+async def test_the_lean_pubsub_reads_every_message_in_order_and_reports_a_lost_connection(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    pubsub = RespPubSub.from_url(redis_server.url)
+    await pubsub.ping()
+    await pubsub.subscribe("lean")
+    assert await pubsub.get_message(timeout=5) == {"type": "subscribe", "channel": "lean", "data": 1}
+    for n in range(500):  # many per read: hiredis parses them all at once
+        await redis.publish("lean", f"m{n}")
+    got = [await pubsub.get_message(timeout=5) for _ in range(500)]
+    assert [m["data"] for m in got if m] == [f"m{n}" for n in range(500)]
+    assert await pubsub.get_message(timeout=0.05) is None
+    await pubsub.unsubscribe("lean")
+    assert (await pubsub.get_message(timeout=5) or {})["type"] == "unsubscribe"
+    await pubsub.aclose()
+    with pytest.raises(ConnectionError):
+        await pubsub.get_message(timeout=1)
+
+
+async def test_the_lean_pubsub_authenticates_and_refuses_a_wrong_password(fresh_redis: RedisServer) -> None:
+    admin = Redis.from_url(fresh_redis.url, decode_responses=True)
+    await admin.config_set("requirepass", "s3cret")
+    await admin.aclose()
+    host_port = fresh_redis.url.split("://", 1)[1]
+    good = RespPubSub.from_url(f"redis://:s3cret@{host_port}")
+    assert await good.ping() == "PONG"
+    await good.aclose()
+    with pytest.raises(ConnectionError, match="AUTH"):
+        await RespPubSub.from_url(f"redis://:wrong@{host_port}").ping()
+
+
+def test_the_lean_pubsub_runs_on_uvloop_as_the_nodes_do(redis_server: RedisServer) -> None:
+    """uvloop's transports are not asyncio's classes (an isinstance check once kept every node from
+    connecting, while these tests, on asyncio's loop, passed)."""
+    import uvloop
+
+    async def roundtrip() -> list[object]:
+        pubsub, client = RespPubSub.from_url(redis_server.url), Redis.from_url(redis_server.url)
+        try:
+            await pubsub.ping()
+            await pubsub.subscribe("uv")
+            await client.publish("uv", "hello")
+            return [(await pubsub.get_message(timeout=5) or {}).get("data") for _ in range(2)]
+        finally:
+            await pubsub.aclose()
+            await client.aclose()
+
+    assert uvloop.run(roundtrip()) == [1, "hello"]

@@ -1,0 +1,154 @@
+"""`RespPubSub`: a lean Redis Pub/Sub connection for the hub's read loop.
+
+redis-py's `PubSub.get_message` parses one message per call, each under its own timeout, retry
+wrapper and health check: py-spy put 57% of a node's CPU there at 10k deliveries/s (issue 14).
+Here the socket is an `asyncio.Protocol`: every read is fed to one hiredis `Reader`, which parses
+all the replies it holds in one go into a deque; `get_message` then only pops (it waits only when
+the deque is empty). Same message shape as redis-py's (dicts with `type`, `channel`, `data`), so
+the hub does not know which one it holds.
+
+Plain `redis://` and `unix://` URLs (with a username/password); `rediss://` keeps redis-py's
+connection (`fanout.redis_broker.RedisBroker.pubsub` chooses). Pub/Sub channels do not depend on
+the database number, so no SELECT is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio.connection import parse_url
+
+CONNECT_TIMEOUT_S = 3.0
+_PUSHED = frozenset({"message", "subscribe", "unsubscribe"})  # what the hub reads as messages
+
+
+def _command(*parts: str) -> bytes:
+    """One command in RESP."""
+    out = [f"*{len(parts)}\r\n".encode()]
+    for part in parts:
+        data = part.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+class RespPubSub(asyncio.Protocol):
+    """One subscriber connection (see `fanout.broker.PubSub`); connects on `ping()`."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        """`params`: `host` and `port`, or `path` (a unix socket); `username`, `password`."""
+        self._params = params
+        self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
+        self._messages: collections.deque[dict[str, Any]] = collections.deque()
+        self._replies: collections.deque[asyncio.Future[Any]] = collections.deque()  # AUTH, PING
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost: Exception | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> RespPubSub:
+        return cls(dict(parse_url(url)))
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; they have the same methods.
+        self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while (reply := self._reader.gets()) is not False:
+            if isinstance(reply, list) and len(reply) == 3 and reply[0] in _PUSHED:
+                self._messages.append({"type": reply[0], "channel": reply[1], "data": reply[2]})
+            elif self._replies:
+                future = self._replies.popleft()
+                if not future.done():
+                    future.set_result(reply)
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc or ConnectionError("redis pubsub connection closed")
+        for future in self._replies:
+            if not future.done():
+                future.set_exception(ConnectionError(f"redis pubsub connection lost: {self._lost!r}"))
+        self._replies.clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # fanout.broker.PubSub
+
+    async def ping(self) -> Any:
+        """Connect (and authenticate) if not connected yet, then round-trip a PING."""
+        if self._transport is None:
+            await self._connect()
+        return await self._request(_command("PING"))
+
+    async def subscribe(self, *channels: str) -> None:
+        self._write(_command("SUBSCRIBE", *channels))
+
+    async def unsubscribe(self, *channels: str) -> None:
+        self._write(_command("UNSUBSCRIBE", *channels))
+
+    async def get_message(self, *, timeout: float | None = 0.0) -> dict[str, Any] | None:  # noqa: ASYNC109
+        if not self._messages:
+            self._check()
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            except TimeoutError:
+                return None
+            finally:
+                self._waiter = None
+            if not self._messages:
+                self._check()
+                return None
+        return self._messages.popleft()
+
+    async def aclose(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self._lost = self._lost or ConnectionError("redis pubsub connection closed")
+
+    # internals
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        if "path" in self._params:
+            connecting = loop.create_unix_connection(lambda: self, self._params["path"])
+        else:
+            connecting = loop.create_connection(lambda: self, self._params.get("host", "localhost"),
+                                                self._params.get("port", 6379))
+        await asyncio.wait_for(connecting, CONNECT_TIMEOUT_S)
+        password, username = self._params.get("password"), self._params.get("username")
+        if password:
+            auth = ("AUTH", username, password) if username else ("AUTH", password)
+            reply = await self._request(_command(*auth))
+            if isinstance(reply, Exception):
+                raise ConnectionError(f"redis pubsub AUTH failed: {reply}")
+
+    async def _request(self, command: bytes) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._replies.append(future)
+        self._write(command)
+        return await asyncio.wait_for(future, CONNECT_TIMEOUT_S)
+
+    def _write(self, command: bytes) -> None:
+        self._check()
+        assert self._transport is not None
+        self._transport.write(command)
+
+    def _check(self) -> None:
+        if self._lost is not None:
+            raise ConnectionError(f"redis pubsub connection lost: {self._lost!r}")
+        if self._transport is None:
+            raise ConnectionError("redis pubsub connection not open")
