@@ -64,7 +64,8 @@ class MemoryPubSub:
     async def get_message(self, *, timeout: float | None = 0.0) -> dict[str, Any] | None:  # noqa: ASYNC109
         self._check()
         try:
-            message = await asyncio.wait_for(self._messages.get(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: see fanout.resp_pubsub
+                message = await self._messages.get()
         except TimeoutError:
             return None
         if message is None:

@@ -101,14 +101,18 @@ class RespPubSub(asyncio.Protocol):
     async def get_message(self, *, timeout: float | None = 0.0) -> dict[str, Any] | None:  # noqa: ASYNC109
         if not self._messages:
             self._check()
+            # A bare future and a timer, not asyncio.wait_for: on Python 3.11, wait_for swallows a
+            # cancellation that lands as the future completes, and the hub's read loop then never
+            # ends (a hang in Hub.close, seen under load).
             loop = asyncio.get_running_loop()
             self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, self._wake) if timeout is not None else None
             try:
-                await asyncio.wait_for(self._waiter, timeout)
-            except TimeoutError:
-                return None
+                await self._waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
             if not self._messages:
                 self._check()
                 return None
@@ -128,7 +132,8 @@ class RespPubSub(asyncio.Protocol):
         else:
             connecting = loop.create_connection(lambda: self, self._params.get("host", "localhost"),
                                                 self._params.get("port", 6379))
-        await asyncio.wait_for(connecting, CONNECT_TIMEOUT_S)
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            await connecting
         password, username = self._params.get("password"), self._params.get("username")
         if password:
             auth = ("AUTH", username, password) if username else ("AUTH", password)
@@ -140,7 +145,8 @@ class RespPubSub(asyncio.Protocol):
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._replies.append(future)
         self._write(command)
-        return await asyncio.wait_for(future, CONNECT_TIMEOUT_S)
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            return await future
 
     def _write(self, command: bytes) -> None:
         self._check()

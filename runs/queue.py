@@ -274,8 +274,8 @@ class MemoryRunQueue:
         if not self.waiting:
             async with self._arrived:
                 try:
-                    await asyncio.wait_for(self._arrived.wait_for(lambda: bool(self.waiting)),
-                                           block_ms / 1000)
+                    async with asyncio.timeout(block_ms / 1000):  # not wait_for: see fanout.resp_pubsub
+                        await self._arrived.wait_for(lambda: bool(self.waiting))
                 except TimeoutError:
                     return []
         taken, self.waiting = self.waiting[:count], self.waiting[count:]
@@ -328,7 +328,8 @@ class MemoryRunQueue:
 
     async def next_answer(self, user: str, run: str, *, timeout_s: float) -> Answer | None:
         try:
-            return await asyncio.wait_for(self._mailbox(user, run).get(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await self._mailbox(user, run).get()
         except TimeoutError:
             return None
 

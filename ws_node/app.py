@@ -107,7 +107,8 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
 
     conn = Connection(ws, user=ident.user, device=device, broker=svc.broker,
                       queue_max_frames=settings.queue_max_frames, runs_in_flight=svc.store.runs_in_flight,
-                      merged_token_max_chars=settings.merged_token_max_chars)
+                      merged_token_max_chars=settings.merged_token_max_chars,
+                      transport=None if ws.compress else request.transport)  # deflate: through aiohttp
     lease = TokenLease(guard.verifier, ident, on_expire=lambda: conn.close(
         CloseCode.UNAUTHORIZED, "token expired; refresh it and reconnect"))
     lease.start()
