@@ -16,22 +16,16 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 
 import aiohttp
 from aiohttp import web
 
 from agent_worker.settings import WorkerSettings
+from common.process import free_port
 
 log = logging.getLogger(__name__)
 RESTART_DELAY_S = 1.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Supervisor:

@@ -1,9 +1,11 @@
-"""How a Chorus process starts: read its settings once, configure logging, serve on uvloop."""
+"""How a Chorus process starts: read its settings once, configure logging, serve on uvloop; and a
+free local port for the processes it starts."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -11,6 +13,14 @@ from typing import Any, TypeVar
 from common.config import SettingError
 
 T = TypeVar("T")
+
+
+def free_port() -> int:
+    """Return a TCP port that was free on 127.0.0.1 a moment ago (racy by nature: bind soon)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def run(name: str, configure: Callable[[], T], serve: Callable[[T], Coroutine[Any, Any, None]],

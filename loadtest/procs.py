@@ -32,6 +32,8 @@ from pathlib import Path
 
 import psutil
 
+from common.process import free_port
+
 __all__ = [
     "NginxServer",
     "PostgresServer",
@@ -49,14 +51,6 @@ NGINX_TEMPLATE = REPO_ROOT / "nginx" / "local.conf.template"
 _UPSTREAM_LINE = "        server 127.0.0.1:{port} max_fails=1 fail_timeout=2s;"
 _PG_SYSTEM_USER = "chorus-pg"
 _POLL_S = 0.05
-
-
-def free_port() -> int:
-    """Return a TCP port that was free on 127.0.0.1 a moment ago (racy by nature: bind soon)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def nginx_binary() -> str | None:

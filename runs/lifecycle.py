@@ -48,7 +48,7 @@ from protocol.events import (
 )
 from protocol.vocabulary import ENDED, DoubleTexting, RunStatus
 from runs.agents import DEFAULT, AgentDirectory
-from runs.queue import Answer, Job, RunQueue
+from runs.queue import Answer, Backlog, Job, RunQueue
 
 
 class TooManyRuns(Exception):
@@ -138,7 +138,7 @@ class Runs:
         """Store the message and its run, publish `message.created`, queue the run (or let it
         wait, cancelling what the policy replaces); returns the record and the message's seq.
         Without a `client_id` the send cannot be retried safely (one is made up)."""
-        await self._admit(user, client_id)
+        backlog = await self._admit(user, client_id)
         if agent is not None and conversation is None and self.agents is not None:
             await self.agents.check(agent)
         client_id = client_id or new_id("s")
@@ -149,35 +149,39 @@ class Runs:
         created = MessageCreated(message=record.message, text=text, device=device, client_id=client_id)
         published = await self.publish(user, record.conversation, record.run, created,
                                        producer=f"msg:{record.message}")
-        await self._double_text(user, device, record)
+        await self._double_text(user, device, record, backlog)
         await self.store.set_message_seq(user, record.message, published.seq)
         return record, published.seq
 
-    async def _admit(self, user: str, client_id: str | None) -> None:
+    async def _admit(self, user: str, client_id: str | None) -> Backlog | None:
         """Refuse a new send that would start one run more than `max_in_flight` runs not yet ended
         (`TooManyRuns`), or join a queue past its limits (`Overloaded`). A retry of a send already
         stored (same client id) is never refused: it starts nothing new. Racy by design: sends at
-        the same moment may all pass, so a limit can be exceeded by that many."""
+        the same moment may all pass, so a limit can be exceeded by that many. Returns the queue's
+        backlog when it had to read it (the send's place in the queue then comes from it)."""
         queue_limited = self.max_queue_depth > 0 or self.max_queue_age_s > 0
         if self.max_in_flight <= 0 and not queue_limited:
-            return
+            return None
         in_flight, seen = await self.store.count_runs_in_flight(user, client_id or "")
         if seen:
-            return
+            return None
         if 0 < self.max_in_flight <= in_flight:
             raise TooManyRuns(self.max_in_flight)
-        if queue_limited:
-            backlog = await self.queue.backlog()
-            too_deep = 0 < self.max_queue_depth <= backlog.depth
-            too_old = 0 < self.max_queue_age_s <= backlog.oldest_s
-            if too_deep or too_old:
-                retry_s = max(1.0, self.max_queue_age_s / 2 if too_old else 5.0)
-                raise Overloaded(backlog.depth, backlog.oldest_s, int(retry_s * 1000))
+        if not queue_limited:
+            return None
+        backlog = await self.queue.backlog()
+        too_deep = 0 < self.max_queue_depth <= backlog.depth
+        too_old = 0 < self.max_queue_age_s <= backlog.oldest_s
+        if too_deep or too_old:
+            retry_s = max(1.0, self.max_queue_age_s / 2 if too_old else 5.0)
+            raise Overloaded(backlog.depth, backlog.oldest_s, int(retry_s * 1000))
+        return backlog
 
-    async def _double_text(self, user: str, device: str, record: SendRecord) -> None:
-        """Start the new run, or tell every device it waits, and cancel what the policy replaces."""
+    async def _double_text(self, user: str, device: str, record: SendRecord, backlog: Backlog | None) -> None:
+        """Start the new run, or tell every device it waits, and cancel what the policy replaces.
+        `backlog`: the queue as admission read it, if it did (not read twice for one send)."""
         if record.status == RunStatus.QUEUED:
-            ahead = (await self.queue.backlog()).depth
+            ahead = (backlog or await self.queue.backlog()).depth
             await self.queue.enqueue(Job(run=record.run, user=user, conversation=record.conversation))
             if ahead:  # no free worker: say where the run stands (workers update it as it moves)
                 await self.announce_position(Job(record.run, user, record.conversation), ahead + 1)

@@ -178,6 +178,16 @@ class RedisRunQueue:
                 return as_text(group["last-delivered-id"])
         return None
 
+    async def _untaken(self, count: int) -> list[tuple[Job, float]]:
+        """The first `count` jobs after the last one the group handed out, with the seconds each has
+        waited (an entry id is its enqueue time in ms)."""
+        last = await self._last_taken()
+        entries: Any = await self.redis.xrange(self.keys.runs, min=f"({last}" if last else "-", max="+",
+                                               count=count)
+        now = time.time()
+        return [(Job.from_fields(fields), max(0.0, now - int(as_text(entry).split("-")[0]) / 1000))
+                for entry, fields in entries if fields]
+
     async def backlog(self) -> Backlog:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.xlen(self.keys.runs)
@@ -185,21 +195,13 @@ class RedisRunQueue:
             length_reply, summary = await pipe.execute(raise_on_error=False)
         length = int(length_reply) if isinstance(length_reply, int) else 0
         taken = int(summary["pending"]) if isinstance(summary, dict) else 0  # NOGROUP: none taken
-        last = await self._last_taken()
-        after = f"({last}" if last else "-"
-        first: Any = await self.redis.xrange(self.keys.runs, min=after, max="+", count=1)
+        first = await self._untaken(1)
         if not first:
             return Backlog(depth=0, oldest_s=0.0)
-        enqueued_ms = int(as_text(first[0][0]).split("-")[0])
-        return Backlog(depth=max(1, length - taken), oldest_s=max(0.0, time.time() - enqueued_ms / 1000))
+        return Backlog(depth=max(1, length - taken), oldest_s=first[0][1])
 
     async def next_jobs(self, *, limit: int) -> list[tuple[Job, float]]:
-        last = await self._last_taken()
-        entries: Any = await self.redis.xrange(self.keys.runs, min=f"({last}" if last else "-", max="+",
-                                               count=limit)
-        now = time.time()
-        return [(Job.from_fields(fields), max(0.0, now - int(as_text(entry).split("-")[0]) / 1000))
-                for entry, fields in entries if fields]
+        return await self._untaken(limit)
 
     async def holding(self, runs: Sequence[str]) -> set[str]:
         # Acked jobs are deleted, so the stream holds only jobs not done: a backlog, not history.
