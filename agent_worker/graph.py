@@ -363,17 +363,67 @@ async def stream_model(
     """What :func:`stream_answer` yields for the graph without tools (``START -> agent -> END``),
     streamed from the model directly: the same :class:`Text` items, errors and cancellation,
     without LangGraph's per-chunk callbacks, which cost more CPU per token than the model client
-    itself (issue 15: 70-140 µs of 210). Only for an agent without tools or ``ask_user``."""
+    itself (issue 15: 70-140 µs of 210). Only for an agent without tools or ``ask_user``.
+
+    ChatOpenAI's ``stream_chunk_timeout`` is kept, but watched by one :class:`_StallWatch` per
+    stream instead of ChatOpenAI's ``asyncio.wait_for`` per chunk, which runs every chunk in a
+    task of its own (issue 15: a tenth of the worker's CPU at 50 runs)."""
     prefix: list[BaseMessage] = [SystemMessage(system_prompt)] if system_prompt else []
+    timeout_s = getattr(model, "stream_chunk_timeout", None)
+    if timeout_s:
+        model = model.model_copy(update={"stream_chunk_timeout": None})
     stream = cast(AsyncGenerator[Any, None], model.astream([*prefix, *to_messages(history)]))
+    watch = _StallWatch(timeout_s) if timeout_s else None
     async with aclosing(stream):
         try:
             async for chunk in stream:
+                if watch is not None:
+                    watch.last = watch.loop.time()
                 text = str(chunk.text)
                 if text:
                     yield Text(text)
+        except asyncio.CancelledError:
+            if watch is not None and watch.fired():
+                raise ModelTimeoutError(f"no chunk from the model for {timeout_s}s") from None
+            raise
         except TimeoutError as exc:
             raise ModelTimeoutError(str(exc)) from exc
+        finally:
+            if watch is not None:
+                watch.close()
+
+
+class _StallWatch:
+    """Cancels the task reading a stream once no chunk came for `timeout_s`. One timer per
+    stream, re-armed only when it goes off (the reader just stores the time of each chunk);
+    the reader turns the cancellation into its timeout error when :meth:`fired`."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.timeout_s = timeout_s
+        self.last = self.loop.time()
+        self._stalled = False
+        self._timer = self.loop.call_at(self.last + timeout_s, self._check)
+
+    def _check(self) -> None:
+        due = self.last + self.timeout_s
+        if self.loop.time() < due:
+            self._timer = self.loop.call_at(due, self._check)
+        elif self.task is not None:
+            self._stalled = True
+            self.task.cancel()
+
+    def fired(self) -> bool:
+        """Whether this watch's cancellation is the one being raised (and not someone else's too):
+        takes the cancellation back, as `asyncio.timeout` does."""
+        if not self._stalled or self.task is None:
+            return False
+        self._stalled = False
+        return self.task.uncancel() == 0
+
+    def close(self) -> None:
+        self._timer.cancel()
 
 
 def _unpack(item: Any) -> tuple[Any, dict[str, Any]]:

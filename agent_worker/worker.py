@@ -44,6 +44,8 @@ STALE_SWEEP_S = 15.0
 # only the first POSITIONS_SHOWN, so a deep backlog costs a bounded number of publishes.
 POSITIONS_EVERY_S = 2.0
 POSITIONS_SHOWN = 200
+# The longest a run's model stream keeps the event loop to itself (see RunExecution._stream).
+TURN_S = 0.001
 
 
 @dataclass
@@ -70,26 +72,36 @@ class Worker:
         """Serve jobs until `stop` is set, then let runs in progress finish for up to the drain
         window; runs still going after it are abandoned to other workers via their lease."""
         tasks: set[asyncio.Task[None]] = set()
-        slots = asyncio.Semaphore(self.settings.concurrency)
-        maintenance = asyncio.create_task(self._maintain(slots, tasks, stop))
+        slots = Slots(self.settings.concurrency)
+        maintenance = asyncio.create_task(self._maintain(stop))
         positions = asyncio.create_task(self._announce_positions(stop))
         delays = delays_s(base_s=0.1, cap_s=2.0)
         created = False
-        while await _acquire_unless_stopped(slots, stop):
+        loop = asyncio.get_running_loop()
+        reclaim_at = 0.0
+        # Slots are taken here only (new jobs, reclaimed ones), so a free slot is never counted
+        # by two readers at once.
+        while await slots.wait(stop):
+            if loop.time() >= reclaim_at:
+                reclaim_at = loop.time() + self.settings.lease_s / 3
+                await self._reclaim(slots, tasks)
+                if not slots.free:
+                    continue
+            # As many jobs as there are free slots, in one read: a burst of sends all start at
+            # once instead of one per round trip (issue 15: at 50 runs, taking them one by one
+            # between the chunks of the runs already streaming kept the last ones waiting 2 s).
+            free = slots.take()
             try:
                 if not created:
                     await self.queue.create()
                     created = True
-                deliveries = await self.queue.take(self.consumer, count=1, block_ms=500)
+                deliveries = await self.queue.take(self.consumer, count=free, block_ms=500)
                 delays = delays_s(base_s=0.1, cap_s=2.0)
             except TRANSIENT as exc:
-                slots.release()
+                deliveries = []
                 log.warning("reading jobs failed: %r", exc)
                 await asyncio.sleep(next(delays))
-                continue
-            if not deliveries:
-                slots.release()
-                continue
+            slots.give(free - len(deliveries))
             for delivery in deliveries:
                 self._spawn(delivery, slots, tasks)
         maintenance.cancel()
@@ -102,14 +114,14 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(maintenance, positions, return_exceptions=True)
 
-    def _spawn(self, delivery: Delivery, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> None:
+    def _spawn(self, delivery: Delivery, slots: Slots, tasks: set[asyncio.Task[None]]) -> None:
         async def process() -> None:
             self.running[delivery.entry] = delivery
             try:
                 await self.process(delivery)
             finally:
                 self.running.pop(delivery.entry, None)
-                slots.release()
+                slots.give()
 
         task = asyncio.create_task(process(), name=f"run-{delivery.job.run}")
         tasks.add(task)
@@ -135,9 +147,7 @@ class Worker:
 
     # Leases, reclaiming and lost jobs
 
-    async def _maintain(
-        self, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]], stop: asyncio.Event
-    ) -> None:
+    async def _maintain(self, stop: asyncio.Event) -> None:
         interval_s = self.settings.lease_s / 3
         since_sweep_s = 0.0
         while not stop.is_set():
@@ -145,7 +155,6 @@ class Worker:
             since_sweep_s += interval_s
             try:
                 await self._renew_leases()
-                await self._reclaim(slots, tasks)
                 if since_sweep_s >= STALE_SWEEP_S:
                     since_sweep_s = 0.0
                     await self._requeue_lost()
@@ -186,22 +195,27 @@ class Worker:
             await self.store.renew_lease(delivery.job.run, worker=self.consumer,
                                          lease_s=self.settings.lease_s)
 
-    async def _reclaim(self, slots: asyncio.Semaphore, tasks: set[asyncio.Task[None]]) -> None:
+    async def _reclaim(self, slots: Slots, tasks: set[asyncio.Task[None]]) -> None:
         """Take over jobs whose worker died (not kept for a lease), one per free slot."""
         idle_ms = int(self.settings.lease_s * 1000)
-        while not slots.locked():
-            reclaimed = await self.queue.reclaim(self.consumer, idle_ms=idle_ms, count=1)
-            if not reclaimed:
-                return
-            delivery = reclaimed[0]
-            if delivery.entry in self.running:
-                continue  # our own, kept late: it is still being worked on here
-            if delivery.deliveries > self.settings.max_deliveries:
-                await self._dead_letter(delivery)
-                continue
-            log.info("reclaimed run %s", delivery.job.run)
-            await slots.acquire()
-            self._spawn(delivery, slots, tasks)
+        try:
+            while slots.free:
+                reclaimed = await self.queue.reclaim(self.consumer, idle_ms=idle_ms, count=1)
+                if not reclaimed:
+                    return
+                delivery = reclaimed[0]
+                if delivery.entry in self.running:
+                    continue  # our own, kept late: it is still being worked on here
+                if delivery.deliveries > self.settings.max_deliveries:
+                    await self._dead_letter(delivery)
+                    continue
+                log.info("reclaimed run %s", delivery.job.run)
+                slots.take(1)
+                self._spawn(delivery, slots, tasks)
+        except (Unavailable, *TRANSIENT) as exc:
+            log.warning("reclaiming jobs deferred: %r", exc)
+        except Exception:
+            log.exception("reclaiming jobs failed")
 
     async def _dead_letter(self, delivery: Delivery) -> None:
         message = f"the run failed {delivery.deliveries - 1} times and was given up"
@@ -374,9 +388,19 @@ class RunExecution:
         self.question = None
 
         async def produce() -> None:
+            # A model stream whose bytes are already buffered yields chunk after chunk without
+            # ever returning to the event loop: this run's publisher and every other run would
+            # wait until the socket runs dry (a first token 67 ms late once ChatOpenAI's
+            # per-chunk wait_for was gone). So the reader gives the loop a turn after the first
+            # item and then at least every TURN_S.
+            loop = asyncio.get_running_loop()
+            turn_ends = 0.0
             async for item in self.worker.answer(self.claim.agent, history, self.producer, resume):
                 buffer.append(item)
                 arrived.set()
+                if loop.time() >= turn_ends:
+                    await asyncio.sleep(0)
+                    turn_ends = loop.time() + TURN_S
 
         model = asyncio.create_task(produce())
         try:
@@ -404,17 +428,32 @@ class RunExecution:
                 await asyncio.gather(model, return_exceptions=True)
 
 
-async def _acquire_unless_stopped(slots: asyncio.Semaphore, stop: asyncio.Event) -> bool:
-    """Take a free slot, unless `stop` comes first (a busy worker must still notice SIGTERM)."""
-    if stop.is_set():
-        return False
-    acquire = asyncio.ensure_future(slots.acquire())
-    stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    if stop.is_set():
-        if acquire.done() and not acquire.cancelled():
-            slots.release()
-        acquire.cancel()
-        return False
-    return True
+class Slots:
+    """How many more runs this worker may take on: `WORKER_CONCURRENCY` at first, one taken per
+    run and given back when it ends."""
+
+    def __init__(self, count: int) -> None:
+        self.free = count
+        self._freed = asyncio.Event()
+
+    def take(self, count: int | None = None) -> int:
+        """Take up to `count` free slots (all of them when None), without waiting; how many."""
+        taken = self.free if count is None else min(count, self.free)
+        self.free -= taken
+        return taken
+
+    def give(self, count: int = 1) -> None:
+        self.free += count
+        if count:
+            self._freed.set()
+
+    async def wait(self, stop: asyncio.Event) -> bool:
+        """Until a slot is free (True), or `stop` is set first (False): a busy worker must still
+        notice SIGTERM."""
+        while not self.free and not stop.is_set():
+            self._freed.clear()
+            freed, stopped = asyncio.ensure_future(self._freed.wait()), asyncio.ensure_future(stop.wait())
+            await asyncio.wait({freed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            freed.cancel()
+            stopped.cancel()
+        return not stop.is_set()

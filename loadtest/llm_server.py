@@ -87,6 +87,11 @@ class StreamingLLM:
         await response.prepare(request)
         for data in self.writes:
             await response.write(data)
+            # A turn for every other stream between batches, as a model server's decoding steps
+            # advance all its sequences together: without it, a client that reads fast enough
+            # never makes `write` wait, gets its whole answer at once, and the other requests
+            # are not even read until it is done.
+            await asyncio.sleep(0)
         if (body.get("stream_options") or {}).get("include_usage"):
             await response.write(self.usage)
         await response.write(b"data: [DONE]\n\n")

@@ -31,6 +31,9 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from common.backoff import retrying
 from fanout.broker import Broker, Fenced, PublishResult
@@ -124,7 +127,7 @@ class Runs:
         """Publish one event of `run` to `user`'s devices. `fenced`: refuse it (`Fenced`) once the
         run was cancelled, unless `pass_fence` (the run's own end). `producer_epoch`: see
         `fanout.broker.Broker.publish`."""
-        payload = event_body(conversation, run, data, int(time.time() * 1000))
+        payload = event_body(conversation, run, data, int(time.time() * 1000), dumps=compact_json)
         return await self.broker.publish(user, payload, producer=producer, pseq=pseq,
                                          fence=run if fenced else None, pass_fence=pass_fence,
                                          producer_epoch=producer_epoch)
@@ -286,3 +289,9 @@ class Runs:
             if await self.broker.is_fenced(user, run):
                 raise Fenced(run)
         return None
+
+
+def compact_json(frame: dict[str, Any]) -> str:
+    # orjson writes the same compact JSON as protocol.events' json.dumps, at a fifth of the cost
+    # (issue 15: stdlib encoding was 4% of a worker's CPU at 50 runs); tests compare the two.
+    return orjson.dumps(frame).decode()

@@ -491,6 +491,79 @@ async def test_an_agent_without_tools_still_maps_a_stalled_stream_to_a_model_tim
         await model.root_async_client.close()
 
 
+async def test_an_agent_without_tools_times_out_a_stream_that_sends_only_keepalives() -> None:
+    """Bytes that are not chunks (SSE comments) keep httpx's read timeout happy; the chunk
+    timeout (stream_model's own watch, not ChatOpenAI's per-chunk wait_for) must still fire."""
+    from aiohttp import web
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": "first "}}]}
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        for _ in range(200):  # 10 s of keep-alive comments, never another chunk
+            await response.write(b": keepalive\n\n")
+            await asyncio.sleep(0.05)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    model = build_chat_model(ModelConfig(base_url=f"http://127.0.0.1:{port}/v1", api_key=None, timeout_s=0.3))
+    assert isinstance(model, ChatOpenAI)
+    seen: list[Item] = []
+    started = time.monotonic()
+    try:
+        with pytest.raises(ModelTimeoutError):
+            async with asyncio.timeout(WAIT_S):
+                async for item in stream_model(model, [("user", "hello")]):
+                    seen.append(item)
+    finally:
+        await model.root_async_client.close()
+        await runner.cleanup()
+    assert seen == [Text("first ")]
+    assert 0.3 <= time.monotonic() - started < 3.0
+
+
+async def test_an_agent_without_tools_streams_on_past_the_chunk_timeout_while_chunks_come(
+    fake_llm: FakeLLM,
+) -> None:
+    """The chunk timeout bounds the gap between chunks, not the answer: 8 chunks 0.1 s apart
+    under a 0.3 s timeout take 0.8 s and complete."""
+    model = build_chat_model(ModelConfig(base_url=fake_llm.base_url, api_key=None, timeout_s=0.3))
+    try:
+        async with asyncio.timeout(WAIT_S):
+            items = [item async for item in stream_model(model, [("user", "[[tokens:8]] [[slow:0.1]] hi")])]
+    finally:
+        assert isinstance(model, ChatOpenAI)
+        await model.root_async_client.close()
+    assert "".join(item.text for item in items if isinstance(item, Text)).split() == [
+        f"word{n}" for n in range(1, 9)]
+
+
+async def test_cancelling_a_model_stream_is_a_cancellation_not_a_timeout(fake_llm: FakeLLM) -> None:
+    model = build_chat_model(ModelConfig(base_url=fake_llm.base_url, api_key=None, timeout_s=0.3))
+
+    async def read() -> None:
+        async for _ in stream_model(model, [("user", "[[tokens:50]] [[slow:0.05]] hi")]):
+            pass
+
+    task = asyncio.create_task(read())
+    try:
+        await fake_llm.wait_until_async(lambda llm: len(llm.requests) == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, WAIT_S)
+    finally:
+        assert isinstance(model, ChatOpenAI)
+        await model.root_async_client.close()
+
+
 def test_the_cheaper_chunk_parsing_builds_the_same_chunks() -> None:
     """agent_worker.model swaps the SDK's slow config Protocol check (see there): a streamed chunk
     must still be built exactly as pydantic validation builds it."""

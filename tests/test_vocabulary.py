@@ -201,6 +201,16 @@ def test_schema_accepts_merged_tokens_and_events_of_no_run() -> None:
     VALIDATOR.validate(payload_frame(PAYLOADS[0], run=None))
 
 
+@pytest.mark.parametrize("data", PAYLOADS, ids=lambda d: f"{d.event}")
+def test_the_publishers_fast_encoding_is_byte_for_byte_the_protocols(data: EventData) -> None:
+    from runs.lifecycle import compact_json
+
+    for run in ("r_1", None):
+        assert event_body("c_1", run, data, 7, dumps=compact_json) == event_body("c_1", run, data, 7)
+    text = Token(text='naïve "quotes" \\ \u2028 \U0001f600 <tag>')
+    assert event_body("c", "r", text, 1, dumps=compact_json) == event_body("c", "r", text, 1)
+
+
 def test_every_payload_class_has_an_example() -> None:
     assert {type(d) for d in PAYLOADS} == set(EVENT_DATA.values())
 

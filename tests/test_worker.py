@@ -175,18 +175,34 @@ async def test_cancel_from_another_device_fences_the_stream(cluster: LocalCluste
 
 async def test_a_busy_worker_still_notices_it_must_stop() -> None:
     """run() waits for a free slot; SIGTERM (stop) must end that wait even when none frees up."""
-    from agent_worker.worker import _acquire_unless_stopped
+    from agent_worker.worker import Slots
 
-    slots, stop = asyncio.Semaphore(1), asyncio.Event()
-    assert await _acquire_unless_stopped(slots, stop)  # a free slot: taken
-    waiting = asyncio.create_task(_acquire_unless_stopped(slots, stop))
+    slots, stop = Slots(1), asyncio.Event()
+    assert await slots.wait(stop) and slots.take() == 1  # a free slot: taken
+    waiting = asyncio.create_task(slots.wait(stop))
     await asyncio.sleep(0)
     assert not waiting.done()
     stop.set()
     assert await asyncio.wait_for(waiting, 2) is False
-    slots.release()
-    assert not slots.locked(), "a slot taken while stopping is given back"
-    assert await _acquire_unless_stopped(slots, stop) is False
+    slots.give()
+    assert slots.free == 1
+    assert await slots.wait(stop) is False
+
+
+async def test_slots_are_taken_in_bulk_and_a_wait_ends_when_one_is_given_back() -> None:
+    from agent_worker.worker import Slots
+
+    slots, stop = Slots(5), asyncio.Event()
+    assert slots.take(2) == 2 and slots.take() == 3 and slots.take() == 0
+    waiting = asyncio.create_task(slots.wait(stop))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    slots.give(0)  # giving back nothing wakes nobody
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    slots.give()
+    assert await asyncio.wait_for(waiting, 2) is True
+    assert slots.take(5) == 1
 
 
 @pytest.mark.timeout(120)
