@@ -45,7 +45,7 @@ STALE_SWEEP_S = 15.0
 POSITIONS_EVERY_S = 2.0
 POSITIONS_SHOWN = 200
 # The longest a run's model stream keeps the event loop to itself (see RunExecution._stream).
-TURN_S = 0.001
+TURN_S = 0.0003
 
 
 @dataclass

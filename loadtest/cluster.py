@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -94,6 +95,11 @@ class LocalCluster:
     def ws_url(self) -> str:
         """WebSocket URL clients should use: nginx when running, else node 0 directly."""
         return self.nginx.ws_url if self.nginx else f"ws://127.0.0.1:{self.node_ports[0]}/ws"
+
+    @property
+    def node_ws_urls(self) -> list[str]:
+        """Each node's own WebSocket URL, not through nginx (as Locust's CHORUS_NODE_URLS takes them)."""
+        return [f"ws://127.0.0.1:{port}/ws" for port in self.node_ports]
 
     @property
     def http_url(self) -> str:
@@ -226,7 +232,20 @@ def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt
 
 
-def _banner(cluster: LocalCluster) -> str:
+def _raise_fd_limit() -> int:
+    """Raise this process's soft open-files limit to its hard limit and return it: the nodes and
+    nginx inherit it, and a node holds one descriptor per socket (a shell's usual soft 1,024 would
+    stop a node near 1,000 sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+    return hard
+
+
+def _banner(cluster: LocalCluster, fd_limit: int) -> str:
     alice, bob = cluster.token("alice", 24 * 3600), cluster.token("bob", 24 * 3600)
     nodes = ", ".join(f"{p.name} :{port}" for p, port in zip(cluster.nodes, cluster.node_ports, strict=True))
     front = (
@@ -242,9 +261,13 @@ Chorus local cluster is up. {front}
   Redis      {cluster.redis_url}
   Postgres   {cluster.database_url}
   workers    {", ".join(w.name for w in cluster.workers) or "none"}
+  open files {fd_limit} per process (a node needs 1 per socket, nginx 2 per proxied socket)
   JWT alice  {alice}
   JWT bob    {bob}
              (HS256, valid 24 h; the WebSocket takes it as ?access_token=, REST as a Bearer header)
+
+Locust (loadtest/locustfile.py; a person's devices go to different nodes; same AUTH_JWT_SECRET):
+  CHORUS_NODE_URLS={",".join(cluster.node_ws_urls)}
 
 Try:
   websocat "{cluster.ws_url}?access_token={alice}"
@@ -282,11 +305,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Children run in their own sessions, so Ctrl-C reaches only us; SIGTERM takes the same path.
     signal.signal(signal.SIGTERM, _interrupt)
+    fd_limit = _raise_fd_limit()
     cluster = LocalCluster(workdir, config)
     try:
         print(f"starting in {workdir} ...", flush=True)
         cluster.start()
-        print(_banner(cluster), flush=True)
+        print(_banner(cluster, fd_limit), flush=True)
         reported: set[str] = set()
         while True:
             time.sleep(1)

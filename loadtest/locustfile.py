@@ -1,123 +1,237 @@
-"""Locust load for Chorus: each Locust user is one device holding a WebSocket and chatting.
+"""Locust load for Chorus: each Locust user is a PERSON with two devices on different nodes, and the
+correctness oracle (`loadtest/oracle.py`) judges every run inside Locust.
 
-    AUTH_JWT_SECRET=$(openssl rand -hex 32) python -m loadtest.cluster          # note the nginx port
-    CHORUS_TOKEN_SECRET=<the same secret> locust -f loadtest/locustfile.py --headless \\
-        -u 1000 -r 100 -t 60s --host ws://127.0.0.1:PORT
+A person holds one WebSocket per device (`websocket-client`, made cooperative by Locust's gevent
+patching), each with its own reader greenlet that also reconnects it (jittered backoff, resuming
+with `after`/`epoch`). The person's task sends a message from one device (alternating), waits for
+the run's end on every device, reads the stored answer over REST, and judges the run: no gap,
+duplicate or resync on any device's seq gate; exactly one end event per device; the devices'
+transcripts identical; the shown text (`protocol.shown_text`) equal to the end event's text and to
+the stored answer. Reported as:
 
-(see docs/performance.md). The WebSocket is `websocket-client`, which Locust's gevent monkey
-patching makes cooperative; one greenlet per device reads frames, the task sends. What Locust
-reports, all as request type ``WS``:
+    ORACLE run       one entry per run judged; a failure names the failed checks (gap, duplicate,
+                     resync, end, diverged, end text, stored, unverified); details go to the log
+    ORACLE stream    a fault on a device's stream that no later run of the person took (at stop)
+    WS connect       open a socket until `hello` (each reconnect too)
+    WS ack           `send` until its `ack` (retried with the same id across a reconnect)
+    WS first token   `send` until the sending device got the run's first `token`
+    WS answer        `send` until the sending device got the run's end (`run.failed` and
+                     `run.cancelled` are failures)
+    WS delivery      publisher's `ts` to arrival, per event accepted (ms; one clock on loopback)
+    REST messages    the stored-answer read
 
-    connect        open the socket until `hello` (failure: refused, 401, no hello in 10 s)
-    ack            `send` until its `ack` (failure: an `error` reply or no ack in 30 s)
-    first token    `send` until the first `token` event of its run
-    answer         `send` until the run's end event (failure: `run.failed` / `run.cancelled`)
-    delivery       publisher's `ts` in each event to its arrival here (ms; same clock on loopback),
-                   one entry per event received, so its count is the events delivered
+Locust exits with 1 when any run failed the oracle (whatever `--exit-code-on-error` says).
 
 Environment:
 
-    CHORUS_TOKEN_SECRET       HS256 secret the nodes verify (AUTH_JWT_SECRET); required
-    CHORUS_DEVICES_PER_USER   devices sharing one Chorus user (default 1): >1 multiplies fan-out
-    CHORUS_SEND_EVERY_S       mean seconds between one device's sends (default 30)
-    CHORUS_TEXT               the message text (default asks for a short answer)
+    CHORUS_TOKEN_SECRET        HS256 secret the nodes verify (the cluster's AUTH_JWT_SECRET); required
+    CHORUS_NODE_URLS           comma-separated node URLs, e.g. ws://127.0.0.1:P1,ws://127.0.0.1:P2
+                               (`python -m loadtest.cluster` prints the line): device i of the k-th
+                               person of a process goes to node (k + i) mod n, so a person's devices
+                               are on different nodes. Unset: every device uses --host (nginx).
+                               REST goes to the sending device's node.
+    CHORUS_DEVICES_PER_PERSON  devices per person (default 2)
+    CHORUS_SEND_EVERY_S        mean seconds between a person's runs (default 30); the first send
+                               falls uniformly within one such interval
+    CHORUS_RUN_TIMEOUT_S       how long a run may take to end on every device (default 120)
+    CHORUS_TEXT                the message text (default asks for a short answer)
+    CHORUS_USER_PREFIX         Chorus user ids are <prefix>-<uuid4 hex> (default "locust"): unique
+                               per person in every process and on every machine
 
-A device whose socket drops reconnects on its next task with `after`/`epoch`, as the reference
-client does.
+Headless, with reports (the CSV's and the HTML's `ORACLE,run` row counts the runs judged and
+failed; the CSV is rewritten every second, so `--json-file` is the exact final figure):
+
+    AUTH_JWT_SECRET=$(openssl rand -hex 32) WORKER_CONCURRENCY=100 python -m loadtest.cluster
+    # in another shell, with the same secret and the CHORUS_NODE_URLS line the cluster printed
+    CHORUS_TOKEN_SECRET=... CHORUS_NODE_URLS=ws://127.0.0.1:P1/ws,ws://127.0.0.1:P2/ws \
+        locust -f loadtest/locustfile.py --headless -u 100 -r 20 -t 5m --stop-timeout 60 \
+        --csv out/chorus --html out/chorus.html --json-file out/chorus
+
+`--stop-timeout` lets each person finish (and judge) the run in flight when the time is up.
+
+Distributed: `--processes N` (-1: one per core) forks N workers under a master on this machine; on
+several machines run `locust -f loadtest/locustfile.py --master --headless --expect-workers W -u
+... --csv ...` on one and `locust -f loadtest/locustfile.py --worker --master-host HOST` on each
+other (same environment everywhere). User ids come from uuid4 in each person, so they never
+collide across processes or machines. Leave `--stop-timeout` at 0 there: the master waits only
+0.5 s for its workers' last stats after the quit, and a worker that first let its persons finish
+their runs would report them too late (runs cut off by the stop are not judged, not failed).
+
+File descriptors: one per socket (10,000 for 5,000 persons) plus one per REST call in flight.
+Locust raises a soft limit below 10,000 to 10,000 and no further, so raise `ulimit -n` yourself
+(this machine's cap is 20,000 per process) or split the persons with `--processes`. A node holds
+one descriptor per socket; nginx two per proxied socket, which is why the 10,000-socket run
+connects the devices to the nodes directly (CHORUS_NODE_URLS): see docs/performance.md.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
+import random
 import time
+import urllib.request
 import uuid
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import gevent
 import jwt
 import websocket
 from gevent.event import AsyncResult
+from gevent.event import Event as Signal
 from locust import User, between, events, task
+from locust.env import Environment
 
-from protocol import END_EVENTS, Event, FrameType
+from loadtest.oracle import UNVERIFIED, DeviceLog, Failure, judge
+from protocol import END_EVENTS, Event, FrameType, Role
 
-_DEVICES_PER_USER = int(os.environ.get("CHORUS_DEVICES_PER_USER", "1"))
-_SEND_EVERY_S = float(os.environ.get("CHORUS_SEND_EVERY_S", "30"))
-_TEXT = os.environ.get("CHORUS_TEXT", "Load test: please answer briefly.")
+log = logging.getLogger("chorus.locust")
+
 _CONNECT_TIMEOUT_S = 10.0
 _ACK_TIMEOUT_S = 30.0
-_numbers = itertools.count()
-_run_id = uuid.uuid4().hex[:8]  # keeps users of two locust runs apart
+_REST_TIMEOUT_S = 10.0
+_MAX_BACKOFF_S = 2.0
+_N = TypeVar("_N", int, float)
 
 
-def _secret() -> str:
-    secret = os.environ.get("CHORUS_TOKEN_SECRET", "")
-    if len(secret) < 16:
-        raise RuntimeError("CHORUS_TOKEN_SECRET: set it to the cluster's AUTH_JWT_SECRET (16+ characters)")
-    return secret
+@dataclass(frozen=True)
+class LoadSettings:
+    """The locustfile's environment, read once at import (each key is named in its error)."""
+
+    secret: str
+    node_urls: tuple[str, ...]
+    devices: int
+    send_every_s: float
+    run_timeout_s: float
+    text: str
+    user_prefix: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> LoadSettings:
+        secret = env.get("CHORUS_TOKEN_SECRET", "")
+        if len(secret) < 16:
+            raise RuntimeError("CHORUS_TOKEN_SECRET: the cluster's AUTH_JWT_SECRET (16+ characters)")
+        urls = tuple(_ws_base(u.strip()) for u in env.get("CHORUS_NODE_URLS", "").split(",") if u.strip())
+        return cls(
+            secret=secret,
+            node_urls=urls,
+            devices=_number(env, "CHORUS_DEVICES_PER_PERSON", "2", int, low=1),
+            send_every_s=_number(env, "CHORUS_SEND_EVERY_S", "30", float, low=0),
+            run_timeout_s=_number(env, "CHORUS_RUN_TIMEOUT_S", "120", float, low=1),
+            text=env.get("CHORUS_TEXT", "Load test: please answer briefly."),
+            user_prefix=env.get("CHORUS_USER_PREFIX", "locust"),
+        )
 
 
-class ChorusDevice(User):
-    """One device: a socket, a send every ~CHORUS_SEND_EVERY_S seconds, latencies as request events."""
+def _number(env: Mapping[str, str], key: str, default: str, kind: Callable[[str], _N], *, low: float) -> _N:
+    try:
+        value = kind(env.get(key, default))
+    except ValueError:
+        raise RuntimeError(f"{key}: not a number: {env.get(key)!r}") from None
+    if value < low:
+        raise RuntimeError(f"{key}: must be at least {low}")
+    return value
 
-    wait_time = between(0.5 * _SEND_EVERY_S, 1.5 * _SEND_EVERY_S)
 
-    def on_start(self) -> None:
-        number = next(_numbers)
-        self.chat_user = f"locust-{_run_id}-{number // _DEVICES_PER_USER}"
-        self.device = f"d{number % _DEVICES_PER_USER}"
-        claims = {"sub": self.chat_user, "exp": int(time.time()) + 24 * 3600}
-        self.token = jwt.encode(claims, _secret(), "HS256")
-        self.ws: websocket.WebSocket | None = None
-        self.reader: gevent.Greenlet | None = None
+def _ws_base(url: str) -> str:
+    """`ws://host:port` or `.../ws` -> the `/ws` endpoint."""
+    url = url.rstrip("/")
+    return url if url.endswith("/ws") else f"{url}/ws"
+
+
+def _rest_base(ws_url: str) -> str:
+    """The REST base of the node (or nginx) behind a WebSocket URL."""
+    base = ws_url.removesuffix("/ws")
+    return "https" + base[3:] if base.startswith("wss") else "http" + base[2:]
+
+
+SETTINGS = LoadSettings.from_env(os.environ)
+_persons = itertools.count()  # per process: only spreads devices over nodes, never an id
+_oracle_failures = 0  # this process's runs that failed the oracle (a worker's stats are reset)
+# No proxy for loopback REST calls, even when the shell has http_proxy set.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _fire(name: str, ms: float, *, kind: str = "WS", length: int = 0,
+          exception: BaseException | None = None, user: str = "") -> None:
+    events.request.fire(  # type: ignore[no-untyped-call]
+        request_type=kind, name=name, response_time=ms, response_length=length,
+        exception=exception, context={"user": user},
+    )
+
+
+def _since_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+class Device:
+    """One device of a person: its socket, its seq gate (`log`), and a greenlet that reads it and
+    reconnects it until `close`."""
+
+    def __init__(self, person: ChorusPerson, index: int, ws_url: str) -> None:
+        self.person = person
+        self.name = f"d{index}"
+        self.ws_url = ws_url
+        self.rest_url = _rest_base(ws_url)
+        self.log = DeviceLog(self.name)
         self.epoch: str | None = None
-        self.last_seq: int | None = None
-        self.acks: dict[str, tuple[AsyncResult, float]] = {}  # command id -> (reply, sent at)
-        self.runs: dict[str, float] = {}  # run -> when its send went out (perf_counter)
-        self.first_token_seen: set[str] = set()
-        # First token of runs not (yet) known, while a send awaits its ack: the worker may start
-        # streaming before the node's ack reaches us.
-        self.early_tokens: dict[str, float] = {}
-        self._connect()
-        # Spread the first sends over one interval, so -r 100 does not mean 100 sends per second.
-        gevent.sleep(self.wait_time())
+        self.ws: websocket.WebSocket | None = None
+        self.connected = Signal()
+        self._greenlet: gevent.Greenlet | None = None
+        self._closing = False
 
-    def on_stop(self) -> None:
-        if self.reader is not None:
-            self.reader.kill(block=False)
+    def start(self) -> None:
+        """Connect once now (so the person starts with its sockets open), then keep it connected."""
+        self.connect()
+        self._greenlet = gevent.spawn(self._keep_connected)
+
+    def close(self) -> None:
+        self._closing = True
+        if self._greenlet is not None:
+            self._greenlet.kill(block=False)
         if self.ws is not None:
             self.ws.close()
 
-    # Socket
-
-    def _url(self) -> str:
-        base = (self.host or "").rstrip("/")
-        base = base if base.endswith("/ws") else f"{base}/ws"
-        url = f"{base}?access_token={self.token}&device={self.device}"
-        if self.last_seq is not None and self.epoch:
-            url += f"&after={self.last_seq}&epoch={self.epoch}"
-        return url
-
-    def _connect(self) -> bool:
+    def connect(self) -> bool:
         started = time.perf_counter()
+        url = f"{self.ws_url}?access_token={self.person.token}&device={self.name}"
+        if self.log.last_seq is not None and self.epoch:
+            url += f"&after={self.log.last_seq}&epoch={self.epoch}"
         try:
-            ws = websocket.create_connection(self._url(), timeout=_CONNECT_TIMEOUT_S)
+            ws = websocket.create_connection(url, timeout=_CONNECT_TIMEOUT_S)
             hello = json.loads(ws.recv())
             if hello.get("type") != FrameType.HELLO:
+                ws.close()
                 raise ConnectionError(f"first frame was {hello.get('type')!r}, not hello")
         except Exception as exc:
-            self._fire("connect", started, exc)
+            if isinstance(exc, websocket.WebSocketBadStatusException):
+                # Its text carries the response headers (a Date among them): one failure row each.
+                exc = ConnectionError(f"handshake status {exc.status_code}")
+            _fire("connect", _since_ms(started), exception=exc, user=self.person.user)
             return False
         ws.settimeout(None)  # the reader blocks (cooperatively) until a frame or a close
-        if self.last_seq is None:
-            self.last_seq = hello["seq"]
+        self.log.position(hello["seq"])
         self.epoch = self.epoch or hello["epoch"]
         self.ws = ws
-        self.reader = gevent.spawn(self._read, ws)
-        self._fire("connect", started)
+        self.connected.set()
+        _fire("connect", _since_ms(started), user=self.person.user)
         return True
+
+    def _keep_connected(self) -> None:
+        failures = 0  # connects failed in a row: the backoff's exponent
+        while not self._closing:
+            if self.ws is None:
+                gevent.sleep(random.uniform(0, min(_MAX_BACKOFF_S, 0.05 * 2**failures)))
+                if not self.connect():
+                    failures += 1
+                    continue
+            failures = 0
+            assert self.ws is not None
+            self._read(self.ws)
 
     def _read(self, ws: websocket.WebSocket) -> None:
         try:
@@ -129,87 +243,204 @@ class ChorusDevice(User):
         except (websocket.WebSocketException, OSError):
             pass
         finally:
-            if self.ws is ws:
-                self.ws = None
-            for pending, _ in self.acks.values():
-                pending.set_exception(ConnectionError("socket closed before the ack"))
-            self.acks.clear()
+            self.connected.clear()
+            self.ws = None
+            ws.close()
+            self.person.on_dropped(self)
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         if kind == FrameType.EVENT:
-            seq = frame["seq"]
-            if self.last_seq is not None and seq <= self.last_seq:
-                return  # a duplicate after a reconnect overlap
-            self.last_seq = seq
-            text = (frame.get("data") or {}).get("text") or ""
-            self._fire_ms("delivery", time.time() * 1000 - frame["ts"], len(text))
-            run = frame.get("run")
-            if run in self.runs:
-                self._on_run_event(run, frame)
-            elif run and self.acks and frame["event"] == Event.TOKEN:
-                self.early_tokens.setdefault(run, time.perf_counter())
+            accepted = self.log.accept(frame, time.perf_counter())
+            if accepted is not None:
+                text = (frame.get("data") or {}).get("text") or ""
+                _fire("delivery", time.time() * 1000 - frame["ts"], length=len(text), user=self.person.user)
+                self.person.changed.set()
         elif kind == FrameType.RESYNC:
-            self.last_seq, self.epoch = frame["seq"], frame["epoch"]
-        elif kind in (FrameType.ACK, FrameType.ERROR) and frame.get("id") in self.acks:
-            reply, sent_at = self.acks.pop(frame["id"])
-            run = frame.get("run")
-            if kind == FrameType.ACK and run:
-                # Registered here, not in the task: the frames after the ack are read before the
-                # task greenlet wakes up.
-                self.runs[run] = sent_at
-                first = self.early_tokens.pop(run, None)
-                if first is not None:
-                    self.first_token_seen.add(run)
-                    self._fire_ms("first token", (first - sent_at) * 1000, 0)
-            if not self.acks:
-                self.early_tokens.clear()
-            reply.set(frame)
+            self.log.resync(frame)
+            self.epoch = frame["epoch"]
+            self.person.changed.set()
+        elif kind in (FrameType.ACK, FrameType.ERROR):
+            self.person.on_reply(frame)
+        # snapshot: sent to a device without a position, i.e. before this person's first send
 
-    def _on_run_event(self, run: str, frame: dict[str, Any]) -> None:
-        sent_at = self.runs[run]
-        event = frame["event"]
-        if event == Event.TOKEN and run not in self.first_token_seen:
-            self.first_token_seen.add(run)
-            self._fire("first token", sent_at)
-        elif event in END_EVENTS:
-            del self.runs[run]
-            self.first_token_seen.discard(run)
-            failure = None if event == Event.RUN_COMPLETED else RuntimeError(f"{event}: {frame['data']}")
-            self._fire("answer", sent_at, failure, len(frame["data"].get("text", "")))
+
+class ChorusPerson(User):
+    """A person: CHORUS_DEVICES_PER_PERSON devices on different nodes, one run at a time, every run
+    judged by the oracle."""
+
+    wait_time = between(0.5 * SETTINGS.send_every_s, 1.5 * SETTINGS.send_every_s)
+
+    def on_start(self) -> None:
+        number = next(_persons)
+        # uuid4 (from os.urandom) after the fork: distinct in every --processes child and on every
+        # machine, unlike a module-level id or counter, which forked children all share.
+        self.user = f"{SETTINGS.user_prefix}-{uuid.uuid4().hex}"
+        claims = {"sub": self.user, "exp": int(time.time()) + 24 * 3600}
+        self.token = jwt.encode(claims, SETTINGS.secret, "HS256")
+        nodes = SETTINGS.node_urls or (_ws_base(self.host or ""),)
+        self.devices = [Device(self, i, nodes[(number + i) % len(nodes)]) for i in range(SETTINGS.devices)]
+        self.changed = Signal()  # set by the readers on every accepted event
+        self.replies: dict[str, tuple[AsyncResult, Device]] = {}  # command id -> its reply, its device
+        self.sends = 0
+        for device in self.devices:
+            device.start()
+        # Spread the first sends over one interval, so -r 100 does not mean 100 sends per second.
+        gevent.sleep(random.uniform(0, SETTINGS.send_every_s))
+
+    def on_stop(self) -> None:
+        for device in self.devices:
+            device.close()
+        faults = [f for device in self.devices for f in device.log.take_faults()]
+        if faults:
+            _fail_oracle("stream", faults, self.user, "")
+
+    # Reader callbacks
+
+    def on_reply(self, frame: dict[str, Any]) -> None:
+        pending = self.replies.pop(frame.get("id") or "", None)
+        if pending is not None:
+            pending[0].set(frame)
+
+    def on_dropped(self, device: Device) -> None:
+        for command, (reply, on) in list(self.replies.items()):
+            if on is device:
+                del self.replies[command]
+                reply.set_exception(ConnectionError("socket closed before the reply"))
 
     # Load
 
     @task
-    def send(self) -> None:
-        if self.ws is None and not self._connect():
-            return
-        assert self.ws is not None
-        command_id = uuid.uuid4().hex
-        reply: AsyncResult = AsyncResult()
+    def chat(self) -> None:
+        sender = self.devices[self.sends % len(self.devices)]
+        self.sends += 1
         started = time.perf_counter()
-        self.acks[command_id] = (reply, started)
+        ack = self._send(sender, started)
+        if ack is None:
+            return
+        run = ack["run"]
+        ended = self._wait_until(lambda: all(d.log.ended(run) for d in self.devices), SETTINGS.run_timeout_s)
+        self._report_latencies(sender, run, started)
+        faults = [f for device in self.devices for f in device.log.take_faults()]
+        stored: str | None = None
+        if ended:
+            try:
+                stored = self._stored_answer(sender, ack["conversation"], run)
+            except Exception as exc:
+                faults.append(Failure(UNVERIFIED, f"REST: {exc!r}"))
+        verdict = judge(run, {d.name: [a.frame for a in d.log.of(run)] for d in self.devices},
+                        stored=stored, faults=faults)
+        for device in self.devices:
+            device.log.clear()
+        if verdict.ok:
+            _fire("run", _since_ms(started), kind="ORACLE", length=len(verdict.shown), user=self.user)
+        else:
+            _fail_oracle("run", list(verdict.failures), self.user, run, _since_ms(started))
+
+    def _send(self, device: Device, started: float) -> dict[str, Any] | None:
+        """Send a new message from `device` and return its ack; retried with the same id (the
+        idempotency key) while the socket is down or drops before the ack. None: failed, reported."""
+        command = uuid.uuid4().hex
+        frame = json.dumps({"type": FrameType.SEND, "id": command, "text": SETTINGS.text})
+        deadline = started + _ACK_TIMEOUT_S
+        answer = None
+        while answer is None and time.perf_counter() < deadline:
+            try:
+                answer = self._attempt(device, command, frame, deadline)
+            except gevent.Timeout:
+                break
+        if answer is None:
+            error: BaseException = TimeoutError(f"no ack in {_ACK_TIMEOUT_S:g} s")
+        elif answer["type"] == FrameType.ERROR:
+            error = RuntimeError(f"{answer.get('code')}: {answer.get('message')}")
+        else:
+            _fire("ack", _since_ms(started), user=self.user)
+            return answer
+        _fire("ack", _since_ms(started), exception=error, user=self.user)
+        return None
+
+    def _attempt(self, device: Device, command: str, frame: str, deadline: float) -> dict[str, Any] | None:
+        """One try: the reply, or None when the socket was down (after waiting for it, bounded)
+        or dropped before the reply; gevent.Timeout when no reply came by `deadline`."""
+        ws = device.ws
+        if ws is None:
+            device.connected.wait(max(0.0, deadline - time.perf_counter()))
+            return None
+        reply: AsyncResult = AsyncResult()
+        self.replies[command] = (reply, device)
         try:
-            self.ws.send(json.dumps({"type": FrameType.SEND, "id": command_id, "text": _TEXT}))
-            frame = reply.get(timeout=_ACK_TIMEOUT_S)
-        except Exception as exc:
-            self.acks.pop(command_id, None)
-            self._fire("ack", started, exc)
+            ws.send(frame)
+            answer: dict[str, Any] = reply.get(timeout=max(0.0, deadline - time.perf_counter()))
+            return answer
+        except (ConnectionError, websocket.WebSocketException, OSError):
+            gevent.sleep(0.05)  # a send that failed at once: let the reader see the close first
+            return None
+        finally:
+            self.replies.pop(command, None)
+
+    def _wait_until(self, done: Callable[[], bool], timeout_s: float) -> bool:
+        deadline = time.perf_counter() + timeout_s
+        while True:
+            self.changed.clear()
+            if done():
+                return True
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0 or not self.changed.wait(remaining):
+                return done()
+
+    def _report_latencies(self, sender: Device, run: str, started: float) -> None:
+        events_of_run = sender.log.of(run)
+        token = next((a for a in events_of_run if a.frame["event"] == Event.TOKEN), None)
+        if token is not None:
+            _fire("first token", (token.at - started) * 1000, user=self.user)
+        end = next((a for a in events_of_run if a.frame["event"] in END_EVENTS), None)
+        if end is None:
+            _fire("answer", _since_ms(started), exception=TimeoutError("no end event"), user=self.user)
             return
-        if frame["type"] == FrameType.ERROR:
-            self._fire("ack", started, RuntimeError(f"{frame.get('code')}: {frame.get('message')}"))
-            return
-        self._fire("ack", started)
+        failure = None
+        if end.frame["event"] != Event.RUN_COMPLETED:
+            failure = RuntimeError(f"{end.frame['event']}: {end.frame['data'].get('code', '')}")
+        _fire("answer", (end.at - started) * 1000, exception=failure,
+              length=len(end.frame["data"].get("text", "")), user=self.user)
 
-    # Reporting
-
-    def _fire(
-        self, name: str, started: float, exception: BaseException | None = None, length: int = 0
-    ) -> None:
-        self._fire_ms(name, (time.perf_counter() - started) * 1000, length, exception)
-
-    def _fire_ms(self, name: str, ms: float, length: int, exception: BaseException | None = None) -> None:
-        events.request.fire(  # type: ignore[no-untyped-call]
-            request_type="WS", name=name, response_time=ms, response_length=length,
-            exception=exception, context={"user": self.chat_user},
+    def _stored_answer(self, device: Device, conversation: str, run: str) -> str | None:
+        """The content of the run's assistant message, read from the sender's node over REST."""
+        started = time.perf_counter()
+        request = urllib.request.Request(
+            f"{device.rest_url}/v1/conversations/{conversation}/messages?limit=50",
+            headers={"Authorization": f"Bearer {self.token}"},
         )
+        try:
+            with _OPENER.open(request, timeout=_REST_TIMEOUT_S) as response:
+                body = json.load(response)
+        except Exception as exc:
+            _fire("messages", _since_ms(started), kind="REST", exception=exc, user=self.user)
+            raise
+        _fire("messages", _since_ms(started), kind="REST", user=self.user)
+        for message in body["messages"]:
+            if message["role"] == Role.ASSISTANT and message["run"] == run:
+                return str(message["content"])
+        return None
+
+
+def _fail_oracle(name: str, failures: list[Failure], user: str, run: str, ms: float = 0.0) -> None:
+    global _oracle_failures
+    _oracle_failures += 1
+    kinds = ", ".join(sorted({f.kind for f in failures}))
+    log.error("oracle: %s %s of %s failed: %s", name, run, user, "; ".join(map(str, failures)))
+    # The failure's text is only the kinds, so Locust's failure table counts them instead of
+    # listing every run.
+    _fire(name, ms, kind="ORACLE", exception=AssertionError(kinds), user=user)
+
+
+def _exit_code(environment: Environment, **_: Any) -> None:
+    """Exit 1 when anything failed the oracle: this process's own count (a worker's), or the
+    aggregated stats (the master's, or a standalone run's)."""
+    aggregated = sum(e.num_failures for (_, kind), e in environment.stats.entries.items() if kind == "ORACLE")
+    failed = max(_oracle_failures, aggregated)
+    if failed:
+        log.error("oracle: %d run(s) failed; exiting with 1", failed)
+        environment.process_exit_code = 1
+
+
+events.quitting.add_listener(_exit_code)  # type: ignore[no-untyped-call]
