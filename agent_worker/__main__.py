@@ -9,19 +9,22 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.core import Metric
 from redis.asyncio import Redis
 
+from agent_worker import metrics as worker_metrics
 from agent_worker.agents import AgentRegistry, agents_from_env
+from agent_worker.metrics import WorkerStats
 from agent_worker.model import ModelConfig
 from agent_worker.resilience import BreakerRegistry, RetryPolicy, endpoint_key, resilient
 from agent_worker.settings import WorkerSettings
 from agent_worker.supervisor import supervise
 from agent_worker.worker import AnswerStream, Worker
-from common import process, redis_client
+from common import metrics, process, redis_client
 from common.keys import Keys
 from common.redis_client import TRANSIENT
 from fanout.redis_broker import RedisBroker
@@ -42,6 +45,7 @@ class Agents:
     fallback: AgentRegistry | None
     policy: RetryPolicy
     breakers: BreakerRegistry
+    on_result: Callable[[str, str], None] | None = None  # how each model call ended (metrics)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], settings: WorkerSettings) -> Agents:
@@ -79,6 +83,7 @@ class Agents:
             primary, endpoint=endpoint_key(spec.model.base_url or "demo", spec.model.model),
             policy=self.policy, breakers=self.breakers,
             fallback=secondary if fallback is not None else None, fallback_endpoint=fallback_key,
+            on_result=self.on_result,
         )
         return wrapped(history)
 
@@ -103,7 +108,7 @@ async def _advertise(agents: Agents, directory: AgentDirectory) -> None:
         await asyncio.sleep(AGENTS_TTL_S / 3)
 
 
-async def _health(worker: Worker, redis: Redis, port: int) -> web.AppRunner:
+async def _health(worker: Worker, agents: Agents, redis: Redis, port: int) -> web.AppRunner:
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
@@ -115,9 +120,14 @@ async def _health(worker: Worker, redis: Redis, port: int) -> web.AppRunner:
             return web.json_response({"ready": False, "error": type(exc).__name__}, status=503)
         return web.json_response({"ready": True, "running": len(worker.running)})
 
+    def collect() -> Iterator[Metric]:
+        return worker_metrics.families(worker.stats, slots=worker.settings.concurrency,
+                                       running=len(worker.running), breakers=agents.breakers.states)
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    metrics.serve(app, collect)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()
@@ -135,8 +145,10 @@ async def serve(settings: WorkerSettings, agents: Agents) -> None:
     runs = Runs(store, broker, RedisRunQueue(redis, keys), store_retry_s=settings.store_retry_s,
                 answer_ttl_s=settings.history_ttl_s)
     answer: AnswerStream = agents.answer
-    worker = Worker(settings=settings, runs=runs, answer=answer, forget=agents.forget)
-    health = await _health(worker, redis, settings.internal_port) if settings.internal_port else None
+    stats = WorkerStats()
+    agents.on_result = stats.llm_request
+    worker = Worker(settings=settings, runs=runs, answer=answer, forget=agents.forget, stats=stats)
+    health = await _health(worker, agents, redis, settings.internal_port) if settings.internal_port else None
     advertise = asyncio.create_task(_advertise(agents, AgentDirectory(redis, keys)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -220,13 +220,15 @@ def resilient(
     fallback: Callable[[History], AsyncIterator[T]] | None = None,
     fallback_endpoint: str | None = None,
     sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    on_result: Callable[[str, str], None] | None = None,
 ) -> Callable[[History], AsyncGenerator[T, None]]:
     """Wrap ``primary`` in retries under ``breakers.get(endpoint)``, then ``fallback``, if given,
     under its own breaker with the same policy. See the module docstring for the rules.
 
     The returned callable yields ``primary``'s (or ``fallback``'s) items unchanged and raises the
     last ``ModelError`` (type preserved; a note names an earlier endpoint's error). Closing or
-    cancelling its generator closes the underlying stream. ``sleep`` is injectable for tests.
+    cancelling its generator closes the underlying stream. ``sleep`` is injectable for tests;
+    ``on_result(endpoint, "ok" or the failure code)`` is told how each model call ended (metrics).
     """
     if (fallback is None) != (fallback_endpoint is None):
         raise ValueError("fallback and fallback_endpoint go together")
@@ -239,7 +241,7 @@ def resilient(
         for number, (call, key) in enumerate(routes, 1):
             started = False
             try:
-                attempts = _attempts(call, history, key, breakers.get(key), policy, sleep)
+                attempts = _attempts(call, history, key, breakers.get(key), policy, sleep, on_result)
                 async with aclosing(attempts):
                     async for item in attempts:
                         started = True
@@ -263,8 +265,10 @@ async def _attempts(
     breaker: CircuitBreaker,
     policy: RetryPolicy,
     sleep: Callable[[float], Awaitable[Any]],
+    on_result: Callable[[str, str], None] | None = None,
 ) -> AsyncGenerator[T, None]:
-    """One endpoint: up to ``policy.attempts`` calls, each admitted and judged by ``breaker``."""
+    """One endpoint: up to ``policy.attempts`` calls, each admitted and judged by ``breaker``;
+    ``on_result(key, "ok" or the failure code)`` hears how each call ended."""
     jitter = policy.delays_s()
     last: ModelError | None = None
     for attempt in range(1, policy.attempts + 1):
@@ -281,8 +285,12 @@ async def _attempts(
             if not started:
                 judged = True
                 breaker.record_success()  # an empty answer is still an answer
+            if on_result is not None:
+                on_result(key, "ok")
             return
         except ModelError as exc:
+            if on_result is not None:
+                on_result(key, failure_code(exc)[0])
             if exc.is_retryable:
                 judged = True
                 if breaker.record_failure():

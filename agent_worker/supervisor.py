@@ -6,7 +6,8 @@ supervisor starts `processes` workers (`python -m agent_worker` with `WORKER_PRO
 consumer of its own (`<NODE_ID>-<i>`) in the runs group, restarts one that dies (its runs are
 reclaimed like any dead worker's), and on SIGTERM passes the signal on and waits for them to drain.
 Its `INTERNAL_PORT` answers for all of them: `/healthz` while every child is alive, `/readyz` when
-every child is ready (each child's own health server listens on a port of the supervisor's choosing).
+every child is ready (each child's own health server listens on a port of the supervisor's choosing),
+and `/metrics` serves every child's metrics, each sample labelled with its `process` (0, 1, ...).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import sys
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent_worker.settings import WorkerSettings
 from common.process import free_port
@@ -59,6 +63,25 @@ class Supervisor:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
+    async def _scrape(self, session: aiohttp.ClientSession, index: int) -> str:
+        try:
+            async with session.get(f"http://127.0.0.1:{self.ports[index]}/metrics") as response:
+                return await response.text() if response.status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError):
+            return ""  # a child starting again: its series are absent from this scrape
+
+    async def _metrics(self, session: aiohttp.ClientSession) -> bytes:
+        texts = await asyncio.gather(*(self._scrape(session, i) for i in range(self.processes)))
+        merged: dict[str, Metric] = {}
+        for index, text in enumerate(texts):
+            for family in text_string_to_metric_families(text):
+                into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type,
+                                                             family.unit))
+                for sample in family.samples:
+                    into.add_sample(sample.name, {**sample.labels, "process": str(index)}, sample.value,
+                                    sample.timestamp, sample.exemplar)
+        return generate_latest(_Families(list(merged.values())))
+
     def _alive(self) -> list[bool]:
         return [c is not None and c.returncode is None for c in self.children]
 
@@ -75,12 +98,17 @@ class Supervisor:
             return web.json_response({"ready": all(ready), "processes": ready},
                                      status=200 if all(ready) else 503)
 
+        async def metrics(request: web.Request) -> web.Response:
+            body = await self._metrics(session)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
         async def close_session(app: web.Application) -> None:
             await session.close()
 
         app = web.Application()
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", metrics)
         app.on_cleanup.append(close_session)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
@@ -107,6 +135,16 @@ class Supervisor:
         await asyncio.gather(*keepers, return_exceptions=True)
         if health is not None:
             await health.cleanup()
+
+
+class _Families:
+    """What `generate_latest` reads: something with `collect()`."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
 
 
 async def supervise(settings: WorkerSettings) -> None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent_worker.graph import InputRequired, InputTimeout, Text, ToolCompleted, ToolStarted
+from agent_worker.metrics import QUEUE_EVERY_S, WorkerStats
 from agent_worker.resilience import failure_code
 from agent_worker.settings import WorkerSettings
 from common.backoff import delays_s, retrying
@@ -55,6 +57,7 @@ class Worker:
     answer: AnswerStream
     forget: Callable[[str], None] = lambda thread: None  # drop an ended attempt's paused state
     running: dict[str, Delivery] = field(default_factory=dict)  # entry id -> job in progress
+    stats: WorkerStats = field(default_factory=WorkerStats)
 
     @property
     def consumer(self) -> str:
@@ -75,6 +78,8 @@ class Worker:
         slots = Slots(self.settings.concurrency)
         maintenance = asyncio.create_task(self._maintain(stop))
         positions = asyncio.create_task(self._announce_positions(stop))
+        watch = asyncio.create_task(self._watch_queue(stop))
+        self.stats.loop_lag.start()
         delays = delays_s(base_s=0.1, cap_s=2.0)
         created = False
         loop = asyncio.get_running_loop()
@@ -106,13 +111,15 @@ class Worker:
                 self._spawn(delivery, slots, tasks)
         maintenance.cancel()
         positions.cancel()
+        watch.cancel()
+        await self.stats.loop_lag.close()
         if tasks:
             log.info("draining %d runs for up to %.1fs", len(tasks), self.settings.drain_s)
             _, pending = await asyncio.wait(tasks, timeout=self.settings.drain_s)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        await asyncio.gather(maintenance, positions, return_exceptions=True)
+        await asyncio.gather(maintenance, positions, watch, return_exceptions=True)
 
     def _spawn(self, delivery: Delivery, slots: Slots, tasks: set[asyncio.Task[None]]) -> None:
         async def process() -> None:
@@ -136,7 +143,9 @@ class Worker:
             if claim is None:
                 await self.runs.publish_unpublished_end(job.run)
             else:
-                await RunExecution(self, claim).go()
+                queued_at = delivery.queued_at()
+                self.stats.queue_wait.observe(max(0.0, time.time() - queued_at))
+                await RunExecution(self, claim, queued_at=queued_at).go()
             await self.queue.ack(delivery)
         except (Unavailable, *TRANSIENT) as exc:
             log.warning("run %s left for a retry: %r", job.run, exc)
@@ -162,6 +171,15 @@ class Worker:
                 log.warning("maintenance deferred: %r", exc)
             except Exception:
                 log.exception("maintenance failed")
+
+    async def _watch_queue(self, stop: asyncio.Event) -> None:
+        """Keep the queue's depth for the metrics (a scrape must not wait on Redis)."""
+        while not stop.is_set():
+            try:
+                self.stats.backlog = await self.queue.backlog()
+            except (Unavailable, *TRANSIENT) as exc:
+                log.debug("reading the queue's depth deferred: %r", exc)
+            await asyncio.sleep(QUEUE_EVERY_S)
 
     async def _announce_positions(self, stop: asyncio.Event) -> None:
         """Backpressure a person can see: every few seconds, each run waiting for a worker is told
@@ -210,6 +228,7 @@ class Worker:
                     await self._dead_letter(delivery)
                     continue
                 log.info("reclaimed run %s", delivery.job.run)
+                self.stats.reclaimed += 1
                 slots.take(1)
                 self._spawn(delivery, slots, tasks)
         except (Unavailable, *TRANSIENT) as exc:
@@ -223,6 +242,7 @@ class Worker:
                                     error_code="run_dead_lettered", error_message=message)
         await self.runs.publish_unpublished_end(delivery.job.run)
         await self.queue.dead_letter(delivery)
+        self.stats.dead_lettered += 1
 
     async def _requeue_lost(self) -> None:
         """Runs acked to a user whose job is gone (Redis lost its data) are queued again, and a
@@ -241,14 +261,17 @@ class Worker:
             await self.store.touch_run(row["id"])
             job = Job(run=row["id"], user=row["user_id"], conversation=row["conversation_id"])
             await self.queue.enqueue(job)
+            self.stats.requeued += 1
 
 
 class RunExecution:
     """One attempt at one run: start, stream coalesced tokens, end."""
 
-    def __init__(self, worker: Worker, claim: RunClaim) -> None:
+    def __init__(self, worker: Worker, claim: RunClaim, *, queued_at: float) -> None:
         self.worker = worker
         self.claim = claim
+        self.queued_at = queued_at  # wall clock, when the node queued the run
+        self.claimed_at = time.monotonic()
         self.producer = f"run:{claim.run}:{claim.attempts}"
         self.pseq = 0
         self.text: list[str] = []
@@ -301,6 +324,11 @@ class RunExecution:
         finally:
             worker.forget(self.producer)
 
+    def _ended(self, status: RunStatus) -> None:
+        stats = self.worker.stats
+        stats.runs[self.claim.agent, str(status)] += 1
+        stats.run_duration.observe(time.monotonic() - self.claimed_at)
+
     async def _end(self, status: RunStatus, error: tuple[str, str] | None = None) -> None:
         """Store the end, then publish it. Postgres being away does not lose the answer the
         devices already saw: storing is retried until it comes back (the run stays leased)."""
@@ -315,6 +343,7 @@ class RunExecution:
 
         finished = await retrying(store, retry_on=(Unavailable,), deadline_s=worker.settings.store_retry_s,
                                   what=f"storing the end of run {c.run}")
+        self._ended(status)
         if finished is None:
             # Ended or taken over by someone else (a cancel while queued, another worker after
             # our lease ran out): their end is the one that counts.
@@ -324,6 +353,11 @@ class RunExecution:
                         error=error, discarded=finished.discarded,
                         stopped_at=self.last_seq if status == RunStatus.CANCELLED else None)
         await worker.runs.end(c.user, c.conversation, c.run, ending)
+
+    def _first_token(self) -> None:
+        stats = self.worker.stats
+        stats.first_token.observe(time.monotonic() - self.claimed_at)
+        stats.send_to_first_token.observe(max(0.0, time.time() - self.queued_at))
 
     async def _checkpoint(self) -> None:
         """Save the answer so far with the seq it reflects, at most every `checkpoint_s`: a device
@@ -344,7 +378,11 @@ class RunExecution:
         """Wait for the first answer from any device; a cancel still stops the run while it
         waits. No answer in time fails the run."""
         c, timeout_s = self.claim, self.worker.settings.input_timeout_s
-        answer = await self.worker.runs.wait_answer(c.user, c.run, question.request, timeout_s=timeout_s)
+        self.worker.stats.paused += 1
+        try:
+            answer = await self.worker.runs.wait_answer(c.user, c.run, question.request, timeout_s=timeout_s)
+        finally:
+            self.worker.stats.paused -= 1
         if answer is None:
             raise InputTimeout(f"no answer to {question.prompt!r} within {timeout_s:g}s")
         return answer
@@ -359,6 +397,9 @@ class RunExecution:
                 continue
             if text:
                 chunk = "".join(text)
+                if not self.text:
+                    self._first_token()
+                self.worker.stats.tokens += len(text)
                 text.clear()
                 await self.publish(ev.Token(text=chunk))
                 self.text.append(chunk)

@@ -23,6 +23,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from common.backoff import delays_s
@@ -54,9 +55,13 @@ class Hub:
 
     def __init__(
         self, broker: Broker, *, subscribe_timeout_s: float = 5.0, canary_interval_s: float = 1.0,
-        canary_timeout_s: float = 3.0,
+        canary_timeout_s: float = 3.0, observe: Callable[[str], None] | None = None,
     ) -> None:
+        """`observe`: called with every message fanned out, once (not per subscriber), from the
+        read loop, so it must be cheap (the node measures delivery lag with it)."""
         self._broker = broker
+        self._observe = observe
+        self.reconnects = 0  # times the Pub/Sub connection was opened again after the first
         self._subscribe_timeout_s = subscribe_timeout_s
         self._canary_interval_s = canary_interval_s
         self._canary_timeout_s = canary_timeout_s
@@ -161,11 +166,13 @@ class Hub:
 
     async def _run(self) -> None:
         delays = delays_s(base_s=0.1, cap_s=2.0)
+        opened = 0
         while True:
             pubsub = self._broker.pubsub()
             try:
                 await pubsub.ping()  # connects: a dead Redis fails here, not in the loop below
                 self._pubsub = pubsub
+                self.reconnects, opened = opened, opened + 1
                 self.connected = True
                 self._connected_event.set()
                 channels = list(self._users_by_channel)
@@ -225,6 +232,8 @@ class Hub:
             if user is None:
                 return
             seq = frame_seq(data)
+            if self._observe is not None:
+                self._observe(data)
             for sub in list(self._subs.get(user, ())):
                 sub.deliver(seq, data)
         elif kind == "subscribe":

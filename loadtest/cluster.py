@@ -85,6 +85,8 @@ class LocalCluster:
             self.postgres = PostgresServer(workdir)
             self.database_url = self.postgres.url
         self.node_ports: list[int] = [free_port() for _ in range(config.nodes)]
+        # Each process's INTERNAL_PORT (health and /metrics), by its name (node-a, worker-1, ...).
+        self.internal_ports: dict[str, int] = {}
         self.nodes: list[Proc] = [self._node_proc(i) for i in range(config.nodes)]
         self.workers: list[Proc] = [self._worker_proc(i + 1) for i in range(config.workers)]
         self.nginx: NginxServer | None = None
@@ -188,10 +190,12 @@ class LocalCluster:
             "PORT": str(self.node_ports[index]),
             "NODE_ID": f"node-{chr(ord('a') + index)}",
         }
+        env["INTERNAL_PORT"] = str(self.internal_ports.setdefault(env["NODE_ID"], free_port()))
         return Proc(env["NODE_ID"], [sys.executable, "-m", "ws_node"], env=env, workdir=self.workdir)
 
     def _worker_proc(self, number: int) -> Proc:
         env = {**self._base_env(), **self.config.env, "NODE_ID": f"worker-{number}"}
+        env["INTERNAL_PORT"] = str(self.internal_ports.setdefault(env["NODE_ID"], free_port()))
         return Proc(env["NODE_ID"], [sys.executable, "-m", "agent_worker"], env=env, workdir=self.workdir)
 
     def _migrate(self) -> None:

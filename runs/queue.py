@@ -50,6 +50,10 @@ class Delivery:
     job: Job
     deliveries: int = 1
 
+    def queued_at(self) -> float:
+        """When the job was queued (wall clock, seconds), from its stream entry id."""
+        return int(self.entry.split("-", 1)[0]) / 1000
+
 
 @dataclass(frozen=True)
 class Backlog:
@@ -57,6 +61,7 @@ class Backlog:
 
     depth: int
     oldest_s: float
+    taken: int = 0  # jobs taken by workers and not acked yet (runs in progress, or of dead workers)
 
 
 @dataclass(frozen=True)
@@ -197,8 +202,8 @@ class RedisRunQueue:
         taken = int(summary["pending"]) if isinstance(summary, dict) else 0  # NOGROUP: none taken
         first = await self._untaken(1)
         if not first:
-            return Backlog(depth=0, oldest_s=0.0)
-        return Backlog(depth=max(1, length - taken), oldest_s=first[0][1])
+            return Backlog(depth=0, oldest_s=0.0, taken=taken)
+        return Backlog(depth=max(1, length - taken), oldest_s=first[0][1], taken=taken)
 
     async def next_jobs(self, *, limit: int) -> list[tuple[Job, float]]:
         return await self._untaken(limit)
@@ -266,7 +271,8 @@ class MemoryRunQueue:
         return None
 
     async def enqueue(self, job: Job) -> None:
-        delivery = Delivery(f"{next(self._ids)}-0", job)
+        # Ids as Redis makes them: the time queued in ms, then a sequence number.
+        delivery = Delivery(f"{int(time.time() * 1000)}-{next(self._ids)}", job)
         self._enqueued[delivery.entry] = time.monotonic()
         self.waiting.append(delivery)
         async with self._arrived:
@@ -306,9 +312,9 @@ class MemoryRunQueue:
 
     async def backlog(self) -> Backlog:
         if not self.waiting:
-            return Backlog(depth=0, oldest_s=0.0)
+            return Backlog(depth=0, oldest_s=0.0, taken=len(self.pending))
         oldest_s = time.monotonic() - self._enqueued[self.waiting[0].entry]
-        return Backlog(depth=len(self.waiting), oldest_s=oldest_s)
+        return Backlog(depth=len(self.waiting), oldest_s=oldest_s, taken=len(self.pending))
 
     async def next_jobs(self, *, limit: int) -> list[tuple[Job, float]]:
         now = time.monotonic()

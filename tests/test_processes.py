@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
@@ -32,6 +33,11 @@ def readiness(port: int) -> dict[str, object]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
         body: dict[str, object] = json.loads(response.read())
         return body
+
+
+def metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
 
 
 def poll_until(predicate: Callable[[], bool], timeout_s: float) -> None:
@@ -60,6 +66,11 @@ async def test_two_worker_processes_share_the_runs_and_one_that_dies_comes_back(
         await asyncio.to_thread(wait_http_ok, f"http://127.0.0.1:{port}/readyz", 60, proc=supervisor)
         assert readiness(port) == {"ready": True, "processes": [True, True]}
         assert len(children(supervisor)) == 2
+        # One scrape of the supervisor's port has every process's metrics, told apart by `process`.
+        samples = [s for f in text_string_to_metric_families(await asyncio.to_thread(metrics, port))
+                   for s in f.samples]
+        assert {s.labels["process"]: s.value for s in samples if s.name == "chorus_worker_slots"} == {
+            "0": 4, "1": 4}
 
         device = ChorusClient(workerless.ws_url, workerless.token(unique("alice")), device="phone")
         await device.connect()

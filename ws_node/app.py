@@ -8,15 +8,16 @@ import itertools
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import WSMsgType, web
+from prometheus_client.core import Metric
 from redis.asyncio import Redis
 
 import protocol
-from common import redis_client
+from common import metrics, redis_client
 from common.keys import Keys
 from common.redis_client import TRANSIENT
 from fanout.hub import Hub
@@ -29,6 +30,7 @@ from runs.agents import AgentDirectory
 from runs.lifecycle import Runs
 from runs.queue import RedisRunQueue
 from ws_node import commands, limits, presence, rest
+from ws_node import metrics as node_metrics
 from ws_node.auth import (
     IDENTITY,
     AuthUnavailable,
@@ -43,6 +45,7 @@ from ws_node.auth import (
 )
 from ws_node.connection import Connection
 from ws_node.limits import LocalBucket, Rate, RedisBuckets
+from ws_node.metrics import NodeStats
 from ws_node.services import SERVICES, Services
 from ws_node.settings import NodeSettings
 
@@ -70,12 +73,16 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     svc.sockets += 1
     svc.idle.clear()
+    ws: web.StreamResponse | None = None
     try:
-        return await _serve_socket(request)
+        ws = await _serve_socket(request)
+        return ws
     finally:
         svc.sockets -= 1
         if svc.sockets == 0:
             svc.idle.set()
+        if isinstance(ws, web.WebSocketResponse) and ws.prepared:
+            svc.stats.closed(ws.close_code)
 
 
 async def _serve_socket(request: web.Request) -> web.StreamResponse:
@@ -87,6 +94,7 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
 
     ws = web.WebSocketResponse(heartbeat=settings.heartbeat_s, max_msg_size=settings.max_frame_bytes)
     await ws.prepare(request)
+    svc.stats.connects += 1
     auth_id = None
     if ident is None:
         first = await _first_frame_auth(ws, guard.verifier, settings)
@@ -101,12 +109,14 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
         await ws.close(code=CloseCode.TRY_AGAIN_LATER, message=b"stream unavailable; reconnect later")
         return ws
     if too_many:
+        svc.stats.rate_limited["devices",] += 1
         await ws.close(code=CloseCode.TOO_MANY_DEVICES,
                        message=f"at most {settings.max_devices_per_user} devices at once".encode())
         return ws
 
     conn = Connection(ws, user=ident.user, device=device, broker=svc.broker,
                       queue_max_frames=settings.queue_max_frames, runs_in_flight=svc.store.runs_in_flight,
+                      stats=svc.stats,
                       merged_token_max_chars=settings.merged_token_max_chars,
                       transport=None if ws.compress else request.transport)  # deflate: through aiohttp
     lease = TokenLease(guard.verifier, ident, on_expire=lambda: conn.close(
@@ -159,6 +169,7 @@ async def _admit(
         raise web.HTTPForbidden(text="origin not allowed")
     admitted = guard.connections.take()
     if not admitted.allowed:
+        svc.stats.rate_limited["connections",] += 1
         retry_s = max(1, math.ceil(admitted.retry_after_ms / 1000))
         raise web.HTTPTooManyRequests(text="too many new connections; retry later",
                                       headers={"Retry-After": str(retry_s)})
@@ -231,10 +242,10 @@ async def _detach(svc: Services, conn: Connection) -> None:
 async def handle_frame(svc: Services, guard: Admission, conn: Connection, lease: TokenLease,
                        raw: str) -> None:
     """Serve one client frame. Nothing a client sends may end the socket or the node."""
-    cmd_id = None
+    cmd_id, kind, result = None, "invalid", "ok"
     try:
         cmd = protocol.parse_command(raw, max_text_chars=svc.settings.max_text_chars)
-        cmd_id = cmd.id
+        cmd_id, kind = cmd.id, type(cmd).__name__.lower()
         try:
             allowed = await guard.commands.take(conn.user)
         except TRANSIENT:
@@ -242,17 +253,22 @@ async def handle_frame(svc: Services, guard: Admission, conn: Connection, lease:
             # Redis fail by themselves with `unavailable`.
             allowed = limits.Decision(True, 0, limits.Bucket(0, 0))
         if not allowed.allowed:
+            svc.stats.rate_limited["commands",] += 1
             raise ProtocolError(ErrorCode.RATE_LIMITED, "too many commands; slow down", cmd_id,
                                 retry_after_ms=allowed.retry_after_ms)
         reply = await commands.execute(svc, conn, cmd, lease)
     except ProtocolError as exc:
+        result = exc.code
         reply = encode(Error(exc.code, exc.message, exc.id, retry_after_ms=exc.retry_after_ms))
     except (StoreUnavailable, *TRANSIENT) as exc:
         log.warning("command from %s failed: %r", conn.user, exc)
+        result = ErrorCode.UNAVAILABLE
         reply = encode(Error(ErrorCode.UNAVAILABLE, "storage unavailable; retry with the same id", cmd_id))
     except Exception:
         log.exception("command from %s failed", conn.user)
+        result = ErrorCode.INTERNAL
         reply = encode(Error(ErrorCode.INTERNAL, "internal error; retry with the same id", cmd_id))
+    svc.stats.commands[kind, str(result)] += 1
     if cmd_id is not None or reply.startswith('{"type":"error"'):
         conn.send(reply)
 
@@ -328,19 +344,22 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
         keys = Keys(settings.redis_prefix)
         store = await Store.connect_when_ready(settings.database_url)
         broker = RedisBroker(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
-        hub = Hub(broker)
+        stats = NodeStats()
+        hub = Hub(broker, observe=stats.published)
         agents = AgentDirectory(redis, keys)
         runs = Runs(store, broker, RedisRunQueue(redis, keys), answer_ttl_s=settings.history_ttl_s,
                     agents=agents, max_in_flight=settings.max_runs_in_flight,
                     max_queue_depth=settings.max_queue_depth, max_queue_age_s=settings.max_queue_age_s)
         svc = Services(settings=settings, redis=redis, keys=keys, broker=broker, hub=hub, store=store,
-                       runs=runs, agents=agents)
+                       runs=runs, agents=agents, stats=stats)
         app[SERVICES] = svc
         app[ADMISSION] = build_admission(settings, redis, keys)
         await hub.start()
+        stats.loop_lag.start()
         refresher = asyncio.create_task(_presence_refresher(svc))
         yield
         refresher.cancel()
+        await stats.loop_lag.close()
         await hub.close()
         await store.close()
         await redis.aclose()
@@ -374,16 +393,22 @@ def create_app(settings: NodeSettings) -> web.Application:
 
 
 def create_internal_app(main: web.Application) -> web.Application:
-    """Health on a port that is never exposed publicly (metrics join it later)."""
+    """Health and `/metrics`, on a port that is never exposed publicly."""
     internal = web.Application()
 
     async def share(app: web.Application) -> AsyncIterator[None]:
         app[SERVICES] = main[SERVICES]
         yield
 
+    def collect() -> Iterator[Metric]:
+        svc = main[SERVICES]
+        return node_metrics.families(svc.stats, sockets=len(svc.connections), users=svc.hub.users,
+                                     pubsub_reconnects=svc.hub.reconnects)
+
     internal.cleanup_ctx.append(share)
     internal.router.add_get("/healthz", healthz)
     internal.router.add_get("/readyz", readyz)
+    metrics.serve(internal, collect)
     return internal
 
 

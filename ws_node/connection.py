@@ -29,6 +29,7 @@ from persistence.records import RunInFlight
 from protocol import CloseCode, Hello, Resync, ResyncReason, Snapshot, encode
 from runs import snapshot
 from ws_node import merge
+from ws_node.metrics import NodeStats
 
 log = logging.getLogger(__name__)
 # Write frames at once only while the transport holds less than this (uvloop's default high-water
@@ -44,12 +45,13 @@ class Connection:
 
     def __init__(
         self, ws: web.WebSocketResponse, *, user: str, device: str, broker: Broker, queue_max_frames: int,
-        runs_in_flight: Callable[[str], Awaitable[list[RunInFlight]]],
+        runs_in_flight: Callable[[str], Awaitable[list[RunInFlight]]], stats: NodeStats,
         merged_token_max_chars: int = 65_536, transport: asyncio.Transport | None = None,
     ) -> None:
         """`transport`: the socket's transport, for writing frames at once; None when frames must
         go through aiohttp (permessage-deflate was negotiated)."""
         self._transport = transport
+        self.stats = stats
         self._writing = False  # the writer task is between taking a frame and having written it
         self.merged_token_max_chars = merged_token_max_chars
         self.runs_in_flight = runs_in_flight
@@ -84,6 +86,7 @@ class Connection:
                 self.close(CloseCode.SLOW_CONSUMER, "outgoing queue full; reconnect with after")
                 return
         self._queue.append(frame)
+        self.stats.send_queue.observe(len(self._queue))
         self._wake.set()
 
     def _write_now(self, frame: str) -> bool:
@@ -102,6 +105,9 @@ class Connection:
         else:
             header = _TEXT_HEADER_LONG.pack(0x81, 127, size)
         transport.write(header + data)
+        stats = self.stats
+        stats.delivered += 1
+        stats.sent_bytes += size
         return True
 
     def close(self, code: CloseCode, reason: str) -> None:
@@ -109,6 +115,8 @@ class Connection:
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
+            if code is CloseCode.SLOW_CONSUMER:
+                self.stats.slow_consumer_closes += 1
             self._wake.set()
 
     async def writer(self) -> None:
@@ -122,10 +130,13 @@ class Connection:
                         self._queue.clear()  # nothing more to a client that cannot keep up
                         break
                     self._writing = True
+                    frame = self._queue.popleft()
                     try:
-                        await self.ws.send_str(self._queue.popleft())
+                        await self.ws.send_str(frame)
                     finally:
                         self._writing = False
+                    self.stats.delivered += 1
+                    self.stats.sent_bytes += len(frame.encode())
                 if self.close_code is not None:
                     await self.ws.close(code=self.close_code, message=self.close_reason.encode()[:120])
                     return
@@ -166,6 +177,8 @@ class Connection:
                                  seq=position.seq, heartbeat=heartbeat_s)))
         plan = plan_resume(after=after, client_epoch=client_epoch, epoch=position.epoch,
                            seq=position.seq, first_seq=position.first_seq)
+        outcome = "new" if after is None else plan.resync or "replayed"
+        self.stats.resumes[str(outcome),] += 1
         if plan.resync is not None:
             await self._resync(plan.resync, position)
         elif plan.replay_after is not None:

@@ -15,6 +15,7 @@ from persistence.store import Store
 from runs.agents import AgentDirectory
 from runs.lifecycle import Runs
 from ws_node.connection import Connection
+from ws_node.metrics import NodeStats
 from ws_node.settings import NodeSettings
 
 
@@ -28,6 +29,7 @@ class Services:
     store: Store
     runs: Runs
     agents: AgentDirectory
+    stats: NodeStats = field(default_factory=NodeStats)
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False
     sockets: int = 0  # WebSocket requests in progress, from handshake to close

@@ -1,0 +1,157 @@
+"""Prometheus metrics for both processes: cheap counters on the hot path, exposed at scrape time.
+
+A node counts every frame it writes and every message it fans out, tens of thousands a second.
+prometheus_client's `Counter.inc` takes a lock each time, and a labelled one looks its child up
+in a dict first; so the hot paths here only add to plain attributes (`stats.delivered += 1`) or
+`observe` into a `Histogram` of fixed buckets, and a collector turns them into metric families
+when Prometheus scrapes `/metrics` (prometheus_client's custom-collector pattern). Labels are
+bounded by construction (close codes, command types, outcomes): never a user, device or run.
+
+`serve(app, collect)` adds `/metrics` to an aiohttp app; `LoopLag` measures how late the event
+loop runs a timer, which is how long everything else on it waited (a stall).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+# Seconds: from a millisecond to a minute (delivery lag, first token, loop lag, durations).
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RUN_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class Histogram:
+    """Fixed buckets, no lock, no labels: `observe` is a bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative, total = [], 0
+        for bound, count in zip((*map(_bound, self.bounds), "+Inf"), self.counts, strict=True):
+            total += count
+            cumulative.append((bound, total))
+        return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.sum)
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+def counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    """`name` without `_total`: prometheus_client adds it."""
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def labelled(
+    kind: type[CounterMetricFamily] | type[GaugeMetricFamily], name: str, documentation: str,
+    labels: Sequence[str], values: Mapping[tuple[str, ...], float],
+) -> Metric:
+    """A counter or gauge with one sample per label tuple in `values`."""
+    family = kind(name, documentation, labels=list(labels))
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key), value)
+    return family
+
+
+class Tally(collections.Counter[tuple[str, ...]]):
+    """Counts by a bounded tuple of label values: `tally["send", "ok"] += 1`."""
+
+
+class _Collector:
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._collect()
+
+
+def registry(collect: Callable[[], Iterable[Metric]]) -> CollectorRegistry:
+    """A registry with the process's own metrics (`process_*`, `python_gc_*`, `python_info`) and
+    what `collect` yields at each scrape."""
+    reg = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=reg)
+    PlatformCollector(registry=reg)
+    GCCollector(registry=reg)
+    reg.register(_Collector(collect))
+    return reg
+
+
+def serve(app: web.Application, collect: Callable[[], Iterable[Metric]]) -> None:
+    """`GET /metrics` on `app`, in Prometheus's text format."""
+    reg = registry(collect)
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(reg), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/metrics", metrics)
+
+
+class LoopLag:
+    """How late the loop runs a timer set every `interval_s`: while a callback holds the loop
+    (a full GC, a slow presence pass, a burst of frames) every socket waits that long. The
+    histogram counts every tick (most are ~0), `max_s` keeps the worst seen."""
+
+    def __init__(self, interval_s: float = 0.025) -> None:
+        self.interval_s = interval_s
+        self.histogram = Histogram(LATENCY_BUCKETS_S)
+        self.max_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.interval_s
+            await asyncio.sleep(self.interval_s)
+            late_s = max(0.0, loop.time() - due)
+            self.histogram.observe(late_s)
+            if late_s > self.max_s:
+                self.max_s = late_s
+
+    def families(self) -> Iterator[Metric]:
+        yield self.histogram.family(
+            "chorus_event_loop_lag_seconds",
+            f"How late the event loop ran a timer due every {self.interval_s * 1000:g} ms (a stall)")
+        yield gauge("chorus_event_loop_lag_max_seconds", "The longest event-loop stall since start",
+                    self.max_s)

@@ -1,0 +1,168 @@
+"""Metrics (`/metrics` on each process's INTERNAL_PORT): the lean counters as pure units, then what
+a real cluster reports for a real conversation, and the documentation of every metric."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.metrics import Histogram
+from loadtest.client import ChorusClient
+from loadtest.cluster import LocalCluster
+from loadtest.procs import wait_http_ok
+from protocol import Event
+from tests.support import unique
+from ws_node.metrics import NodeStats
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
+
+
+def parse(text: str) -> Samples:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sample's value, 0 when absent (a labelled counter appears with its first event)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(http: aiohttp.ClientSession, port: int) -> Samples:
+    # The cluster is up once its nodes are ready; a worker may still be starting.
+    await asyncio.to_thread(wait_http_ok, f"http://127.0.0.1:{port}/healthz", 60)
+    async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        return parse(await response.text())
+
+
+def grew(before: Samples, after: Samples, name: str, by: float = 1, **labels: str) -> bool:
+    return value(after, name, **labels) - value(before, name, **labels) >= by
+
+
+# -- pure ------------------------------------------------------------------------------------
+
+
+def test_a_histogram_exposes_cumulative_buckets_its_count_and_sum() -> None:
+    histogram = Histogram((0.01, 0.1, 1.0))
+    for observed in (0.005, 0.01, 0.05, 0.5, 5.0):
+        histogram.observe(observed)
+    family = histogram.family("x_seconds", "x")
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name == "x_seconds_bucket"}
+    assert buckets == {"0.01": 2, "0.1": 3, "1.0": 4, "+Inf": 5}  # le is inclusive
+    totals = {s.name: s.value for s in family.samples if s.name != "x_seconds_bucket"}
+    assert totals == {"x_seconds_count": 5, "x_seconds_sum": pytest.approx(5.565)}
+
+
+def test_delivery_lag_is_read_from_the_events_ts_and_anything_else_is_ignored() -> None:
+    stats = NodeStats()
+    now_ms = int(time.time() * 1000)
+    stats.published(f'{{"seq":3,"type":"event","event":"token","data":{{"text":"hi"}},"ts":{now_ms - 250}}}')
+    assert stats.delivery_lag.count == 1
+    assert 0.2 < stats.delivery_lag.sum < 5
+    for other in ("1", '{"seq":1,"ts":"soon"}', '{"seq":1}'):
+        stats.published(other)
+    assert stats.delivery_lag.count == 1
+
+
+def test_only_chorus_close_codes_become_labels() -> None:
+    stats = NodeStats()
+    for code in (1000, 4008, 4321, None, 1006):
+        stats.closed(code)
+    assert stats.closes == {("1000",): 1, ("4008",): 1, ("1006",): 1, ("other",): 2}
+
+
+# -- a real cluster ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+async def test_a_conversation_on_two_nodes_shows_in_every_processs_metrics(
+    cluster: LocalCluster, http: aiohttp.ClientSession
+) -> None:
+    ports = cluster.internal_ports
+    node_a, node_b, worker = ports["node-a"], ports["node-b"], ports["worker-1"]
+    before = {port: await scrape(http, port) for port in (node_a, node_b, worker)}
+    user = unique("metrics")
+    phone = ChorusClient(cluster.node_ws_urls[0], cluster.token(user), device="phone")
+    laptop = ChorusClient(cluster.node_ws_urls[1], cluster.token(user), device="laptop")
+    await phone.connect()
+    await laptop.connect()
+    try:
+        ack = await phone.send("[[tokens:20]] hello metrics")
+        end = await laptop.wait_run_end(ack["run"], 30)
+        assert end["event"] == Event.RUN_COMPLETED
+        await phone.wait_run_end(ack["run"], 30)
+        url = f"{cluster.node_ws_urls[0]}?access_token={cluster.token(user)}&device=raw"
+        async with http.ws_connect(url) as raw:
+            assert (await raw.receive_json(timeout=10))["type"] == "hello"
+            await raw.send_str("{not json")  # an invalid command: answered with an error, and counted
+            while (frame := await raw.receive_json(timeout=10))["type"] != "error":
+                pass
+            assert frame["code"] == "bad_request"
+        during = {port: await scrape(http, port) for port in (node_a, node_b)}
+    finally:
+        await phone.close()
+        await laptop.close()
+
+    for port in (node_a, node_b):
+        b, d = before[port], during[port]
+        assert value(d, "chorus_ws_connections") >= 1
+        assert grew(b, d, "chorus_ws_connects_total")
+        assert grew(b, d, "chorus_subscribed_users", by=0) and value(d, "chorus_subscribed_users") >= 1
+        assert grew(b, d, "chorus_events_delivered_total", by=3)  # message, run.started, tokens, end
+        assert grew(b, d, "chorus_frames_sent_bytes_total", by=100)
+        assert grew(b, d, "chorus_delivery_lag_seconds_count", by=3)
+        assert grew(b, d, "chorus_resumes_total", outcome="new")
+        assert value(d, "chorus_event_loop_lag_seconds_count") > 0
+        assert value(d, "process_resident_memory_bytes") > 0
+    assert grew(before[node_a], during[node_a], "chorus_commands_total", type="send", result="ok")
+    assert grew(before[node_a], during[node_a], "chorus_commands_total", type="invalid", result="bad_request")
+
+    async def closes_counted() -> bool:
+        now = {port: await scrape(http, port) for port in (node_a, node_b)}
+        return all(grew(before[port], now[port], "chorus_ws_closes_total", code="1000") for port in now)
+
+    # A node counts a close when the socket's handler returns, which nothing tells this test of.
+    deadline = time.monotonic() + 10
+    while not await closes_counted():
+        assert time.monotonic() < deadline, "closes not counted"
+        await asyncio.sleep(0.1)
+
+    w_before, w_after = before[worker], await scrape(http, worker)
+    assert grew(w_before, w_after, "chorus_runs_total", agent="default", outcome="completed")
+    assert grew(w_before, w_after, "chorus_tokens_streamed_total", by=20)
+    assert grew(w_before, w_after, "chorus_run_first_token_seconds_count")
+    assert grew(w_before, w_after, "chorus_send_first_token_seconds_count")
+    assert grew(w_before, w_after, "chorus_run_queue_wait_seconds_count")
+    assert grew(w_before, w_after, "chorus_run_duration_seconds_count")
+    assert grew(w_before, w_after, "chorus_llm_requests_total", model="gpt-4o-mini", result="ok")
+    assert value(w_after, "chorus_worker_slots") >= 1
+    assert value(w_after, "chorus_llm_circuit_open", endpoint=f"{cluster.config.env['LLM_BASE_URL']}#gpt-4o-mini") == 0
+
+
+def exported(samples: Mapping[tuple[str, frozenset[tuple[str, str]]], float]) -> set[str]:
+    names = {name for name, _ in samples if name.startswith("chorus_")}
+    return {re.sub(r"_(total|bucket|count|sum)$", "", name) for name in names}
+
+
+async def test_every_metric_is_documented_and_every_documented_metric_exists(
+    cluster: LocalCluster, http: aiohttp.ClientSession
+) -> None:
+    section = DOCS.read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    documented = {re.sub(r"_total$", "", name) for name in re.findall(r"^\| `(chorus_[a-z_]+)`", section, re.M)}
+    node = await scrape(http, cluster.internal_ports["node-a"])
+    worker = await scrape(http, cluster.internal_ports["worker-1"])
+    code = exported(node) | exported(worker)
+    assert code - documented == set(), "exported but not in docs/operations.md, Metrics"
+    # Labelled counters appear with their first event: a fresh cluster may not have them yet.
+    may_be_absent = {"chorus_ws_closes", "chorus_rate_limited", "chorus_commands", "chorus_resumes",
+                     "chorus_runs", "chorus_llm_requests", "chorus_llm_circuit_open"}
+    assert documented - code - may_be_absent == set(), "documented but not exported"
