@@ -176,7 +176,8 @@ def main() -> int:
         settings, agents = configured
         return supervise(settings) if settings.processes > 1 else serve(settings, agents)
 
-    return process.run("agent_worker", configure, start, log_level=lambda configured: configured[0].log_level)
+    return process.run("agent_worker", configure, start, log_level=lambda configured: configured[0].log_level,
+                       service="chorus-worker")
 
 
 if __name__ == "__main__":

@@ -13,16 +13,21 @@ its run ends `run.failed`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+
 from agent_worker.graph import InputRequired, InputTimeout, Text, ToolCompleted, ToolStarted
 from agent_worker.metrics import QUEUE_EVERY_S, WorkerStats
 from agent_worker.resilience import failure_code
 from agent_worker.settings import WorkerSettings
+from common import tracing
 from common.backoff import delays_s, retrying
 from common.redis_client import TRANSIENT
 from fanout.broker import Fenced
@@ -35,6 +40,7 @@ from runs.lifecycle import Ending, Runs
 from runs.queue import Delivery, Job, RunQueue
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("chorus.agent_worker")
 
 
 # (agent, history, thread, resume) -> the answer's items (graph.Text, ToolStarted, ToolCompleted,
@@ -137,6 +143,16 @@ class Worker:
     async def process(self, delivery: Delivery) -> None:
         """Carry one job's run to its end, then ack the job. On an outage, leave it pending:
         it is delivered again after its lease runs out."""
+        job = delivery.job
+        with _tracer.start_as_current_span("chorus.run", context=tracing.extracted(job.trace),
+                                           kind=SpanKind.CONSUMER) as span:
+            if span.is_recording():
+                span.set_attributes({"chorus.run": job.run, "chorus.conversation": job.conversation,
+                                     "chorus.worker": self.consumer,
+                                     "chorus.deliveries": delivery.deliveries})
+            await self._process(delivery)
+
+    async def _process(self, delivery: Delivery) -> None:
         job = delivery.job
         try:
             claim = await self.store.claim_run(job.run, worker=self.consumer, lease_s=self.settings.lease_s)
@@ -272,6 +288,8 @@ class RunExecution:
         self.claim = claim
         self.queued_at = queued_at  # wall clock, when the node queued the run
         self.claimed_at = time.monotonic()
+        self.span = trace.get_current_span()  # the run's (`Worker.process`); not recording: untraced
+        self._tool_spans: dict[str, trace.Span] = {}
         self.producer = f"run:{claim.run}:{claim.attempts}"
         self.pseq = 0
         self.text: list[str] = []
@@ -288,8 +306,14 @@ class RunExecution:
         whole answer so far: devices replace the run's text with it, so none shows a hole."""
         self.pseq += 1
         c = self.claim
-        result = await self.worker.runs.publish(c.user, c.conversation, c.run, data, producer=self.producer,
-                                                pseq=self.pseq, fenced=True, producer_epoch=self.epoch)
+        traced = self.span.is_recording()  # else not even a no-op span per publish
+        with (_tracer.start_as_current_span("chorus.publish", attributes={"chorus.event": data.event})
+              if traced else contextlib.nullcontext()) as span:
+            result = await self.worker.runs.publish(c.user, c.conversation, c.run, data,
+                                                    producer=self.producer, pseq=self.pseq, fenced=True,
+                                                    producer_epoch=self.epoch)
+            if span is not None:
+                span.set_attribute("chorus.seq", result.seq)
         moved = bool(self.epoch) and result.epoch != self.epoch
         self.last_seq = result.seq
         self.epoch = result.epoch
@@ -302,6 +326,8 @@ class RunExecution:
     async def go(self) -> None:
         c, worker = self.claim, self.worker
         history = await worker.store.history(c.conversation, c.message)
+        if self.span.is_recording():
+            self.span.set_attributes({"chorus.agent": c.agent, "chorus.attempt": c.attempts})
         try:
             # attempt > 1: a restart after a worker died; devices drop this run's partial text.
             await self.publish(ev.RunStarted(message=c.message, attempt=c.attempts, worker=worker.consumer))
@@ -404,6 +430,9 @@ class RunExecution:
                 await self.publish(ev.Token(text=chunk))
                 self.text.append(chunk)
             if isinstance(item, ToolStarted):
+                if self.span.is_recording():
+                    self._tool_spans[item.call_id] = _tracer.start_span(
+                        f"chorus.tool {item.name}", attributes={"chorus.tool.call": item.call_id})
                 await self.publish(ev.ToolStarted(call=item.call_id, name=item.name,
                                                   arguments=item.arguments))
                 self.tools.append({"call": item.call_id, "name": item.name, "arguments": item.arguments})
@@ -411,6 +440,10 @@ class RunExecution:
                 await self.publish(ev.RunInputRequired(request=item.request, prompt=item.prompt))
                 self.question = item
             elif isinstance(item, ToolCompleted):
+                if (tool_span := self._tool_spans.pop(item.call_id, None)) is not None:
+                    if item.error:
+                        tool_span.set_status(StatusCode.ERROR, item.summary or "the tool failed")
+                    tool_span.end()
                 await self.publish(ev.ToolCompleted(call=item.call_id, name=item.name, summary=item.summary,
                                                     error=item.error))
                 for call in self.tools:
@@ -427,6 +460,17 @@ class RunExecution:
         arrived = asyncio.Event()
 
         self.question = None
+        attributes = {"chorus.agent": self.claim.agent}
+        with _tracer.start_as_current_span("chorus.model", attributes=attributes) as span:
+            chunks_before = self.worker.stats.tokens
+            try:
+                return await self._stream_into(buffer, arrived, history, resume)
+            finally:
+                if span.is_recording():
+                    span.set_attribute("chorus.model.chunks", self.worker.stats.tokens - chunks_before)
+
+    async def _stream_into(self, buffer: list[object], arrived: asyncio.Event,
+                           history: Sequence[tuple[str, str]], resume: str | None) -> InputRequired | None:
 
         async def produce() -> None:
             # A model stream whose bytes are already buffered yields chunk after chunk without

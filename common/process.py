@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from common import tracing
 from common.config import SettingError
 
 T = TypeVar("T")
@@ -24,20 +25,25 @@ def free_port() -> int:
 
 
 def run(name: str, configure: Callable[[], T], serve: Callable[[T], Coroutine[Any, Any, None]],
-        log_level: Callable[[T], str]) -> int:
+        log_level: Callable[[T], str], *, service: str) -> int:
     """`configure()` reads the settings (a `SettingError` ends the process with exit code 2 and
-    the variable's name); then `serve(settings)` runs until it returns. Returns the exit code."""
+    the variable's name); tracing is set up as the `OTEL_*` variables say (`service`: the default
+    `service.name`); then `serve(settings)` runs until it returns. Returns the exit code."""
     try:
         settings = configure()
-    except SettingError as exc:
+        tracing.configure(service)
+    except (SettingError, ValueError) as exc:
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=log_level(settings).upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(settings))
-    else:
-        uvloop.run(serve(settings))
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(serve(settings))
+        else:
+            uvloop.run(serve(settings))
+    finally:
+        tracing.shutdown()
     return 0

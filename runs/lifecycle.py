@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 
+from common import tracing
 from common.backoff import retrying
 from fanout.broker import Broker, Fenced, PublishResult
 from persistence.records import SendRecord
@@ -185,7 +186,8 @@ class Runs:
         `backlog`: the queue as admission read it, if it did (not read twice for one send)."""
         if record.status == RunStatus.QUEUED:
             ahead = (backlog or await self.queue.backlog()).depth
-            await self.queue.enqueue(Job(run=record.run, user=user, conversation=record.conversation))
+            await self.queue.enqueue(Job(run=record.run, user=user, conversation=record.conversation,
+                                         trace=tracing.carrier()))
             if ahead:  # no free worker: say where the run stands (workers update it as it moves)
                 await self.announce_position(Job(record.run, user, record.conversation), ahead + 1)
             return
@@ -255,7 +257,7 @@ class Runs:
                                   what=f"starting the next run of {conversation}")
         if promoted is not None:
             await self.queue.enqueue(Job(run=promoted["id"], user=promoted["user_id"],  # type: ignore[index]
-                                         conversation=conversation))
+                                         conversation=conversation, trace=tracing.carrier()))
 
     # Human in the loop
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -33,13 +33,20 @@ class Job:
     run: str
     user: str
     conversation: str
+    # The W3C trace context of whoever queued the run (`common.tracing.carrier`), so the worker's
+    # spans join the send's trace; empty when nothing is traced.
+    trace: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def fields(self) -> dict[str, str]:
-        return {"run": self.run, "user": self.user, "conversation": self.conversation}
+        return {"run": self.run, "user": self.user, "conversation": self.conversation, **self.trace}
 
     @classmethod
     def from_fields(cls, fields: dict[str, str]) -> Job:
-        return cls(run=fields["run"], user=fields["user"], conversation=fields["conversation"])
+        trace = {name: fields[name] for name in _TRACE_FIELDS if name in fields}
+        return cls(run=fields["run"], user=fields["user"], conversation=fields["conversation"], trace=trace)
+
+
+_TRACE_FIELDS = ("traceparent", "tracestate")
 
 
 @dataclass(frozen=True)

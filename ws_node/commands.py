@@ -3,6 +3,9 @@ returns the one reply frame owed to its command id."""
 
 from __future__ import annotations
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
 from fanout.broker import Fenced
 from persistence.store import Conflict, NotFound
 from protocol import Ack, Auth, Cancel, Command, ErrorCode, Ping, Pong, ProtocolError, Respond, Send, encode
@@ -11,6 +14,8 @@ from runs.lifecycle import AlreadyAnswered, NotWaiting, Overloaded, RunEnded, To
 from ws_node.auth import AuthUnavailable, Forbidden, TokenLease, Unauthorized
 from ws_node.connection import Connection
 from ws_node.services import Services
+
+_tracer = trace.get_tracer("chorus.ws_node")
 
 
 async def execute(svc: Services, conn: Connection, cmd: Command, lease: TokenLease) -> str:
@@ -44,7 +49,16 @@ async def auth(lease: TokenLease, cmd: Auth) -> str:
 async def send(svc: Services, conn: Connection, cmd: Send) -> str:
     """Accept the send (stored, published, queued), then ack. Each step is idempotent under the
     client's id, so a retry after any failure completes the same send instead of starting a
-    second one; only a fully done send is acked."""
+    second one; only a fully done send is acked. Traced as `chorus.send`, the root of the run's
+    trace (its context travels in the job)."""
+    with _tracer.start_as_current_span("chorus.send", kind=SpanKind.SERVER) as span:
+        reply = await _send(svc, conn, cmd)
+        if span.is_recording():
+            span.set_attributes({"chorus.user": conn.user, "chorus.device": conn.device})
+        return reply
+
+
+async def _send(svc: Services, conn: Connection, cmd: Send) -> str:
     try:
         record, seq = await svc.runs.accept_send(
             conn.user, conn.device, client_id=cmd.id, text=cmd.text, conversation=cmd.conversation,
@@ -62,6 +76,10 @@ async def send(svc: Services, conn: Connection, cmd: Send) -> str:
     except Conflict as exc:
         raise ProtocolError(ErrorCode.CONFLICT, f"{exc}; the conversation's double-texting policy is reject",
                             cmd.id) from None
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes({"chorus.conversation": record.conversation, "chorus.run": record.run or "",
+                             "chorus.message": record.message})
     return encode(Ack(cmd.id, conversation=record.conversation, message=record.message, run=record.run,
                       seq=seq))
 
