@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client.core import Metric
 from redis.asyncio import Redis
 
+from agent_worker import heartbeat
 from agent_worker import metrics as worker_metrics
 from agent_worker.agents import AgentRegistry, agents_from_env
 from agent_worker.metrics import WorkerStats
@@ -156,7 +157,8 @@ async def serve(settings: WorkerSettings, agents: Agents) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("worker %s serving agents %s (default model: %s)", settings.worker_id, agents.primary.names(),
              settings.llm_model if settings.llm_base_url else "built-in offline demo")
-    await worker.run(stop)
+    async with heartbeat.beating(redis, keys, worker, agents.primary.names(), stop):
+        await worker.run(stop)
     advertise.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await advertise
@@ -176,8 +178,10 @@ def main() -> int:
         settings, agents = configured
         return supervise(settings) if settings.processes > 1 else serve(settings, agents)
 
-    return process.run("agent_worker", configure, start, log_level=lambda configured: configured[0].log_level,
-                       service="chorus-worker")
+    def identity(configured: tuple[WorkerSettings, Agents]) -> tuple[WorkerSettings, str]:
+        return configured[0], configured[0].worker_id
+
+    return process.run("agent_worker", configure, start, identity, service="chorus-worker")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from agent_worker.graph import InputRequired, InputTimeout, Text, ToolCompleted,
 from agent_worker.metrics import QUEUE_EVERY_S, WorkerStats
 from agent_worker.resilience import failure_code
 from agent_worker.settings import WorkerSettings
-from common import tracing
+from common import logs, tracing
 from common.backoff import delays_s, retrying
 from common.redis_client import TRANSIENT
 from fanout.broker import Fenced
@@ -154,6 +154,7 @@ class Worker:
 
     async def _process(self, delivery: Delivery) -> None:
         job = delivery.job
+        logs.bind(run=job.run, user=job.user, conversation=job.conversation)  # this run's task only
         try:
             claim = await self.store.claim_run(job.run, worker=self.consumer, lease_s=self.settings.lease_s)
             if claim is None:
@@ -352,8 +353,12 @@ class RunExecution:
 
     def _ended(self, status: RunStatus) -> None:
         stats = self.worker.stats
+        duration_s = time.monotonic() - self.claimed_at
         stats.runs[self.claim.agent, str(status)] += 1
-        stats.run_duration.observe(time.monotonic() - self.claimed_at)
+        stats.run_duration.observe(duration_s)
+        log.info("run ended", extra={"status": str(status), "agent": self.claim.agent,
+                                     "attempt": self.claim.attempts, "duration_s": round(duration_s, 3),
+                                     "chars": sum(map(len, self.text))})
 
     async def _end(self, status: RunStatus, error: tuple[str, str] | None = None) -> None:
         """Store the end, then publish it. Postgres being away does not lose the answer the

@@ -146,6 +146,15 @@ def boolean(variable: str, value: str) -> bool:
     raise SettingError(f"{variable}: expected true or false, got {value!r}")
 
 
+def choice(*options: str) -> Parser[str]:
+    def parse(variable: str, value: str) -> str:
+        if value.strip().lower() not in options:
+            raise SettingError(f"{variable}: expected one of {', '.join(options)}, got {value!r}")
+        return value.strip().lower()
+
+    return parse
+
+
 def integer(low: int = 0, high: int = 2**31) -> Parser[int]:
     def parse(variable: str, value: str) -> int:
         try:
@@ -238,6 +247,9 @@ class SharedSettings:
                                  "device returning later gets `resync` (new epoch). Keep equal on both "
                                  "components")
     log_level: str = setting("LOG_LEVEL", "INFO", text, "`DEBUG`, `INFO`, `WARNING`, `ERROR`")
+    log_format: str = setting("LOG_FORMAT", "json", choice("json", "text"),
+                              "`json`: one JSON object per line, with the process, user, device, run and "
+                              "trace where known; `text`: for people (the local cluster's choice)")
     redis_pool_size: int = setting(
         "REDIS_POOL_SIZE", "0", integer(0, 100_000),
         "most Redis connections the process opens (Pub/Sub not counted); 0 sizes it from the load: 256 "

@@ -45,3 +45,16 @@ class Keys(StreamKeys):
     def runs_dead(self) -> str:
         """Dead-letter stream for runs that failed too many deliveries."""
         return f"{self.prefix}:runs:dead"
+
+    @property
+    def nodes(self) -> str:
+        """Hash node id -> JSON heartbeat record (sockets, users, ready, draining, started_at,
+        updated_at, expires_at in ms) that each node rewrites every few seconds (ws_node.admin)."""
+        return f"{self.prefix}:nodes"
+
+    @property
+    def workers(self) -> str:
+        """Hash worker id -> JSON heartbeat record (agents, busy, concurrency, paused, draining,
+        started_at, updated_at, expires_at in ms) that each worker rewrites every few seconds
+        (agent_worker.heartbeat); read by the nodes' admin API."""
+        return f"{self.prefix}:workers"

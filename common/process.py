@@ -4,14 +4,13 @@ free local port for the processes it starts."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from common import tracing
-from common.config import SettingError
+from common import logs, tracing
+from common.config import SettingError, SharedSettings
 
 T = TypeVar("T")
 
@@ -25,18 +24,19 @@ def free_port() -> int:
 
 
 def run(name: str, configure: Callable[[], T], serve: Callable[[T], Coroutine[Any, Any, None]],
-        log_level: Callable[[T], str], *, service: str) -> int:
+        identity: Callable[[T], tuple[SharedSettings, str]], *, service: str) -> int:
     """`configure()` reads the settings (a `SettingError` ends the process with exit code 2 and
-    the variable's name); tracing is set up as the `OTEL_*` variables say (`service`: the default
-    `service.name`); then `serve(settings)` runs until it returns. Returns the exit code."""
+    the variable's name); `identity(settings)` gives the shared settings and the instance's name
+    (its `NODE_ID`) for the logs; tracing is set up as the `OTEL_*` variables say (`service`: the
+    default `service.name`); then `serve(settings)` runs until it returns. Returns the exit code."""
     try:
         settings = configure()
         tracing.configure(service)
     except (SettingError, ValueError) as exc:
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=log_level(settings).upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    shared, instance = identity(settings)
+    logs.configure(level=shared.log_level, format=shared.log_format, service=name, instance=instance)
     try:
         try:
             import uvloop

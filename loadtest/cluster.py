@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         nodes=args.nodes,
         workers=args.workers,
         nginx=not args.no_nginx,
-        env={name: env[name] for name in _LLM_VARS if env.get(name)},
+        # Logs for people here (JSON is the processes' default, for log pipelines).
+        env={**{name: env[name] for name in _LLM_VARS if env.get(name)},
+             "LOG_FORMAT": env.get("LOG_FORMAT", "text")},
         redis_url=env.get("REDIS_URL") or None,
         database_url=env.get("DATABASE_URL") or None,
     )

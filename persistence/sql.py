@@ -135,3 +135,19 @@ WHERE m.seq IS NOT NULL  -- acked sends only: an unacked one is retried by its c
 ORDER BY r.created_at LIMIT $2
 """
 TOUCH_RUN = "UPDATE runs SET updated_at = now() WHERE id = $1 AND status = 'queued'"
+
+# The admin API (ws_node.admin): not scoped to one user, for operators only.
+# Runs not yet ended, oldest first, of one user or of everyone; the age by the database's clock.
+ADMIN_RUNS_IN_FLIGHT = """
+SELECT id, user_id, conversation_id, status, worker, attempts, lease_until, created_at,
+    extract(epoch FROM now() - created_at)::float8 AS age_s
+FROM runs
+WHERE status IN ('waiting', 'queued', 'running') AND ($1::text IS NULL OR user_id = $1)
+ORDER BY created_at LIMIT $2
+"""
+RUN_STATUSES = "SELECT id, status, error_code FROM runs WHERE id = ANY($1::text[])"
+# The failed run a retry answers again, with its user message (gone: rolled back or deleted).
+RETRY_SOURCE = """
+SELECT r.user_id, r.conversation_id, r.message_id, r.status, r.answer_message_id
+FROM runs r JOIN messages m ON m.id = r.message_id WHERE r.id = $1
+"""

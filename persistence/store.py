@@ -268,6 +268,47 @@ class Store:
         async with self._conn() as conn:
             await conn.execute(sql.TOUCH_RUN, run)
 
+    # The admin API (ws_node.admin): operators see every user's runs
+
+    async def admin_runs_in_flight(self, *, user: str | None, limit: int) -> list[asyncpg.Record]:
+        """Runs not yet ended (waiting, queued, running), oldest first, of `user` or of everyone:
+        id, user_id, conversation_id, status, worker, attempts, lease_until, created_at, age_s."""
+        async with self._conn() as conn:
+            return list(await conn.fetch(sql.ADMIN_RUNS_IN_FLIGHT, user, limit))
+
+    async def run_statuses(self, runs: list[str]) -> dict[str, tuple[str, str | None]]:
+        """run -> (status, error_code) for those of `runs` that still exist."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql.RUN_STATUSES, runs)
+        return {r["id"]: (r["status"], r["error_code"]) for r in rows}
+
+    async def retry_run(self, failed: str, run: str) -> SendRecord | None:
+        """Store `run`, a new run answering the user message of the failed run `failed` (an
+        operator retrying a dead letter): queued, or waiting behind the conversation's last run in
+        flight, as a send under the `enqueue` policy would be. Idempotent under `run`: called again,
+        it returns what the first call stored. None when `failed` did not fail, or stored an answer
+        (nothing to answer again); NotFound when it or its user message is gone (the conversation
+        was deleted, or the run rolled back)."""
+        async with self._conn() as conn, conn.transaction():
+            source = await conn.fetchrow(sql.RETRY_SOURCE, failed)
+            if source is None:
+                raise NotFound(f"run {failed} or its message")
+            if source["status"] != RunStatus.FAILED or source["answer_message_id"] is not None:
+                return None
+            user, conversation, message = source["user_id"], source["conversation_id"], source["message_id"]
+            await conn.execute(sql.LOCK_CONVERSATION_BY_ID, conversation)  # as a send, one at a time
+            stored = await conn.fetchrow(sql.SEND_RUN, run)
+            if stored is not None:
+                status, behind = RunStatus(stored["status"]), stored["behind"]
+            else:
+                active = list(await conn.fetch(sql.ACTIVE_RUNS, conversation))
+                status, behind = (RunStatus.WAITING, active[-1]["id"]) if active else (RunStatus.QUEUED, None)
+                await conn.execute(sql.INSERT_RUN, user, run, conversation, message, status,
+                                   DoubleTexting.ENQUEUE, behind, [])
+                await conn.execute(sql.TOUCH_CONVERSATION, user, conversation)
+        return SendRecord(conversation=conversation, message=message, run=run, seq=None, status=status,
+                          policy=DoubleTexting.ENQUEUE, behind=behind)
+
     # REST
 
     async def list_conversations(

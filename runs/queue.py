@@ -63,6 +63,20 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class DeadLetter:
+    """A job set aside for good: `entry` is its id in the dead-letter stream (so also when it was
+    set aside, in ms), `deliveries` how often it had been delivered by then."""
+
+    entry: str
+    job: Job
+    deliveries: int
+
+    def dead_at(self) -> float:
+        """When the job was dead-lettered (wall clock, seconds)."""
+        return int(self.entry.split("-", 1)[0]) / 1000
+
+
+@dataclass(frozen=True)
 class Backlog:
     """Jobs no worker has taken yet: how many, and how long the oldest has waited."""
 
@@ -100,6 +114,18 @@ class RunQueue(Protocol):
 
     async def dead_letter(self, delivery: Delivery) -> None:
         """Set a job aside for good (delivered too often) and ack it."""
+
+    async def dead_letters(self, *, after: str | None, limit: int) -> list[DeadLetter]:
+        """Up to `limit` dead letters, oldest first, after the entry `after` (None: from the first)."""
+
+    async def dead_letter_count(self) -> int:
+        """How many dead letters there are."""
+
+    async def dead_letter_entry(self, entry: str) -> DeadLetter | None:
+        """The dead letter `entry`, or None when there is none (any more)."""
+
+    async def drop_dead_letter(self, entry: str) -> bool:
+        """Remove a dead letter (retried or discarded); False when it was already gone."""
 
     async def holding(self, runs: Sequence[str]) -> set[str]:
         """Which of `runs` still have a job in the queue, read or not (so need no new one)."""
@@ -231,6 +257,21 @@ class RedisRunQueue:
         await self.redis.xadd(self.keys.runs_dead, fields)
         await self.ack(delivery)
 
+    async def dead_letters(self, *, after: str | None, limit: int) -> list[DeadLetter]:
+        start = f"({after}" if after else "-"
+        entries: Any = await self.redis.xrange(self.keys.runs_dead, min=start, max="+", count=limit)
+        return [_dead_letter(entry, fields) for entry, fields in entries]
+
+    async def dead_letter_count(self) -> int:
+        return int(await self.redis.xlen(self.keys.runs_dead))
+
+    async def dead_letter_entry(self, entry: str) -> DeadLetter | None:
+        entries: Any = await self.redis.xrange(self.keys.runs_dead, min=entry, max=entry, count=1)
+        return _dead_letter(*entries[0]) if entries else None
+
+    async def drop_dead_letter(self, entry: str) -> bool:
+        return bool(await self.redis.xdel(self.keys.runs_dead, entry))
+
     async def first_answer(self, user: str, run: str, request: str, *, device: str, ttl_s: int) -> str:
         answered = self.keys.answered(user, run)
         by = device
@@ -252,6 +293,14 @@ class RedisRunQueue:
             return None
         answer = orjson.loads(popped[1])
         return Answer(request=str(answer["request"]), text=str(answer["text"]))
+
+
+def _dead_letter(entry: str | bytes, fields: dict[str, str]) -> DeadLetter:
+    return DeadLetter(as_text(entry), Job.from_fields(fields), deliveries=int(fields.get("deliveries", 0)))
+
+
+def _entry_order(entry: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in entry.split("-"))
 
 
 @dataclass
@@ -334,6 +383,23 @@ class MemoryRunQueue:
     async def dead_letter(self, delivery: Delivery) -> None:
         self.dead.append(delivery)
         await self.ack(delivery)
+
+    async def dead_letters(self, *, after: str | None, limit: int) -> list[DeadLetter]:
+        # A memory dead letter's entry is its job's entry: unique, and ordered as Redis ids are.
+        letters = [DeadLetter(d.entry, d.job, d.deliveries) for d in self.dead
+                   if after is None or _entry_order(d.entry) > _entry_order(after)]
+        return letters[:limit]
+
+    async def dead_letter_count(self) -> int:
+        return len(self.dead)
+
+    async def dead_letter_entry(self, entry: str) -> DeadLetter | None:
+        return next((DeadLetter(d.entry, d.job, d.deliveries) for d in self.dead if d.entry == entry), None)
+
+    async def drop_dead_letter(self, entry: str) -> bool:
+        before = len(self.dead)
+        self.dead[:] = [d for d in self.dead if d.entry != entry]
+        return len(self.dead) < before
 
     async def first_answer(self, user: str, run: str, request: str, *, device: str, ttl_s: int) -> str:
         return self._answered.setdefault((user, run, request), device)

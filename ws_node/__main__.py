@@ -49,7 +49,7 @@ async def serve(settings: NodeSettings) -> None:
 
 def main() -> int:
     return process.run("ws_node", lambda: NodeSettings.from_env(os.environ), serve,
-                       log_level=lambda settings: settings.log_level, service="chorus-node")
+                       lambda settings: (settings, settings.node_id), service="chorus-node")
 
 
 if __name__ == "__main__":

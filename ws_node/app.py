@@ -17,7 +17,7 @@ from prometheus_client.core import Metric
 from redis.asyncio import Redis
 
 import protocol
-from common import metrics, redis_client
+from common import logs, metrics, redis_client
 from common.keys import Keys
 from common.redis_client import TRANSIENT
 from fanout.hub import Hub
@@ -29,7 +29,7 @@ from protocol import Ack, CloseCode, Error, ErrorCode, ProtocolError, Reconnect,
 from runs.agents import AgentDirectory
 from runs.lifecycle import Runs
 from runs.queue import RedisRunQueue
-from ws_node import commands, limits, presence, rest
+from ws_node import admin, commands, limits, presence, rest
 from ws_node import metrics as node_metrics
 from ws_node.auth import (
     IDENTITY,
@@ -73,6 +73,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES]
     svc.sockets += 1
     svc.idle.clear()
+    started = asyncio.get_running_loop().time()
     ws: web.StreamResponse | None = None
     try:
         ws = await _serve_socket(request)
@@ -83,6 +84,8 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
             svc.idle.set()
         if isinstance(ws, web.WebSocketResponse) and ws.prepared:
             svc.stats.closed(ws.close_code)
+            duration_s = round(asyncio.get_running_loop().time() - started, 3)
+            log.info("socket closed", extra={"code": ws.close_code, "duration_s": duration_s})
 
 
 async def _serve_socket(request: web.Request) -> web.StreamResponse:
@@ -101,6 +104,7 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
         if first is None:
             return ws
         ident, auth_id = first
+    logs.bind(user=ident.user, device=device)  # on every line about this socket, its writer's too
     try:
         too_many = await limits.devices_exceeded(svc.redis, svc.keys, ident.user, device,
                                                  settings.max_devices_per_user)
@@ -132,6 +136,7 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
             await conn.open(after=after, client_epoch=client_epoch, node=settings.node_id,
                             heartbeat_s=settings.heartbeat_s)
             await presence.mark_online(svc.redis, svc.keys, [(conn.user, conn.device)], settings.node_id)
+            log.info("socket open", extra={"after": after})
             if svc.draining:  # it opened while the node began to drain: send it on at once
                 _send_elsewhere(conn)
         except (HubUnavailable, *TRANSIENT) as exc:
@@ -373,7 +378,8 @@ def build_admission(settings: NodeSettings, redis: Redis, keys: Keys) -> Admissi
         jwks = JwksKeys(settings.jwks_url, cache_s=settings.jwks_cache_s, cooldown_s=settings.jwks_cooldown_s)
     verifier = Verifier(algorithms=settings.jwt_algorithms, secret=settings.jwt_secret,
                         public_key=settings.jwt_public_key, jwks=jwks, audience=settings.jwt_audience,
-                        issuer=settings.jwt_issuer, leeway_s=settings.jwt_leeway_s)
+                        issuer=settings.jwt_issuer, leeway_s=settings.jwt_leeway_s,
+                        admin_claim=settings.admin_claim, admin_value=settings.admin_value)
     return Admission(
         verifier=verifier,
         connections=LocalBucket(Rate(settings.connections_per_s, settings.connections_burst)),
@@ -389,6 +395,7 @@ def create_app(settings: NodeSettings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     rest.add_routes(app)
+    admin.setup(app)
     return app
 
 

@@ -4,7 +4,9 @@ A token is a JWT verified against an explicit algorithm list: HS256 (or HS384/51
 secret, RS256/ES256 (and the rest of `PUBLIC_KEY_ALGORITHMS`) with a PEM public key or a JWKS URL.
 The key is chosen by the family of the token's `alg`, never by the token alone, so an RSA public key
 can never be used as an HMAC secret (the classic algorithm-confusion attack). `exp` and `sub` are
-required; `aud` and `iss` are required and checked when configured.
+required; `aud` and `iss` are required and checked when configured. A token whose admin claim
+(`AUTH_ADMIN_CLAIM`) is, or lists, the admin value (`AUTH_ADMIN_VALUE`) is an admin's
+(`Identity.admin`: the admin API, `ws_node.admin`).
 
 A client presents its token in one of three ways (docs/security.md has the trade-offs):
 ``Authorization: Bearer`` header, ``?access_token=`` query parameter, or, after connecting with
@@ -57,6 +59,7 @@ class AuthUnavailable(Exception):
 class Identity:
     user: str
     expires_at: float
+    admin: bool = False  # may call the admin API (`has_role`)
 
 
 IDENTITY = web.RequestKey("identity", Identity)
@@ -132,6 +135,8 @@ class Verifier:
         audience: str | None = None,
         issuer: str | None = None,
         leeway_s: int = 0,
+        admin_claim: str | None = None,
+        admin_value: str | None = None,
     ) -> None:
         self.algorithms = frozenset(algorithms)
         self.secret = secret
@@ -140,6 +145,8 @@ class Verifier:
         self.audience = audience
         self.issuer = issuer
         self.leeway_s = leeway_s
+        self.admin_claim = admin_claim  # None: no token is an admin's
+        self.admin_value = admin_value
         self._require = ["exp", "sub"] + (["aud"] if audience else []) + (["iss"] if issuer else [])
 
     async def verify(self, token: str) -> Identity:
@@ -171,7 +178,23 @@ class Verifier:
             raise Unauthorized("sub must be 1-128 printable characters")
         if not isinstance(exp, int | float) or isinstance(exp, bool):
             raise Unauthorized("exp must be a number")
-        return Identity(user=sub, expires_at=float(exp))
+        admin = (self.admin_claim is not None and self.admin_value is not None
+                 and has_role(claims, self.admin_claim, self.admin_value))
+        return Identity(user=sub, expires_at=float(exp), admin=admin)
+
+
+def has_role(claims: dict[str, Any], claim: str, value: str) -> bool:
+    """Is `value` the token's `claim`, or one of its values (a list)? A claim name with dots that no
+    top-level claim has is a path into nested objects (Keycloak's ``realm_access.roles``); a name
+    that is itself a key wins (Auth0's namespaced ``https://example.com/roles``)."""
+    found: Any = claims.get(claim)
+    if claim not in claims and "." in claim:
+        found = claims
+        for part in claim.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+    if isinstance(found, str):
+        return found == value
+    return isinstance(found, list) and value in found
 
 
 def _load_public_key(pem: str) -> Any:

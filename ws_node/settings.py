@@ -103,6 +103,13 @@ class NodeSettings(SharedSettings):
     auth_frame_timeout_s: float = setting(
         "AUTH_FRAME_TIMEOUT_SECONDS", "5", number(low=0.1),
         "with `?auth=frame`, the time a socket has to send its `auth` frame, else close 4001")
+    admin_claim: str = setting(
+        "AUTH_ADMIN_CLAIM", "roles", text,
+        "the token claim that grants the admin API (`/v1/admin/…`): a string or a list of strings; a "
+        "dotted name (`realm_access.roles`) reaches into nested objects when no claim has the whole name")
+    admin_value: str = setting(
+        "AUTH_ADMIN_VALUE", "chorus-admin", text,
+        "the value of `AUTH_ADMIN_CLAIM` (or one of its values) that makes a token an admin's")
     allowed_origins: tuple[str, ...] = setting(
         "CHORUS_ALLOWED_ORIGINS", "", _origins,
         "browser origins allowed to open sockets, comma-separated, or `*`. Empty: only clients that send no "
