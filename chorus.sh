@@ -2,9 +2,9 @@
 # Chorus developer entry point, for a fresh Debian/Ubuntu machine with Python 3.11+.
 #   ./chorus.sh up     install into .venv, then start a local cluster (Redis, Postgres, 2 nodes,
 #                      1 worker, nginx when installed) and print how to connect
-#   ./chorus.sh test   install into .venv (and nginx when missing and we are root), then run the
-#                      linters (ruff, mypy, import contracts) and the full test suite; extra
-#                      arguments go to pytest
+#   ./chorus.sh test   install into .venv (and nginx and promtool when missing and we are root),
+#                      then run the linters (ruff, mypy, import contracts) and the full test
+#                      suite; extra arguments go to pytest
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${CHORUS_VENV:-.venv}
@@ -36,6 +36,14 @@ ensure_nginx() {
   fi
 }
 
+ensure_promtool() {
+  # promtool checks the chart's alert rules and dashboard queries (tests/test_dashboards.py).
+  if ! command -v promtool >/dev/null; then
+    apt_install prometheus || echo "warning: prometheus (promtool) could not be installed" >&2
+    as_root service prometheus stop >/dev/null 2>&1 || true
+  fi
+}
+
 case "${1:-}" in
   up)
     shift
@@ -46,6 +54,7 @@ case "${1:-}" in
     shift
     install "test"
     ensure_nginx
+    ensure_promtool
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy" protocol common fanout runs ws_node persistence agent_worker loadtest
     "$VENV/bin/lint-imports"  # the package boundaries: pyproject.toml, [tool.importlinter]

@@ -507,7 +507,7 @@ def test_operations_doc_lists_every_setting_with_its_default() -> None:
 
 @pytest.mark.parametrize("case", CASES)
 def test_nothing_depends_on_metrics_by_default(rendered: dict[str, list[Manifest]], case: str) -> None:
-    # Neither component serves /metrics yet: no probe, annotation or object may rely on it.
+    # Probes never use /metrics, and the ServiceMonitor (a Prometheus Operator CRD) is opt-in.
     assert "/metrics" not in json.dumps(rendered[case])
     assert find(rendered[case], "ServiceMonitor") == []
 
