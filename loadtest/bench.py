@@ -5,8 +5,8 @@
 
 A scenario is an entry of ``SCENARIOS``: its options, and a run returning its figures (a dict) and
 its table. ``main`` prints the table, or with ``--json`` the figures as JSON on stdout and the table
-on stderr. S1 (idle sockets), S2 (fan-out, today ``loadtest.fanout_bench``), S4 (reconnect storm)
-and S5 (slow consumers) are to go next to S3.
+on stderr. S1 (idle sockets) and S2 (fan-out), Chorus side by side with its peers, are in
+``loadtest/scenarios/``; S4 (reconnect storm) and S5 (slow consumers) are to go next to S3.
 
 S3, agent runs: what Chorus adds between a model and a device. ``loadtest.llm_server`` (its own
 process) streams ``--chunks`` one-token chunks with no delay. Per concurrency level, first the
@@ -61,6 +61,7 @@ from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.fanout_bench import machine
 from loadtest.llm_server import expected_answer
 from loadtest.procs import Proc, free_port, wait_http_ok
+from loadtest.scenarios import s1, s2
 from protocol import Event, FrameType
 
 Figures = dict[str, Any]
@@ -386,6 +387,10 @@ class Scenario:
 
 
 SCENARIOS = {
+    "s1": Scenario("idle sockets: memory per socket and time to open, Chorus and its peers",
+                   s1.arguments, s1.main),
+    "s2": Scenario("fan-out: CPU per delivery, loss and latency at offered rates, Chorus and its peers",
+                   s2.arguments, s2.main),
     "s3": Scenario("agent runs: Chorus against bare ChatOpenAI.astream", _s3_arguments, _s3_main),
 }
 

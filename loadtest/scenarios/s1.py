@@ -1,0 +1,141 @@
+"""S1, idle capacity and memory side by side: ``python -m loadtest.bench s1``.
+
+    python -m loadtest.bench s1                          # 4,000 sockets on each system
+    python -m loadtest.bench s1 --sockets 400 --systems chorus,raw-probe
+
+Per system (``common.SYSTEMS``, one after the other, each with a fresh Redis): two server
+processes; ``--sockets`` authenticated devices (``--sockets / 2`` users, device A on process 1 and
+B on process 2; Chorus: real JWTs, the socket counts once its hello arrived; Socket.IO: once the
+namespace connect is acknowledged; the others: once the upgrade is answered), opened
+``--concurrency`` at a time by the load generators. Figures: the time to open them all; RSS per
+idle socket = (RSS of both server processes with N sockets, after ``--settle-s``, minus their RSS
+before the first socket) / N; Redis's RSS growth per socket (Chorus keeps presence there); and
+the servers' CPU while the N sockets sit idle for ``--idle-s``. No warm-up: what a server allocates
+lazily on its first connection is counted in, spread over N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtest.fanout_bench import machine
+from loadtest.scenarios.common import (
+    SYSTEMS,
+    Deployment,
+    LoadGen,
+    cpu_s,
+    open_devices,
+    rss_bytes,
+    systems,
+    table,
+)
+
+Figures = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class S1Config:
+    sockets: int = 4000
+    systems: tuple[str, ...] = SYSTEMS
+    loadgens: int = 2
+    concurrency: int = 100
+    settle_s: float = 3.0
+    idle_s: float = 5.0
+
+
+def memory_figures(sockets: int, rss_before: int, rss_after: int, redis_before: int,
+                   redis_after: int) -> Figures:
+    per = max(sockets, 1)
+    return {"rss_before_mb": rss_before / 2**20, "rss_after_mb": rss_after / 2**20,
+            "kb_per_socket": (rss_after - rss_before) / per / 1000,
+            "redis_kb_per_socket": (redis_after - redis_before) / per / 1000}
+
+
+async def run_system(system: str, config: S1Config, workdir: Path) -> Figures:
+    dep = Deployment(system, workdir)
+    await asyncio.to_thread(dep.start)
+    loadgens: list[LoadGen] = []
+    try:
+        await asyncio.sleep(1.0)  # let start-up allocations settle
+        servers, redis = dep.server_pids, [dep.redis_pid]
+        rss_before, redis_before = rss_bytes(servers), rss_bytes(redis)
+        loadgens = await LoadGen.start_many(dep.workdir, config.loadgens)
+        devices = [dep.device(f"u{i // 2}", i % 2) for i in range(config.sockets)]
+        opened = await open_devices(loadgens, devices, config.concurrency)
+        await asyncio.sleep(config.settle_s)
+        rss_after, redis_after = rss_bytes(servers), rss_bytes(redis)
+        idle_before = cpu_s(servers)
+        await asyncio.sleep(config.idle_s)
+        idle_cpu_s = cpu_s(servers) - idle_before
+        figures: Figures = {"system": system, "sockets": opened["ok"], "open_failed": opened["refused"],
+                            "open_errors": opened["errors"], "open_s": opened["open_s"],
+                            "sockets_per_s": opened["ok"] / max(opened["open_s"], 1e-9),
+                            "idle_cpu_pct": idle_cpu_s / config.idle_s * 100}
+        figures |= memory_figures(opened["ok"], rss_before, rss_after, redis_before, redis_after)
+        print(f"  {system}: {opened['ok']} sockets in {opened['open_s']:.1f} s, "
+              f"{figures['kb_per_socket']:.1f} KB per socket", file=sys.stderr, flush=True)
+        return figures
+    finally:
+        await asyncio.gather(*(g.close() for g in loadgens), return_exceptions=True)
+        await asyncio.to_thread(dep.stop)
+
+
+async def s1(config: S1Config, workdir: Path) -> Figures:
+    figures: Figures = {"errors": [], "systems": {}, "load_before": os.getloadavg()[0]}
+    for system in config.systems:
+        try:
+            result = await run_system(system, config, workdir)
+        except Exception as exc:  # one system failing to start must not lose the others' figures
+            figures["errors"].append(f"{system}: {exc!r}"[:2000])
+            continue
+        figures["systems"][system] = result
+        if result["open_failed"]:
+            figures["errors"].append(f"{system}: {result['open_failed']} sockets failed to open: "
+                                     f"{result['open_errors'][:2]}")
+    figures["load_after"] = os.getloadavg()[0]
+    return figures
+
+
+def arguments(parser: argparse.ArgumentParser) -> None:
+    def chosen(value: str) -> tuple[str, ...]:
+        try:
+            return systems(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parser.add_argument("--sockets", type=int, default=4000, help="idle sockets per system")
+    parser.add_argument("--systems", type=chosen, default=SYSTEMS, help=",".join(SYSTEMS))
+    parser.add_argument("--loadgens", type=int, default=2, help="load-generator processes")
+    parser.add_argument("--concurrency", type=int, default=100, help="sockets being opened at once")
+    parser.add_argument("--idle-s", type=float, default=5.0, help="seconds of idle CPU measured")
+
+
+def render(f: Figures, config: S1Config) -> str:
+    rows = [[s, f"{r['sockets']}", f"{r['open_s']:.1f}", f"{r['sockets_per_s']:.0f}",
+             f"{r['rss_before_mb']:.1f}", f"{r['rss_after_mb']:.1f}", f"{r['kb_per_socket']:.1f}",
+             f"{r['redis_kb_per_socket']:.2f}", f"{r['idle_cpu_pct']:.2f}"] for s, r in f["systems"].items()]
+    header = ["system", "sockets", "open s", "opened/s", "RSS 0 MB", "RSS N MB", "KB/socket",
+              "Redis KB/socket", "idle CPU %"]
+    return "\n".join([
+        f"S1 idle sockets: {config.sockets} authenticated sockets per system "
+        f"({config.sockets // 2} users x 2, one device on each server process), "
+        f"{config.concurrency} opening at once",
+        f"  machine        {machine()}",
+        f"  load average   {f.get('load_before', 0):.2f} before, {f.get('load_after', 0):.2f} after", "",
+        "RSS: both server processes together; idle CPU: both, % of one core over "
+        f"{config.idle_s:g} s with the sockets open",
+        *table(header, rows), "", f"errors: {len(f['errors'])}", *(f"  {e}" for e in f["errors"][:20]),
+    ])
+
+
+async def main(args: argparse.Namespace, workdir: Path) -> tuple[Figures, str]:
+    config = S1Config(sockets=args.sockets, systems=args.systems, loadgens=args.loadgens,
+                      concurrency=args.concurrency, idle_s=args.idle_s)
+    figures = {"config": asdict(config), **await s1(config, workdir)}
+    return figures, render(figures, config)
