@@ -166,6 +166,7 @@ async def serve(settings: WorkerSettings, agents: Agents) -> None:
         await health.cleanup()
     await agents.aclose()
     await store.close()
+    await broker.aclose()
     await redis.aclose()
 
 

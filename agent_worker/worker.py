@@ -93,6 +93,14 @@ class Worker:
         # Slots are taken here only (new jobs, reclaimed ones), so a free slot is never counted
         # by two readers at once.
         while await slots.wait(stop):
+            if not created:  # the group first: reclaiming or reading without it fails (NOGROUP)
+                try:
+                    await self.queue.create()
+                    created = True
+                except TRANSIENT as exc:
+                    log.warning("creating the run queue failed: %r", exc)
+                    await asyncio.sleep(next(delays))
+                    continue
             if loop.time() >= reclaim_at:
                 reclaim_at = loop.time() + self.settings.lease_s / 3
                 await self._reclaim(slots, tasks)
@@ -103,9 +111,6 @@ class Worker:
             # between the chunks of the runs already streaming kept the last ones waiting 2 s).
             free = slots.take()
             try:
-                if not created:
-                    await self.queue.create()
-                    created = True
                 deliveries = await self.queue.take(self.consumer, count=free, block_ms=500)
                 delays = delays_s(base_s=0.1, cap_s=2.0)
             except TRANSIENT as exc:
@@ -335,7 +340,8 @@ class RunExecution:
             resume = None
             while (question := await self._stream(history, resume)) is not None:
                 resume = await self._await_answer(question)
-            if await worker.runs.broker.is_fenced(c.user, c.run):
+            if await retrying(lambda: worker.runs.broker.is_fenced(c.user, c.run), retry_on=TRANSIENT,
+                              deadline_s=worker.settings.store_retry_s, what=f"checking run {c.run}'s fence"):
                 raise Fenced(c.run)
         except Fenced:
             await self._end(RunStatus.CANCELLED)
@@ -384,6 +390,16 @@ class RunExecution:
                         error=error, discarded=finished.discarded,
                         stopped_at=self.last_seq if status == RunStatus.CANCELLED else None)
         await worker.runs.end(c.user, c.conversation, c.run, ending)
+
+    async def _fenced_now(self) -> bool:
+        """Whether the run was cancelled, checked while the model is quiet. Redis being away for a
+        moment is not a reason to abandon the run: the answer is "not yet", the next check or the
+        publish script (which refuses a fenced run's events) will see the fence."""
+        try:
+            return await self.worker.runs.broker.is_fenced(self.claim.user, self.claim.run)
+        except TRANSIENT as exc:
+            log.debug("fence check of run %s deferred: %r", self.claim.run, exc)
+            return False
 
     def _first_token(self) -> None:
         stats = self.worker.stats
@@ -499,7 +515,7 @@ class RunExecution:
                 done, _ = await asyncio.wait({model, waiter}, timeout=0.5,
                                              return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
-                if not done and await self.worker.runs.broker.is_fenced(self.claim.user, self.claim.run):
+                if not done and await self._fenced_now():
                     raise Fenced(self.claim.run)
                 if buffer and not model.done() and self.text:
                     # Coalesce, but not the first token: it goes out at once (time to first token).

@@ -14,6 +14,7 @@ from common.backoff import retrying
 from common.redis_client import TRANSIENT, as_text
 from fanout.broker import Fenced, Position, PublishResult, PubSub
 from fanout.keys import StreamKeys
+from fanout.resp_pipe import RespPipe
 from fanout.resp_pubsub import RespPubSub
 
 _PUBLISH_LUA = resources.files("fanout").joinpath("publish.lua").read_text()
@@ -44,6 +45,13 @@ class RedisBroker:
         self.retry_for_s = retry_for_s
         self._publish = redis.register_script(_PUBLISH_LUA)
         self._position = redis.register_script(_POSITION_LUA)
+        # Publishes go through one pipelining connection (fanout.resp_pipe): a fifth of redis-py's
+        # CPU per publish, many per write. TLS (rediss://) keeps redis-py's connections.
+        pool = redis.connection_pool
+        self._pipe: RespPipe | None = None
+        if not issubclass(pool.connection_class, SSLConnection):
+            params = pool.connection_kwargs
+            self._pipe = RespPipe(dict(params), timeout_s=params.get("socket_timeout") or 10.0)
 
     async def publish(
         self, user: str, payload: str, *, producer: str = "", pseq: int = 0, fence: str | None = None,
@@ -57,6 +65,8 @@ class RedisBroker:
         ]
 
         async def once() -> Any:
+            if self._pipe is not None:
+                return await self._pipe.evalsha(self._publish.sha, _PUBLISH_LUA, keys, args)
             return await self._publish(keys=keys, args=args)
 
         status, seq, epoch = await retrying(
@@ -106,6 +116,11 @@ class RedisBroker:
         if issubclass(self.redis.connection_pool.connection_class, SSLConnection):
             return self.redis.pubsub()  # TLS: redis-py's connection (slower per message)
         return RespPubSub(dict(params))
+
+    async def aclose(self) -> None:
+        """Close the publishing connection (the Redis client is its owner's to close)."""
+        if self._pipe is not None:
+            await self._pipe.aclose()
 
     async def signal(self, channel: str, data: str) -> None:
         await self.redis.publish(channel, data)

@@ -7,32 +7,24 @@ all the replies it holds in one go into a deque; `get_message` then only pops (i
 the deque is empty). Same message shape as redis-py's (dicts with `type`, `channel`, `data`), so
 the hub does not know which one it holds.
 
-Plain `redis://` and `unix://` URLs (with a username/password); `rediss://` keeps redis-py's
-connection (`fanout.redis_broker.RedisBroker.pubsub` chooses). Pub/Sub channels do not depend on
-the database number, so no SELECT is sent.
+Plain `redis://` and `unix://` URLs (with a username/password, `fanout.resp`); `rediss://` keeps
+redis-py's connection (`fanout.redis_broker.RedisBroker.pubsub` chooses). Pub/Sub channels do not
+depend on the database number, so no SELECT is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import socket
 from typing import Any, cast
 
 import hiredis
 from redis.asyncio.connection import parse_url
 
-CONNECT_TIMEOUT_S = 3.0
+from fanout import resp
+from fanout.resp import command as _command
+
 _PUSHED = frozenset({"message", "subscribe", "unsubscribe"})  # what the hub reads as messages
-
-
-def _command(*parts: str) -> bytes:
-    """One command in RESP."""
-    out = [f"*{len(parts)}\r\n".encode()]
-    for part in parts:
-        data = part.encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
 
 
 class RespPubSub(asyncio.Protocol):
@@ -57,9 +49,6 @@ class RespPubSub(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; they have the same methods.
         self._transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -126,26 +115,13 @@ class RespPubSub(asyncio.Protocol):
     # internals
 
     async def _connect(self) -> None:
-        loop = asyncio.get_running_loop()
-        if "path" in self._params:
-            connecting = loop.create_unix_connection(lambda: self, self._params["path"])
-        else:
-            connecting = loop.create_connection(lambda: self, self._params.get("host", "localhost"),
-                                                self._params.get("port", 6379))
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
-            await connecting
-        password, username = self._params.get("password"), self._params.get("username")
-        if password:
-            auth = ("AUTH", username, password) if username else ("AUTH", password)
-            reply = await self._request(_command(*auth))
-            if isinstance(reply, Exception):
-                raise ConnectionError(f"redis pubsub AUTH failed: {reply}")
+        await resp.connect(self, self._params, self._request, select=False)
 
     async def _request(self, command: bytes) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._replies.append(future)
         self._write(command)
-        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+        async with asyncio.timeout(resp.CONNECT_TIMEOUT_S):
             return await future
 
     def _write(self, command: bytes) -> None:

@@ -21,6 +21,9 @@ from protocol.vocabulary import DoubleTexting, RunStatus
 log = logging.getLogger(__name__)
 
 # asyncpg raises these when Postgres is down, restarting or unreachable.
+# asyncpg's per-query timeout; an operation (connection, queries, release) gets a little more.
+COMMAND_TIMEOUT_S = 10.0
+OPERATION_TIMEOUT_S = COMMAND_TIMEOUT_S + 1.0
 _UNAVAILABLE = (
     OSError,
     TimeoutError,
@@ -59,7 +62,7 @@ class Store:
     @classmethod
     async def connect(cls, database_url: str, *, min_size: int = 1, max_size: int = 10) -> Store:
         pool = await asyncpg.create_pool(
-            database_url, min_size=min_size, max_size=max_size, command_timeout=10, timeout=5
+            database_url, min_size=min_size, max_size=max_size, command_timeout=COMMAND_TIMEOUT_S, timeout=5
         )
         return cls(pool)
 
@@ -81,8 +84,13 @@ class Store:
 
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection for one operation, which ends within `OPERATION_TIMEOUT_S` or
+        raises `Unavailable`. The bound covers giving the connection back too: after a query
+        timed out on a dead network path, asyncpg's release waits for the query's cancellation,
+        which takes that path as well (a send was answered `unavailable` after 20 s instead of
+        10, tests/test_faults.py); the release goes on in the background (asyncpg shields it)."""
         try:
-            async with self.pool.acquire() as conn:
+            async with asyncio.timeout(OPERATION_TIMEOUT_S), self.pool.acquire() as conn:
                 yield conn
         except _UNAVAILABLE as exc:
             raise Unavailable(f"postgres: {type(exc).__name__}: {exc}") from exc

@@ -8,7 +8,7 @@ import itertools
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,7 @@ from ws_node.auth import (
 from ws_node.connection import Connection
 from ws_node.limits import LocalBucket, Rate, RedisBuckets
 from ws_node.metrics import NodeStats
-from ws_node.services import SERVICES, Services
+from ws_node.services import SERVICES, Services, answer_within
 from ws_node.settings import NodeSettings
 
 log = logging.getLogger(__name__)
@@ -303,25 +303,9 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready when not draining, Pub/Sub is connected, and Redis and Postgres answer."""
     svc = request.app[SERVICES]
     checks = {"draining": svc.draining, "pubsub": svc.hub.healthy, "redis": False, "postgres": False}
-    checks["redis"], checks["postgres"] = await _answer_within(2.0, svc.redis.ping(), svc.store.ping())
+    checks["redis"], checks["postgres"] = await answer_within(2.0, svc.redis.ping(), svc.store.ping())
     ready = checks["pubsub"] and checks["redis"] and checks["postgres"] and not checks["draining"]
     return rest.json_response({"ready": ready, "node": svc.settings.node_id, **checks}, 200 if ready else 503)
-
-
-async def _answer_within(timeout_s: float, *probes: Awaitable[object]) -> list[bool]:
-    """Which probes succeed within `timeout_s`, run together. A probe still running then is
-    cancelled but not awaited: cancelling an asyncpg query on a dead network path can take until
-    its command timeout, and readiness must answer in time (tests/test_faults.py)."""
-    tasks = [asyncio.ensure_future(probe) for probe in probes]
-    await asyncio.wait(tasks, timeout=timeout_s)
-    results = []
-    for task in tasks:
-        ok = task.done() and not task.cancelled() and task.exception() is None
-        if not task.done():
-            task.cancel()
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieve, don't log
-        results.append(ok)
-    return results
 
 
 async def _presence_refresher(svc: Services) -> None:
@@ -366,6 +350,7 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
         refresher.cancel()
         await stats.loop_lag.close()
         await hub.close()
+        await broker.aclose()
         await store.close()
         await redis.aclose()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -42,3 +43,19 @@ def _set(event: asyncio.Event) -> asyncio.Event:
 
 
 SERVICES = web.AppKey("services", Services)
+
+
+async def answer_within(timeout_s: float, *probes: Awaitable[object]) -> list[bool]:
+    """Which probes succeed within `timeout_s`, run together. A probe still running then is
+    cancelled but not awaited: cancelling an asyncpg query on a dead network path can take until
+    its command timeout, and readiness must answer in time (tests/test_faults.py)."""
+    tasks = [asyncio.ensure_future(probe) for probe in probes]
+    await asyncio.wait(tasks, timeout=timeout_s)
+    results = []
+    for task in tasks:
+        ok = task.done() and not task.cancelled() and task.exception() is None
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieve, don't log
+        results.append(ok)
+    return results
