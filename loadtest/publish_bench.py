@@ -1,12 +1,13 @@
 """Publish benchmark: what Chorus's publish path costs Redis, against a plain PUBLISH.
 
-    python -m loadtest.publish_bench                       # 2 publisher processes, 5 s per mode
-    python -m loadtest.publish_bench --processes 3 --concurrency 512 --seconds 8
+    python -m loadtest.publish_bench                       # flat out: the most events/s
+    python -m loadtest.publish_bench --rate 20000          # Redis CPU of both modes at one rate
 
 One Redis (a fresh `loadtest.procs.RedisServer`), `--subscribers` Pub/Sub connections subscribed to
 every user's channel (as that many nodes would be, each event is delivered to each), and
 `--processes` publisher processes, each keeping `--concurrency` publishes in flight to random users
-among `--users`, for `--seconds`. Two modes, one after the other on the same Redis:
+among `--users`, for `--seconds`, flat out or at `--rate` events/s in all. Two modes, one after
+the other on the same Redis:
 
 - `chorus`: `fanout.redis_broker.RedisBroker.publish`, the script every event of Chorus goes
   through (seq, history append with trim, producer dedupe, TTLs, PUBLISH), pipelined through
@@ -47,9 +48,10 @@ PAYLOAD = '{"type":"event","conversation":"c_0123456789abcdef","run":"r_01234567
           '"data":{"text":"a coalesced token or two of an answer"},"ts":1795358019091}'
 
 
-def _publisher(url: str, mode: str, users: int, concurrency: int, seconds: float, seed: int,
+def _publisher(url: str, mode: str, users: int, concurrency: int, seconds: float, rate: float, seed: int,
                out: Any) -> None:
-    """One publisher process: `concurrency` loops publishing for `seconds`; sends (events, cpu_s)."""
+    """One publisher process: `concurrency` loops publishing for `seconds`, together `rate` events
+    a second (0: as fast as they can); sends (events, cpu_s)."""
     import uvloop
 
     async def main() -> tuple[int, float]:
@@ -61,9 +63,14 @@ def _publisher(url: str, mode: str, users: int, concurrency: int, seconds: float
         count = 0
         deadline = time.monotonic() + seconds
 
-        async def loop() -> None:
+        async def loop(index: int) -> None:
             nonlocal count
+            every_s = concurrency / rate if rate else 0.0
+            due = time.monotonic() + every_s * index / concurrency
             while time.monotonic() < deadline:
+                if every_s:
+                    due += every_s
+                    await asyncio.sleep(max(0.0, due - time.monotonic()))
                 user = f"u{rng.randrange(users)}"
                 if mode == "chorus":
                     await broker.publish(user, PAYLOAD)
@@ -72,7 +79,7 @@ def _publisher(url: str, mode: str, users: int, concurrency: int, seconds: float
                 count += 1
 
         started = time.process_time()
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        await asyncio.gather(*(loop(index) for index in range(concurrency)))
         cpu_s = time.process_time() - started
         await broker.aclose()
         await pipe.aclose()
@@ -135,8 +142,9 @@ async def _run_mode(redis_server: RedisServer, redis_pid: int, mode: str,
     began = time.monotonic()
     for index in range(args.processes):
         receive, send = context.Pipe(duplex=False)
+        share = args.rate / args.processes
         proc = context.Process(target=_publisher, args=(redis_server.url, mode, args.users, args.concurrency,
-                                                         args.seconds, index, send))
+                                                         args.seconds, share, index, send))
         proc.start()
         pipes.append(receive)
         procs.append(proc)
@@ -191,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="per mode")
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--subscribers", type=int, default=2, help="Pub/Sub connections (nodes)")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="events/s offered in all (0: flat out); compare Redis CPU at one rate")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     import uvloop
@@ -199,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
+        offered = f"{args.rate:g} events/s offered" if args.rate else "flat out"
         print(f"publish bench: {args.processes} publisher processes x {args.concurrency} in flight, "
-              f"{args.users} users, {args.subscribers} subscribers, {args.seconds:g} s per mode")
+              f"{offered}, {args.users} users, {args.subscribers} subscribers, {args.seconds:g} s per mode")
         print("mode    | events/s | deliveries/s | lost | redis us/event | redis us/delivery | redis busy | "
               "publisher us/event")
         for m in figures["modes"]:
