@@ -14,7 +14,6 @@ close and ping frames in (everything else a client sends is skipped). Publishers
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import hashlib
@@ -25,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import hiredis
 
+from loadtest.peers.cli import server_arguments
 from loadtest.peers.tokens import valid
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -237,12 +237,7 @@ async def serve(host: str, port: int, redis_url: str, secret: str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.peers.raw_probe")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--redis", required=True)
-    parser.add_argument("--secret", required=True)
-    args = parser.parse_args()
+    args = server_arguments("python -m loadtest.peers.raw_probe")
     try:
         import uvloop
     except ImportError:

@@ -11,13 +11,12 @@ delivers it to its local members of the room.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 from typing import Any
 
 import socketio
 from aiohttp import web
 
+from loadtest.peers.cli import run_aiohttp, server_arguments
 from loadtest.peers.tokens import valid
 
 
@@ -39,18 +38,8 @@ def app(redis_url: str, secret: str) -> web.Application:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.peers.socketio_server")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--redis", required=True)
-    parser.add_argument("--secret", required=True)
-    args = parser.parse_args()
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
-    web.run_app(app(args.redis, args.secret), host=args.host, port=args.port, print=None,
-                access_log=None, backlog=4096)
+    args = server_arguments("python -m loadtest.peers.socketio_server")
+    run_aiohttp(app(args.redis, args.secret), args)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import secrets
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +248,25 @@ async def open_devices(loadgens: list[LoadGen], devices: list[dict[str, Any]],
         for gen, share in zip(loadgens, shares, strict=True)))
     return {"ok": sum(r["ok"] for r in replies), "refused": sum(r["refused"] for r in replies),
             "errors": [e for r in replies for e in r["errors"]], "open_s": time.monotonic() - began}
+
+
+async def each_system(
+    systems: Sequence[str], run: Callable[[str], Awaitable[dict[str, Any]]],
+    problems: Callable[[str, dict[str, Any]], list[str]] = lambda system, result: [],
+) -> dict[str, Any]:
+    """Run every system in turn, keeping going when one fails to start: the figures of all, and
+    the errors (a system that failed, sockets that did not open, what `problems` finds)."""
+    figures: dict[str, Any] = {"errors": [], "systems": {}, "load_before": os.getloadavg()[0]}
+    for system in systems:
+        try:
+            result = await run(system)
+        except Exception as exc:  # one system failing to start must not lose the others' figures
+            figures["errors"].append(f"{system}: {exc!r}"[:2000])
+            continue
+        figures["systems"][system] = result
+        if result["open_failed"]:
+            figures["errors"].append(f"{system}: {result['open_failed']} sockets failed to open: "
+                                     f"{result['open_errors'][:2]}")
+        figures["errors"].extend(problems(system, result))
+    figures["load_after"] = os.getloadavg()[0]
+    return figures

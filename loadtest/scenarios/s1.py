@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from loadtest.scenarios.common import (
     Deployment,
     LoadGen,
     cpu_s,
+    each_system,
     open_devices,
     rss_bytes,
     systems,
@@ -87,19 +87,7 @@ async def run_system(system: str, config: S1Config, workdir: Path) -> Figures:
 
 
 async def s1(config: S1Config, workdir: Path) -> Figures:
-    figures: Figures = {"errors": [], "systems": {}, "load_before": os.getloadavg()[0]}
-    for system in config.systems:
-        try:
-            result = await run_system(system, config, workdir)
-        except Exception as exc:  # one system failing to start must not lose the others' figures
-            figures["errors"].append(f"{system}: {exc!r}"[:2000])
-            continue
-        figures["systems"][system] = result
-        if result["open_failed"]:
-            figures["errors"].append(f"{system}: {result['open_failed']} sockets failed to open: "
-                                     f"{result['open_errors'][:2]}")
-    figures["load_after"] = os.getloadavg()[0]
-    return figures
+    return await each_system(config.systems, lambda system: run_system(system, config, workdir))
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,7 +34,16 @@ from typing import Any
 from loadtest.fanout_bench import _pct, machine
 from loadtest.peers import install
 from loadtest.procs import REPO_ROOT
-from loadtest.scenarios.common import SYSTEMS, Deployment, LoadGen, cpu_s, open_devices, systems, table
+from loadtest.scenarios.common import (
+    SYSTEMS,
+    Deployment,
+    LoadGen,
+    cpu_s,
+    each_system,
+    open_devices,
+    systems,
+    table,
+)
 
 Figures = dict[str, Any]
 _N_PER_STEP = 10_000_000  # event numbers of step k start at k * this: a late arrival never counts twice
@@ -174,26 +183,16 @@ async def run_system(system: str, config: S2Config, workdir: Path) -> Figures:
 
 
 async def s2(config: S2Config, workdir: Path) -> Figures:
-    figures: Figures = {"errors": [], "systems": {}, "load_before": os.getloadavg()[0]}
-    for system in config.systems:
-        try:
-            result = await run_system(system, config, workdir)
-        except Exception as exc:  # one system failing to start must not lose the others' figures
-            figures["errors"].append(f"{system}: {exc!r}"[:2000])
-            continue
-        figures["systems"][system] = result
-        if result["open_failed"]:
-            figures["errors"].append(f"{system}: {result['open_failed']} sockets failed to open: "
-                                     f"{result['open_errors'][:2]}")
-        if result.get("step_error"):
-            figures["errors"].append(f"{system} {result['step_error']}")
+    def problems(system: str, result: Figures) -> list[str]:
+        found = [f"{system} {result['step_error']}"] if result.get("step_error") else []
         for row in result["steps"]:
             bad = {k: row[k] for k in ("missing", "duplicates", "misrouted", "publish_errors",
                                        "publish_first_error") if row[k]}
             if bad:
-                figures["errors"].append(f"{system} @ {row['offered_events_per_s']}/s: {bad}")
-    figures["load_after"] = os.getloadavg()[0]
-    return figures
+                found.append(f"{system} @ {row['offered_events_per_s']}/s: {bad}")
+        return found
+
+    return await each_system(config.systems, lambda system: run_system(system, config, workdir), problems)
 
 
 def _rates(value: str) -> tuple[int, ...]:
