@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from aiohttp import web
@@ -122,32 +121,34 @@ def serve(app: web.Application, collect: Callable[[], Iterable[Metric]]) -> None
 class LoopLag:
     """How late the loop runs a timer set every `interval_s`: while a callback holds the loop
     (a full GC, a slow presence pass, a burst of frames) every socket waits that long. The
-    histogram counts every tick (most are ~0), `max_s` keeps the worst seen."""
+    histogram counts every tick (most are ~0), `max_s` keeps the worst seen. A bare timer
+    callback, re-armed each tick: no task or future per tick."""
 
     def __init__(self, interval_s: float = 0.025) -> None:
         self.interval_s = interval_s
         self.histogram = Histogram(LATENCY_BUCKETS_S)
         self.max_s = 0.0
-        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag")
+        loop = asyncio.get_running_loop()
+        self._due = loop.time() + self.interval_s
+        self._timer = loop.call_at(self._due, self._tick, loop)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            due = loop.time() + self.interval_s
-            await asyncio.sleep(self.interval_s)
-            late_s = max(0.0, loop.time() - due)
-            self.histogram.observe(late_s)
-            if late_s > self.max_s:
-                self.max_s = late_s
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        late_s = max(0.0, now - self._due)
+        self.histogram.observe(late_s)
+        if late_s > self.max_s:
+            self.max_s = late_s
+        self._due = now + self.interval_s
+        self._timer = loop.call_at(self._due, self._tick, loop)
 
     def families(self) -> Iterator[Metric]:
         yield self.histogram.family(

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.metrics import Histogram
+from common.metrics import Histogram, LoopLag
 from loadtest.client import ChorusClient
 from loadtest.cluster import LocalCluster
 from loadtest.procs import wait_http_ok
@@ -78,6 +78,19 @@ def test_only_chorus_close_codes_become_labels() -> None:
     for code in (1000, 4008, 4321, None, 1006):
         stats.closed(code)
     assert stats.closes == {("1000",): 1, ("4008",): 1, ("1006",): 1, ("other",): 2}
+
+
+async def test_the_loop_lag_timer_measures_a_stall() -> None:
+    lag = LoopLag(interval_s=0.01)
+    lag.start()
+    await asyncio.sleep(0.05)  # a few ticks on time
+    time.sleep(0.08)  # noqa: ASYNC251 - the stall under test: nothing else may run meanwhile
+    await asyncio.sleep(0.03)
+    await lag.close()
+    assert 0.06 <= lag.max_s < 1.0
+    assert lag.histogram.count >= 5
+    late = {s.labels["le"]: s.value for s in lag.histogram.family("x", "x").samples if s.name == "x_bucket"}
+    assert late["0.05"] < late["0.1"], "one tick was 50-100 ms late"
 
 
 # -- a real cluster ----------------------------------------------------------------------------
