@@ -198,6 +198,24 @@ class Runs:
         # The run it waited behind may have ended meanwhile; then nobody else would start it.
         await self.start_next(record.conversation)
 
+    async def answer_again(self, user: str, failed: str, run: str) -> SendRecord | None:
+        """Store and start `run`, a new run answering the user message of the failed run `failed`
+        (an operator retrying a dead letter: the failed run already published its one end, so it
+        cannot run again). Devices learn of it before it starts (`run.queued` with the message).
+        Every step is safe to repeat under `run`. None when `failed` has nothing to answer again;
+        `NotFound` when it or its message is gone."""
+        record = await self.store.retry_run(failed, run)
+        if record is None:
+            return None
+        queued = RunQueued(behind=record.behind, policy=record.policy, message=record.message)
+        await self.publish(user, record.conversation, run, queued, producer=f"run:{run}:queued")
+        if record.status == RunStatus.QUEUED:
+            await self.queue.enqueue(Job(run=run, user=user, conversation=record.conversation,
+                                         trace=tracing.carrier()))
+        elif record.status == RunStatus.WAITING:
+            await self.start_next(record.conversation)  # the run it waits behind may have ended meanwhile
+        return record
+
     async def announce_position(self, job: Job, position: int) -> None:
         """Tell the devices the run waits for a worker at `position` (1: next). Each position of a
         run is published once, whoever announces it (its own producer id)."""

@@ -19,9 +19,9 @@ one producer id, so a second end would be dropped and the devices would never se
 finish; clients also treat an ended run as final. The new run's id is derived from the dead
 letter's entry, so a retry repeated after a failure half-way stores and queues one run, not two.
 
-Nodes and workers are seen through heartbeats: each rewrites a small JSON record in a Redis hash
-(`Keys.nodes`, `Keys.workers`) every `HEARTBEAT_S`; a record carries its own expiry, so a process
-that died leaves the list once it passes, and is pruned then.
+Nodes and workers are seen through heartbeats (`common.heartbeat`): each rewrites a small JSON
+record in a Redis hash (`Keys.nodes`, `Keys.workers`) every `HEARTBEAT_S`; a record carries its
+own expiry, so a process that died leaves the list once it passes, and is pruned then.
 """
 
 from __future__ import annotations
@@ -33,17 +33,13 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from aiohttp import web
-from redis.asyncio import Redis
 
+from common.heartbeat import HEARTBEAT_S, beat, heartbeats, iso
 from persistence.store import NotFound
-from protocol.events import RunQueued
-from protocol.vocabulary import RunStatus
-from runs.queue import DeadLetter, Job
+from runs.queue import DeadLetter
 from ws_node import presence
 from ws_node.auth import IDENTITY
 from ws_node.rest import RestError, json_response
@@ -51,8 +47,6 @@ from ws_node.services import SERVICES, Services, answer_within
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 2.0
-HEARTBEAT_TTL_S = 10.0  # a record not rewritten for this long is a process gone
 MAX_LIMIT = 1000
 _ENTRY = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
@@ -139,7 +133,7 @@ async def dead_letters(request: web.Request, svc: Services) -> web.Response:
         status, error = runs.get(letter.job.run, (None, None))
         entries.append({"entry": letter.entry, "run": letter.job.run, "user": letter.job.user,
                         "conversation": letter.job.conversation, "deliveries": letter.deliveries,
-                        "dead_at": _iso(letter.dead_at()), "run_status": status, "error_code": error})
+                        "dead_at": iso(letter.dead_at()), "run_status": status, "error_code": error})
     next_after = letters[-1].entry if len(letters) == limit else None
     return json_response({"dead_letters": entries, "total": total, "next_after": next_after})
 
@@ -150,21 +144,14 @@ async def retry_dead_letter(request: web.Request, svc: Services) -> web.Response
     letter = await _dead_letter(request, svc)
     dead, run = letter.job.run, _retry_run_id(letter)
     try:
-        record = await svc.store.retry_run(dead, run)
+        record = await svc.runs.answer_again(letter.job.user, dead, run)
     except NotFound:
         raise RestError(409, "conflict", f"run {dead} or its message no longer exists (conversation "
                                          "deleted or run rolled back): discard the dead letter") from None
     if record is None:
         raise RestError(409, "conflict", f"run {dead} did not fail without an answer: nothing to retry; "
                                          "discard the dead letter")
-    user, conversation = letter.job.user, record.conversation
-    # Devices learn of the new run before it starts: it answers `message` again.
-    queued = RunQueued(behind=record.behind, policy=record.policy, message=record.message)
-    await svc.runs.publish(user, conversation, run, queued, producer=f"run:{run}:queued")
-    if record.status == RunStatus.QUEUED:
-        await svc.runs.queue.enqueue(Job(run=run, user=user, conversation=conversation))
-    elif record.status == RunStatus.WAITING:
-        await svc.runs.start_next(conversation)  # the run it waits behind may have ended meanwhile
+    conversation = record.conversation
     await svc.runs.queue.drop_dead_letter(letter.entry)
     log.info("dead letter %s retried: run %s answers the message of run %s", letter.entry, run, dead)
     return json_response({"entry": letter.entry, "retried": dead, "run": run, "conversation": conversation,
@@ -199,47 +186,13 @@ def _limit(request: web.Request, default: int = 100) -> int:
     return int(raw)
 
 
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat()
-
-
 # Heartbeats
-
-
-async def heartbeats(redis: Redis, key: str) -> list[dict[str, Any]]:
-    """The records in heartbeat hash `key` that have not expired, by name; expired ones are removed."""
-    entries: dict[str, str] = await redis.hgetall(key)  # type: ignore[assignment]
-    now_ms, alive, expired = time.time() * 1000, [], []
-    for name, raw in sorted(entries.items()):
-        try:
-            record = orjson.loads(raw)
-            fresh = record.pop("expires_at") > now_ms
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-            fresh = False
-        if fresh:
-            alive.append(record)
-        else:
-            expired.append(name)
-    if expired:
-        await redis.hdel(key, *expired)
-    return alive
-
-
-async def beat(redis: Redis, key: str, name: str, record: dict[str, Any]) -> None:
-    """Write `name`'s heartbeat `record`, valid for `HEARTBEAT_TTL_S`; the hash itself expires once
-    no process wrote for that long."""
-    ttl_ms = int(HEARTBEAT_TTL_S * 1000)
-    stamped = {**record, "updated_at": _iso(time.time()), "expires_at": int(time.time() * 1000) + ttl_ms}
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hset(key, name, orjson.dumps(stamped))
-        pipe.pexpire(key, ttl_ms)
-        await pipe.execute()
 
 
 async def heartbeat_ctx(app: web.Application) -> AsyncIterator[None]:
     """The node's heartbeat from start to shutdown (draining shows in it); removed on the way out."""
     svc = app[SERVICES]
-    task = asyncio.create_task(_node_heartbeat(svc, started_at=_iso(time.time())), name="admin-heartbeat")
+    task = asyncio.create_task(_node_heartbeat(svc, started_at=iso(time.time())), name="admin-heartbeat")
     yield
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
