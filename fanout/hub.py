@@ -40,7 +40,8 @@ class Subscriber(Protocol):
     user: str
 
     def deliver(self, seq: int, frame: str) -> None:
-        """Take one published frame; must not block or await."""
+        """Take one published frame (`seq` is `fanout.recovery.UNSEQUENCED` for one published
+        outside the stream, as presence is); must not block or await."""
 
     def resume(self) -> None:
         """Pub/Sub delivery may have missed frames: catch up from history."""

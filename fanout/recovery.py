@@ -13,10 +13,15 @@ from dataclasses import dataclass
 from protocol.vocabulary import ResyncReason as Resync
 
 SEQ_PREFIX = '{"seq":'
+# The seq of a frame sent on a user's channel but not part of the stream (seqs start at 1).
+UNSEQUENCED = 0
 
 
 def frame_seq(frame: str) -> int:
-    """The seq of a published event frame (the publish script always writes it first)."""
+    """The seq of a published event frame (the publish script always writes it first); 0 for a
+    frame published outside the stream (`UNSEQUENCED`: presence), which no gate may hold back."""
+    if not frame.startswith(SEQ_PREFIX):
+        return UNSEQUENCED
     return int(frame[len(SEQ_PREFIX) : frame.index(",", len(SEQ_PREFIX))])
 
 

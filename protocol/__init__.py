@@ -29,10 +29,12 @@ from protocol.commands import (
 from protocol.events import EVENT_DATA, EventData, event_body
 from protocol.frames import (
     Ack,
+    DeviceOnline,
     Error,
     EventFrame,
     Hello,
     Pong,
+    Presence,
     Reconnect,
     Resync,
     RunSnapshot,
@@ -72,6 +74,7 @@ __all__ = [
     "Cancel",
     "CloseCode",
     "Command",
+    "DeviceOnline",
     "DoubleTexting",
     "Error",
     "ErrorCode",
@@ -82,6 +85,7 @@ __all__ = [
     "Hello",
     "Ping",
     "Pong",
+    "Presence",
     "ProtocolError",
     "Reconnect",
     "Respond",

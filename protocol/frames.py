@@ -24,7 +24,17 @@ class Frame:
 
 
 @dataclass(frozen=True)
+class DeviceOnline:
+    """One of the user's devices online now, and the node it is connected to."""
+
+    device: str
+    node: str
+
+
+@dataclass(frozen=True)
 class Hello(Frame):
+    """`devices`: the user's devices online now, this one included (replaces a client's list)."""
+
     type = FrameType.HELLO
     node: str
     user: str
@@ -33,6 +43,7 @@ class Hello(Frame):
     seq: int
     heartbeat: int
     protocol: int = PROTOCOL_VERSION
+    devices: tuple[DeviceOnline, ...] = field(default=())
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,17 @@ class Snapshot(Frame):
 
 
 @dataclass(frozen=True)
+class Presence(Frame):
+    """One of the user's devices came online, or went offline (its last socket closed and it did
+    not come back within the node's debounce). Not sequenced: no seq, never in history."""
+
+    type = FrameType.PRESENCE
+    device: str
+    online: bool
+    node: str
+
+
+@dataclass(frozen=True)
 class EventFrame(Frame):
     """An event as a client reads it. `seq_from` is set on merged token frames, which cover
     seqs `seq_from`..`seq` (a device that fell behind)."""
@@ -121,7 +143,7 @@ class EventFrame(Frame):
                    event=Event(obj["event"]), data=obj["data"], ts=obj["ts"], seq_from=obj.get("seq_from"))
 
 
-ServerFrame = Hello | Ack | Error | Pong | Resync | Reconnect | Snapshot | EventFrame
+ServerFrame = Hello | Ack | Error | Pong | Resync | Reconnect | Snapshot | Presence | EventFrame
 
 
 def to_json(frame: Frame) -> dict[str, Any]:
@@ -131,7 +153,7 @@ def to_json(frame: Frame) -> dict[str, Any]:
         value = getattr(frame, f.name)
         if value is None and f.name in frame.optional:
             continue
-        if isinstance(value, tuple):  # Snapshot.runs
+        if isinstance(value, tuple):  # Snapshot.runs, Hello.devices
             value = [dataclasses.asdict(v) for v in value]
         obj[f.name] = value
     return obj

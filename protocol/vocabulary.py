@@ -31,6 +31,7 @@ class FrameType(enum.StrEnum):
     RESYNC = "resync"
     SNAPSHOT = "snapshot"
     RECONNECT = "reconnect"
+    PRESENCE = "presence"
 
 
 class Event(enum.StrEnum):

@@ -16,6 +16,7 @@ from common.keys import Keys
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import RedisServer
 from tests.fake_llm import FakeLLM
+from tests.support import PRESENCE_DEBOUNCE_S
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +53,8 @@ def fake_llm() -> Iterator[FakeLLM]:
 def cluster(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLM) -> Iterator[LocalCluster]:
     """Redis, Postgres, two nodes, one worker (ChatOpenAI against the fake LLM) and nginx."""
     config = ClusterConfig(nodes=2, workers=1, nginx=True, env={"LLM_BASE_URL": fake_llm.base_url,
-                                                                   "LLM_API_KEY": "test-key"})
+                                                                   "LLM_API_KEY": "test-key",
+                                                                   "PRESENCE_DEBOUNCE_SECONDS": str(PRESENCE_DEBOUNCE_S)})
     with LocalCluster(tmp_path_factory.mktemp("cluster"), config) as running:
         yield running
 

@@ -40,6 +40,10 @@ def unique(name: str) -> str:
 # -- a cluster's nodes and what devices saw ----------------------------------------------------
 
 
+# The session cluster's nodes announce a device offline this long after its last socket closed.
+PRESENCE_DEBOUNCE_S = 1.0
+
+
 def node_ws(cluster: LocalCluster, index: int) -> str:
     """The WebSocket URL of one node, not through nginx."""
     return f"ws://127.0.0.1:{cluster.node_ports[index]}/ws"

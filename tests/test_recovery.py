@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fanout.recovery import Gate, Offer, ResumePlan, Resync, frame_seq, plan_resume
+from fanout.recovery import UNSEQUENCED, Gate, Offer, ResumePlan, Resync, frame_seq, plan_resume
 
 
 @pytest.mark.parametrize(
@@ -42,4 +42,8 @@ def test_gate_lets_exactly_the_next_seq_through() -> None:
 def test_frame_seq_reads_the_leading_seq() -> None:
     assert frame_seq('{"seq":12345,"type":"event"}') == 12345
     with pytest.raises(ValueError):
-        frame_seq('{"type":"event","seq":1}')
+        frame_seq('{"seq":12345}')
+
+
+def test_a_frame_outside_the_stream_is_unsequenced() -> None:
+    assert frame_seq('{"type":"presence","device":"d","online":true,"node":"n","seq":1}') == UNSEQUENCED

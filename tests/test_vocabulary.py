@@ -128,6 +128,9 @@ def test_schema_refuses_what_the_parser_refuses(command: dict[str, Any]) -> None
 
 SERVER_FRAMES: list[protocol.ServerFrame] = [
     protocol.Hello(node="node-a", user="alice", device="phone-1", epoch="9f2c01ab", seq=57, heartbeat=25),
+    protocol.Hello(node="node-a", user="alice", device="phone-1", epoch="9f2c01ab", seq=57, heartbeat=25,
+                   devices=(protocol.DeviceOnline("phone-1", "node-a"), protocol.DeviceOnline("laptop", "node-b"))),
+    protocol.Presence(device="laptop", online=False, node="node-b"),
     protocol.Ack(id="c1", conversation="c_1", message="m_1", run="r_1", seq=58),
     protocol.Ack(id="c2", run="r_1"),
     protocol.Ack(id="a1", expires_at=1795358019),

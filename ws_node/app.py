@@ -46,6 +46,7 @@ from ws_node.auth import (
 from ws_node.connection import Connection
 from ws_node.limits import LocalBucket, Rate, RedisBuckets
 from ws_node.metrics import NodeStats
+from ws_node.presence import Presences
 from ws_node.services import SERVICES, Services, answer_within
 from ws_node.settings import NodeSettings
 
@@ -133,9 +134,9 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
     try:
         try:
             await svc.hub.attach(conn)
+            devices = await svc.presence.join(conn.user, conn.device, socket_id(conn))
             await conn.open(after=after, client_epoch=client_epoch, node=settings.node_id,
-                            heartbeat_s=settings.heartbeat_s)
-            await presence.mark_online(svc.redis, svc.keys, [(conn.user, conn.device)], settings.node_id)
+                            heartbeat_s=settings.heartbeat_s, devices=devices)
             log.info("socket open", extra={"after": after})
             if svc.draining:  # it opened while the node began to drain: send it on at once
                 _send_elsewhere(conn)
@@ -239,9 +240,12 @@ async def _first_frame_auth(
 
 async def _detach(svc: Services, conn: Connection) -> None:
     await svc.hub.detach(conn)
-    # A device may hold two sockets here for a moment (a reconnect racing the old socket's close).
-    if not any(c.user == conn.user and c.device == conn.device for c in svc.connections):
-        await presence.mark_offline(svc.redis, svc.keys, conn.user, conn.device, svc.settings.node_id)
+    await svc.presence.closed(conn.user, conn.device, socket_id(conn))
+
+
+def socket_id(conn: Connection) -> str:
+    """The socket's name in presence (unique on this node while it is open)."""
+    return f"{id(conn):x}"
 
 
 async def handle_frame(svc: Services, guard: Admission, conn: Connection, lease: TokenLease,
@@ -316,11 +320,12 @@ async def _presence_refresher(svc: Services) -> None:
     for tick in itertools.count():
         await asyncio.sleep(presence.REFRESH_S / PRESENCE_SLICES)
         slot = tick % PRESENCE_SLICES
-        due = [(c.user, c.device) for c in svc.connections if (id(c) >> 4) % PRESENCE_SLICES == slot]
+        due = [(c.user, c.device, socket_id(c)) for c in svc.connections
+               if (id(c) >> 4) % PRESENCE_SLICES == slot]
         if not due:
             continue
         try:
-            await presence.mark_online(svc.redis, svc.keys, due, svc.settings.node_id)
+            await svc.presence.refresh(due)
         except Exception as exc:
             log.warning("presence refresh failed: %r", exc)
 
@@ -339,8 +344,10 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
         runs = Runs(store, broker, RedisRunQueue(redis, keys), answer_ttl_s=settings.history_ttl_s,
                     agents=agents, max_in_flight=settings.max_runs_in_flight,
                     max_queue_depth=settings.max_queue_depth, max_queue_age_s=settings.max_queue_age_s)
+        presences = Presences(redis, keys, broker.channel, node=settings.node_id,
+                              debounce_s=settings.presence_debounce_s)
         svc = Services(settings=settings, redis=redis, keys=keys, broker=broker, hub=hub, store=store,
-                       runs=runs, agents=agents, stats=stats)
+                       runs=runs, agents=agents, presence=presences, stats=stats)
         app[SERVICES] = svc
         app[ADMISSION] = build_admission(settings, redis, keys)
         await hub.start()
@@ -348,6 +355,7 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
         refresher = asyncio.create_task(_presence_refresher(svc))
         yield
         refresher.cancel()
+        await presences.close()
         await stats.loop_lag.close()
         await hub.close()
         await broker.aclose()

@@ -24,9 +24,9 @@ from aiohttp import web
 from common.backoff import delays_s
 from common.redis_client import TRANSIENT
 from fanout.broker import Broker, Position
-from fanout.recovery import Gate, Offer, frame_seq, plan_resume
+from fanout.recovery import UNSEQUENCED, Gate, Offer, frame_seq, plan_resume
 from persistence.records import RunInFlight
-from protocol import CloseCode, Hello, Resync, ResyncReason, Snapshot, encode
+from protocol import CloseCode, DeviceOnline, Hello, Resync, ResyncReason, Snapshot, encode
 from runs import snapshot
 from ws_node import merge
 from ws_node.metrics import NodeStats
@@ -149,6 +149,14 @@ class Connection:
     # Incoming from the hub (fanout.hub.Subscriber)
 
     def deliver(self, seq: int, frame: str) -> None:
+        if seq == UNSEQUENCED:  # presence: no gate, never before hello, never about this device
+            if orjson.loads(frame).get("device") == self.device:
+                return
+            if self._parked is None:
+                self.send(frame)
+            else:
+                self._parked.append((seq, frame))
+            return
         if self._parked is not None:
             self._parked.append((seq, frame))
             if len(self._parked) > self.queue_max_frames:
@@ -168,13 +176,14 @@ class Connection:
 
     # Recovery
 
-    async def open(self, *, after: int | None, client_epoch: str | None, node: str, heartbeat_s: int) -> None:
+    async def open(self, *, after: int | None, client_epoch: str | None, node: str, heartbeat_s: int,
+                   devices: tuple[DeviceOnline, ...] = ()) -> None:
         """After the hub attached this connection (frames are parked meanwhile): say hello, then
         replay history after `after`, or resync, then go live with nothing missed or doubled."""
         position = await self.broker.position(self.user)
         self.epoch = position.epoch
         self.send(encode(Hello(node=node, user=self.user, device=self.device, epoch=position.epoch,
-                                 seq=position.seq, heartbeat=heartbeat_s)))
+                                 seq=position.seq, heartbeat=heartbeat_s, devices=devices)))
         plan = plan_resume(after=after, client_epoch=client_epoch, epoch=position.epoch,
                            seq=position.seq, first_seq=position.first_seq)
         outcome = "new" if after is None else plan.resync or "replayed"
@@ -255,6 +264,9 @@ class Connection:
         parked = sorted(self._parked or (), key=lambda item: item[0])
         self._parked = None
         for index, (seq, frame) in enumerate(parked):
+            if seq == UNSEQUENCED:  # sorted first
+                self.send(frame)
+                continue
             offer = self.gate.offer(seq)
             if offer is Offer.GAP:
                 self._parked = parked[index:]

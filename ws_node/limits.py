@@ -105,10 +105,10 @@ class RedisBuckets:
 
 
 async def devices_exceeded(redis: Redis, keys: Keys, user: str, device: str, limit: int) -> bool:
-    """True when the user already has `limit` other devices online anywhere in the cluster (the
-    presence hash). The same device reconnecting does not count twice. Like every check-then-act
+    """True when the user already has `limit` other devices with a socket open anywhere in the
+    cluster (the presence hash). The same device reconnecting does not count twice. Like every check-then-act
     across nodes it is soft: devices connecting at the same instant may all pass."""
     if limit <= 0:
         return False
-    online = await presence.online(redis, keys, user)
+    online = await presence.online(redis, keys, user, open_only=True)
     return len(online.keys() - {device}) >= limit

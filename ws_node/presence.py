@@ -1,49 +1,132 @@
-"""Presence: which devices of a user are online, on which node (a Redis hash per user).
+"""Presence: which of a user's devices are online, on which node, and telling the user's other
+devices when one comes or goes.
 
-Fields are ``device -> "<node>|<expires_ms>"``; the node refreshes its own devices every
-`refresh_s`, so the devices of a node that died disappear once their expiry passes.
+A Redis hash per user holds ``device -> "<node>|<socket>|<expires_ms>"``; `presence.lua` changes
+an entry and publishes the `presence` frame about it on the user's channel in one step, so a frame
+is sent exactly when an entry changes hands between online and offline. The frame is not part of
+the stream (no seq, no history): a device that reconnects gets the whole list in `hello`.
+
+A device goes offline `debounce_s` after its socket closed, and only if that socket still holds
+its entry: a quick reconnect, to this node or another, takes the entry over and no offline/online
+pair is sent. Each node refreshes its own devices' entries; the devices of a node that died
+disappear once their entries expire (`TTL_S`), without a frame (their devices reconnect elsewhere).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from importlib import resources
+from typing import Any
 
 from redis.asyncio import Redis
 
 from common.keys import Keys
+from protocol import DeviceOnline, Presence, encode
+
+log = logging.getLogger(__name__)
 
 REFRESH_S = 30.0
 TTL_S = 3 * REFRESH_S
+CLOSE_TIMEOUT_S = 5.0
+CLOSED = "-"  # a closed socket's name starts with it (presence.lua)
+CLOSED_GRACE_S = 10.0
+_LUA = resources.files("ws_node").joinpath("presence.lua").read_text()
 
 
-def _value(node: str) -> str:
-    return f"{node}|{int((time.time() + TTL_S) * 1000)}"
+def _entries(raw: dict[str, str], now_ms: float, *, open_only: bool = False) -> dict[str, str]:
+    """device -> node for the entries that have not expired (`open_only`: and whose socket has
+    not closed, as a device still within its debounce has)."""
+    online = {}
+    for device, value in raw.items():
+        parts = value.rsplit("|", 2)
+        if len(parts) == 3 and parts[2].isdigit() and int(parts[2]) > now_ms:
+            if not (open_only and parts[1].startswith(CLOSED)):
+                online[device] = parts[0]
+    return online
 
 
-async def mark_online(redis: Redis, keys: Keys, devices: Iterable[tuple[str, str]], node: str) -> None:
-    """Record (user, device) pairs as online on `node`."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for user, device in devices:
-            pipe.hset(keys.presence(user), device, _value(node))
-            pipe.expire(keys.presence(user), int(TTL_S))
-        await pipe.execute()
+async def online(redis: Redis, keys: Keys, user: str, *, open_only: bool = False) -> dict[str, str]:
+    """device -> node for the user's devices online now (`open_only`: with a socket open now)."""
+    raw: dict[str, str] = await redis.hgetall(keys.presence(user))  # type: ignore[assignment]
+    return _entries(raw, time.time() * 1000, open_only=open_only)
 
 
-async def mark_offline(redis: Redis, keys: Keys, user: str, device: str, node: str) -> None:
-    key = keys.presence(user)
-    current: str | None = await redis.hget(key, device)  # type: ignore[assignment]
-    if current is not None and current.split("|", 1)[0] == node:
-        await redis.hdel(key, device)  # another node may already hold the device's newer socket
+def devices(online: dict[str, str]) -> tuple[DeviceOnline, ...]:
+    return tuple(DeviceOnline(device, node) for device, node in sorted(online.items()))
 
 
-async def online(redis: Redis, keys: Keys, user: str) -> dict[str, str]:
-    """device -> node for the user's devices whose entry has not expired."""
-    now_ms = time.time() * 1000
-    result = {}
-    entries: dict[str, str] = await redis.hgetall(keys.presence(user))  # type: ignore[assignment]
-    for device, value in entries.items():
-        node, _, expires = value.partition("|")
-        if expires.isdigit() and int(expires) > now_ms:
-            result[device] = node
-    return result
+class Presences:
+    """This node's side of presence. `socket` names one socket of the device on this node."""
+
+    def __init__(self, redis: Redis, keys: Keys, channel: Callable[[str], str], *, node: str,
+                 debounce_s: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._channel = channel
+        self._node = node
+        self._debounce_s = debounce_s
+        self._script = redis.register_script(_LUA)
+        self._leaving: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def join(self, user: str, device: str, socket: str) -> tuple[DeviceOnline, ...]:
+        """The device is online through `socket`; returns the user's devices online now."""
+        now_ms = time.time() * 1000
+        reply = await self._run("join", user, device, socket, now_ms)
+        return devices(_entries(dict(zip(reply[::2], reply[1::2], strict=True)), now_ms))
+
+    async def refresh(self, sockets: Iterable[tuple[str, str, str]]) -> None:
+        """Extend the entries of (user, device, socket) held by this node's sockets."""
+        now_ms = time.time() * 1000
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for user, device, socket in sockets:
+                await self._run("refresh", user, device, socket, now_ms, client=pipe)
+            await pipe.execute()
+
+    async def closed(self, user: str, device: str, socket: str) -> None:
+        """`socket` closed: the device goes offline in `debounce_s` unless it came back meanwhile.
+        Until then its entry names a closed socket, which the device limit does not count."""
+        try:
+            await self._run("close", user, device, socket, time.time() * 1000)
+        except Exception as exc:  # the entry expires by itself
+            log.warning("presence: cannot mark %s/%s closed: %r", user, device, exc)
+            return
+        ident = (user, device, CLOSED + socket)
+        self._leaving[ident] = asyncio.get_running_loop().call_later(self._debounce_s, self._leave, ident)
+
+    def _leave(self, ident: tuple[str, str, str]) -> None:
+        del self._leaving[ident]
+        task = asyncio.create_task(self._left(*ident))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _left(self, user: str, device: str, socket: str) -> None:
+        try:
+            await self._run("leave", user, device, socket, time.time() * 1000)
+        except Exception as exc:  # the entry expires by itself; only the frame is lost
+            log.warning("presence: cannot take %s/%s offline: %r", user, device, exc)
+
+    async def close(self) -> None:
+        """On shutdown: the devices still due to go offline go now (those that reconnected to
+        another node meanwhile are left alone by the script)."""
+        due = list(self._leaving)
+        for handle in self._leaving.values():
+            handle.cancel()
+        self._leaving.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(self._left(*ident) for ident in due), *self._tasks),
+                                   CLOSE_TIMEOUT_S)
+
+    def _run(self, mode: str, user: str, device: str, socket: str, now_ms: float,
+             client: Redis | None = None) -> Awaitable[Any]:
+        frame = encode(Presence(device=device, online=mode != "leave", node=self._node))
+        # A closed socket's entry lasts out the debounce, and a little more, if this node dies.
+        ttl_s = self._debounce_s + CLOSED_GRACE_S if mode == "close" else TTL_S
+        owner, expires_ms = f"{self._node}|{socket}", int(now_ms + ttl_s * 1000)
+        args: list[str | int] = [mode, device, owner, expires_ms, int(now_ms), int(TTL_S),
+                                 self._channel(user), frame]
+        return self._script(keys=[self._keys.presence(user)], args=args, client=client)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ from common.redis_client import TRANSIENT
 from persistence.store import NotFound, Unavailable
 from protocol.vocabulary import DoubleTexting
 from runs.agents import UnknownAgent
+from ws_node import presence
 from ws_node.auth import IDENTITY, Identity
 from ws_node.services import SERVICES, Services
 
@@ -156,8 +158,16 @@ async def list_agents(request: web.Request) -> web.Response:
     return json_response({"agents": described})
 
 
+async def get_presence(request: web.Request) -> web.Response:
+    """The user's own devices online now (the list `hello` carries)."""
+    svc, ident = _auth(request)
+    online = await presence.online(svc.redis, svc.keys, ident.user)
+    return json_response({"devices": [dataclasses.asdict(d) for d in presence.devices(online)]})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/agents", list_agents)
+    app.router.add_get("/v1/presence", get_presence)
     app.router.add_get("/v1/conversations", list_conversations)
     app.router.add_post("/v1/conversations", create_conversation)
     app.router.add_get("/v1/conversations/{id}", get_conversation)

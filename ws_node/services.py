@@ -17,6 +17,7 @@ from runs.agents import AgentDirectory
 from runs.lifecycle import Runs
 from ws_node.connection import Connection
 from ws_node.metrics import NodeStats
+from ws_node.presence import Presences
 from ws_node.settings import NodeSettings
 
 
@@ -30,6 +31,7 @@ class Services:
     store: Store
     runs: Runs
     agents: AgentDirectory
+    presence: Presences
     stats: NodeStats = field(default_factory=NodeStats)
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False

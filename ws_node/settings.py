@@ -60,6 +60,10 @@ class NodeSettings(SharedSettings):
         "HEARTBEAT_SECONDS", "25", integer(1, 3600),
         "the node pings an idle socket this often and drops it when no pong comes within half of it; sent "
         "to clients in `hello` (1 to 3600)")
+    presence_debounce_s: float = setting(
+        "PRESENCE_DEBOUNCE_SECONDS", "5", number(),
+        "a device whose last socket closed is announced offline (`presence`) only if it has not come "
+        "back within this many seconds, so a quick reconnect is not an offline/online pair")
     queue_max_frames: int = setting(
         "SEND_QUEUE_MAX_FRAMES", "1024", integer(low=8),
         "frames queued per socket (at least 8). When the queue is full, the token events in it are merged "
