@@ -1,9 +1,12 @@
-"""The one-command local cluster: ``python -m loadtest.cluster``.
+"""The one-command local cluster: ``python -m loadtest.cluster up|down|status|logs`` (``./chorus.sh``).
 
 Redis, Postgres (migrated), N ws nodes, M agent workers and nginx in front, all on 127.0.0.1 in one
 workdir (every process logs to ``<workdir>/<name>.log``). ``LocalCluster`` is the same thing as a
-context manager for functional tests and the soak tool; ``main`` adds the banner with ready-made JWTs
-and stays in the foreground until Ctrl-C / SIGTERM, then stops everything in reverse order.
+context manager for functional tests and the soak tool. ``up`` shows each part starting, then a
+banner with ready-made JWTs and a two-device chat, and stays in the foreground until Ctrl-C /
+SIGTERM (or, with ``--detach``, returns once the cluster is ready); it keeps its state in
+``<home>/cluster.json`` (home: ``.chorus/``), which ``down``, ``status`` and ``logs`` read. The
+workdir, ``<home>/run``, is emptied by the next ``up``, not on exit, so the logs can still be read.
 
 Environment read by ``main`` only (``LocalCluster`` takes everything from ``ClusterConfig``):
 ``REDIS_URL`` / ``DATABASE_URL`` (use these instead of starting servers), ``AUTH_JWT_SECRET``
@@ -13,18 +16,23 @@ Environment read by ``main`` only (``LocalCluster`` takes everything from ``Clus
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
-import tempfile
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import jwt
 
@@ -108,25 +116,29 @@ class LocalCluster:
         """Base URL for REST (``/v1/...``): nginx when running, else node 0 directly."""
         return self.nginx.url if self.nginx else f"http://127.0.0.1:{self.node_ports[0]}"
 
-    def start(self) -> None:
-        """Start everything and return once every node's /readyz answers 200."""
+    def start(self, step: Callable[[str], AbstractContextManager[object]] = lambda _: nullcontext()) -> None:
+        """Start everything and return once every node's /readyz answers 200. Each part starts
+        inside ``step(name)`` (``main`` shows progress with it)."""
         try:
             if self.redis:
-                self.redis.start()
+                with step("Redis"):
+                    self.redis.start()
             if self.postgres:
-                self.postgres.start()
-            self._migrate()
-            for node in self.nodes:
-                node.start()
-            for worker in self.workers:
-                worker.start()
-            for index in range(len(self.nodes)):
-                self._wait_ready(index)
-            for worker in self.workers:
-                if not worker.alive:
-                    raise RuntimeError(f"{worker.name} exited on start:\n{_tail(worker.log_text())}")
+                with step("Postgres"):
+                    self.postgres.start()
+            with step("migrations"):
+                self._migrate()
+            with step(f"{len(self.nodes)} ws nodes, {len(self.workers)} agent workers"):
+                for proc in [*self.nodes, *self.workers]:
+                    proc.start()
+                for index in range(len(self.nodes)):
+                    self._wait_ready(index)
+                for worker in self.workers:
+                    if not worker.alive:
+                        raise RuntimeError(f"{worker.name} exited on start:\n{_tail(worker.log_text())}")
             if self.nginx:
-                self.nginx.start()
+                with step("nginx"):
+                    self.nginx.start()
         except BaseException:
             self.stop()
             raise
@@ -259,7 +271,7 @@ def _banner(cluster: LocalCluster, fd_limit: int) -> str:
     )
     return f"""
 Chorus local cluster is up. {front}
-  workdir    {cluster.workdir}  (one <name>.log per process)
+  workdir    {cluster.workdir}  (one <name>.log per process: ./chorus.sh logs [name])
   WebSocket  {cluster.ws_url}
   REST       {cluster.http_url}/v1/
   Redis      {cluster.redis_url}
@@ -273,26 +285,91 @@ Chorus local cluster is up. {front}
 Locust (loadtest/locustfile.py; a person's devices go to different nodes; same AUTH_JWT_SECRET):
   CHORUS_NODE_URLS={",".join(cluster.node_ws_urls)}
 
-Try:
-  websocat "{cluster.ws_url}?access_token={alice}"
+Chat as alice from two devices: open {cluster.http_url}/ in two browser windows (dev login: any
+user name), or paste these into two terminals:
+  {sys.executable} -m chorus_client chat {cluster.ws_url} --token {alice} --device phone
+  {sys.executable} -m chorus_client chat {cluster.ws_url} --token {alice} --device laptop
+
+REST:
   curl -H "Authorization: Bearer {alice}" {cluster.http_url}/v1/conversations
 
-Ctrl-C stops everything.
+./chorus.sh down (or Ctrl-C, in the foreground) stops everything.
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the cluster in the foreground until Ctrl-C or SIGTERM."""
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtest.cluster", description="Run a local Chorus cluster."
-    )
-    parser.add_argument("--workdir", type=Path, help="keep data and logs here (default: a temp dir)")
-    parser.add_argument("--keep", action="store_true", help="do not delete the temp workdir on exit")
-    parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--no-nginx", action="store_true", help="no nginx; clients use node A directly")
-    args = parser.parse_args(argv)
+STATE_FILE = "cluster.json"
+_STOP_WAIT_S = _WORKER_STOP_TIMEOUT_S + _NODE_STOP_TIMEOUT_S + 30
+_DETACH_READY_S = 300  # the first Postgres initdb and a cold import of the worker are slow
 
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.cluster",
+                                     description="Run a local Chorus cluster (what ./chorus.sh up starts).")
+    home = Path(os.environ.get("CHORUS_HOME") or REPO_ROOT / ".chorus")
+    parser.add_argument("--home", type=Path, default=home,
+                        help="data, logs and state of the cluster (default: $CHORUS_HOME or .chorus/)")
+    commands = parser.add_subparsers(dest="command")
+    up = commands.add_parser("up", help="start a cluster (in the foreground unless --detach)")
+    up.add_argument("--detach", "-d", action="store_true", help="in the background; return once ready")
+    up.add_argument("--workdir", type=Path, help="data and logs here instead of <home>/run (kept on exit)")
+    up.add_argument("--nodes", type=int, default=2)
+    up.add_argument("--workers", type=int, default=1)
+    up.add_argument("--no-nginx", action="store_true", help="no nginx; clients use node A directly")
+    commands.add_parser("down", help="stop the cluster started with up")
+    commands.add_parser("status", help="each process: alive or not; each node: ready or not")
+    logs = commands.add_parser("logs", help="follow the processes' logs")
+    logs.add_argument("name", nargs="?", help="one process (node-a, worker-1, redis, postgres, nginx, ...)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not {"up", "down", "status", "logs", "-h", "--help"} & set(args):
+        args.insert(0, "up")  # the form before the commands: options of up only
+    parsed = _parser().parse_args(args)
+    home: Path = parsed.home
+    if parsed.command == "down":
+        return _down(home)
+    if parsed.command == "status":
+        return _status(home)
+    if parsed.command == "logs":
+        return _logs(home, parsed.name)
+    return _up(parsed, home)
+
+
+def _state(home: Path) -> dict[str, Any] | None:
+    """The running cluster's state file, or None when there is none or its process is gone."""
+    path = home / STATE_FILE
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if _alive(state["pid"]) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _up(args: argparse.Namespace, home: Path) -> int:
+    running = _state(home)
+    if running is not None:
+        print(f"a cluster is already running (pid {running['pid']}): ./chorus.sh status, ./chorus.sh down",
+              file=sys.stderr)
+        return 1
+    home.mkdir(parents=True, exist_ok=True)
+    workdir = args.workdir or home / "run"
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)  # the last run's data and logs
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.detach:
+        return _detach(args, home, workdir)
     env = os.environ
     config = ClusterConfig(
         nodes=args.nodes,
@@ -306,17 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     if env.get("AUTH_JWT_SECRET"):
         config.jwt_secret = env["AUTH_JWT_SECRET"]
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="chorus-cluster-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-
     # Children run in their own sessions, so Ctrl-C reaches only us; SIGTERM takes the same path.
     signal.signal(signal.SIGTERM, _interrupt)
     fd_limit = _raise_fd_limit()
     cluster = LocalCluster(workdir, config)
+    state_path = home / STATE_FILE
     try:
-        print(f"starting in {workdir} ...", flush=True)
-        cluster.start()
-        print(_banner(cluster, fd_limit), flush=True)
+        print(f"starting a local cluster; data and logs in {workdir}", flush=True)
+        cluster.start(_progress)
+        banner = _banner(cluster, fd_limit)
+        state_path.write_text(json.dumps(_state_of(cluster, banner), indent=2))
+        print(banner, flush=True)
         reported: set[str] = set()
         while True:
             time.sleep(1)
@@ -332,9 +409,119 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("stopping ...", flush=True)
         cluster.stop()
-        if args.workdir is None and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+        state_path.unlink(missing_ok=True)
+        print(f"stopped; the logs stay in {workdir} until the next up", flush=True)
     return 0
+
+
+@contextmanager
+def _progress(name: str) -> Iterator[None]:
+    print(f"  {name:<32}", end="", flush=True)
+    began = time.monotonic()
+    try:
+        yield
+    except BaseException:
+        print("failed", flush=True)
+        raise
+    print(f"ok  {time.monotonic() - began:.1f} s", flush=True)
+
+
+def _state_of(cluster: LocalCluster, banner: str) -> dict[str, Any]:
+    servers = (cluster.redis, cluster.postgres, *cluster.nodes, *cluster.workers, cluster.nginx)
+    procs = [server if isinstance(server, Proc) else server.proc for server in servers if server is not None]
+    return {
+        "pid": os.getpid(),
+        "workdir": str(cluster.workdir),
+        "banner": banner,
+        "processes": [{"name": p.name, "pid": p.pid, "log": str(p.log_path)} for p in procs],
+        "ready": {node.name: f"http://127.0.0.1:{port}/readyz"
+                  for node, port in zip(cluster.nodes, cluster.node_ports, strict=True)},
+    }
+
+
+def _detach(args: argparse.Namespace, home: Path, workdir: Path) -> int:
+    """Run ``up`` in a session of its own, its output in <workdir>/cluster.log; return once it is
+    ready (its state file appears) or has failed."""
+    argv = [sys.executable, "-m", "loadtest.cluster", "--home", str(home), "up", "--workdir", str(workdir),
+            "--nodes", str(args.nodes), "--workers", str(args.workers)]
+    argv += ["--no-nginx"] if args.no_nginx else []
+    log_path = workdir / "cluster.log"
+    with open(log_path, "ab") as log:
+        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, cwd=REPO_ROOT)
+    shown = 0
+    deadline = time.monotonic() + _DETACH_READY_S
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")
+        print(text[shown:].split("\nChorus local cluster is up", 1)[0], end="", flush=True)
+        shown = len(text)
+        state = _state(home)
+        if state is not None and state["pid"] == child.pid:
+            print(state["banner"], flush=True)
+            return 0
+        if child.poll() is not None:
+            print(f"the cluster did not start; see {log_path}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    child.terminate()
+    print(f"the cluster was not ready in {_DETACH_READY_S} s; see {log_path}", file=sys.stderr)
+    return 1
+
+
+def _down(home: Path) -> int:
+    state = _state(home)
+    if state is None:
+        print("no cluster is running")
+        return 0
+    os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + _STOP_WAIT_S
+    while _alive(state["pid"]):
+        if time.monotonic() > deadline:
+            print(f"the cluster (pid {state['pid']}) did not stop in {_STOP_WAIT_S} s", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    print(f"stopped; logs in {state['workdir']}")
+    return 0
+
+
+def _status(home: Path) -> int:
+    state = _state(home)
+    if state is None:
+        print("no cluster is running (./chorus.sh up)")
+        return 3
+    print(f"cluster pid {state['pid']}, workdir {state['workdir']}")
+    healthy = True
+    for proc in state["processes"]:
+        alive = _alive(proc["pid"])
+        ready = ""
+        if proc["name"] in state["ready"] and alive:
+            try:
+                with urllib.request.urlopen(state["ready"][proc["name"]], timeout=2) as response:
+                    ready = "ready" if response.status == 200 else f"not ready ({response.status})"
+            except urllib.error.HTTPError as exc:
+                ready = f"not ready ({exc.code})"
+            except OSError as exc:
+                ready = f"not answering ({exc})"
+        healthy = healthy and alive and ready in ("", "ready")
+        print(f"  {proc['name']:<12} {'running' if alive else 'exited':<8} pid {proc['pid']:<8} {ready}")
+    return 0 if healthy else 1
+
+
+def _logs(home: Path, name: str | None) -> int:
+    state = _state(home)
+    workdir = Path(state["workdir"]) if state else home / "run"
+    if state is not None:
+        known = {p["name"]: p["log"] for p in state["processes"]}
+    else:  # the last run's
+        known = {path.stem: str(path) for path in sorted(workdir.glob("*.log"))}
+    if name is not None and name not in known:
+        print(f"no log named {name!r}; there are: {', '.join(known) or 'none'}", file=sys.stderr)
+        return 2
+    paths = [known[name]] if name else list(known.values())
+    if not paths:
+        print(f"no logs in {workdir}", file=sys.stderr)
+        return 2
+    os.execvp("tail", ["tail", "-n", "50", "-F", *paths])
 
 
 if __name__ == "__main__":
