@@ -8,7 +8,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/chorus
 WORKDIR /src
-# .dockerignore admits only pyproject.toml, README and the packages (tests/test_helm.py checks).
+# .dockerignore admits only pyproject.toml, README, LICENSE, the packages and the chat page with the
+# SDK's sources (tests/test_helm.py checks).
 COPY . .
 RUN /opt/chorus/bin/pip install .
 
@@ -18,11 +19,14 @@ RUN groupadd --system --gid 10001 chorus \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin chorus
 COPY --from=build /opt/chorus /opt/chorus
+# The chat page and the SDK it imports, served by the nodes at / (WEB_ROOT).
+COPY --from=build /src/clients /opt/chorus/clients
 # Bytecode was compiled at install time. The root filesystem is read-only at runtime and /tmp is
 # an emptyDir, so HOME points there for libraries that cache under ~.
 ENV PATH=/opt/chorus/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    WEB_ROOT=/opt/chorus/clients \
     HOME=/tmp
 # Numeric, so the kubelet can verify runAsNonRoot without reading /etc/passwd.
 USER 10001:10001

@@ -32,7 +32,7 @@ install() {
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   # pip 23.2 backtracks for ever on this dependency set: upgrade it first.
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+  "$VENV/bin/python" -m pip install -q -e ".[$extras]" -e clients/python
 }
 
 ensure() {  # ensure <command>:<Debian package>...: install the packages whose command is missing
@@ -67,7 +67,7 @@ case "${1:-}" in
     ensure nginx:nginx promtool:prometheus pgbouncer:pgbouncer chromium:chromium
     step "linters"
     "$VENV/bin/ruff" check .
-    "$VENV/bin/mypy" protocol common fanout runs ws_node persistence agent_worker loadtest
+    "$VENV/bin/mypy" protocol common fanout runs ws_node persistence agent_worker loadtest clients/python/chorus_client
     "$VENV/bin/lint-imports"  # the package boundaries: pyproject.toml, [tool.importlinter]
     step "tests"
     exec "$VENV/bin/python" -m pytest "$@"

@@ -141,7 +141,8 @@ async def serve(settings: WorkerSettings, agents: Agents) -> None:
     redis = redis_client.connect(settings.redis_url, socket_timeout_s=10, pool_size=pool_size,
                                  pool_wait_s=settings.redis_pool_wait_s)
     keys = Keys(settings.redis_prefix)
-    store = await Store.connect_when_ready(settings.database_url, max_size=20)
+    store = await Store.connect_when_ready(settings.database_url, max_size=20,
+                                           statement_cache_size=settings.database_statement_cache_size)
     broker = RedisBroker(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
     runs = Runs(store, broker, RedisRunQueue(redis, keys), store_retry_s=settings.store_retry_s,
                 answer_ttl_s=settings.history_ttl_s)

@@ -231,6 +231,11 @@ class SharedSettings:
     database_url: str = required("DATABASE_URL", url("postgresql", "postgres"),
                                  "`postgresql://` or `postgres://` URL; TLS parameters such as `sslmode` are "
                                  "honoured. The migration reads only this")
+    database_statement_cache_size: int = setting(
+        "DATABASE_STATEMENT_CACHE_SIZE", "100", integer(0, 10_000),
+        "prepared statements asyncpg keeps per Postgres connection, 0 to 10000 (100 is asyncpg's own "
+        "default). **0 behind PgBouncer in transaction mode**, which cannot keep a connection's prepared "
+        "statements (see [Postgres, migrations and PgBouncer](#postgres-migrations-and-pgbouncer))")
     internal_port: int | None = setting(
         "INTERNAL_PORT", "0", zero_is_off(integer(0, 65535)),
         "port of the health server (`/healthz`, `/readyz`), 0 to 65535. The chart sets 9090 (node) and "

@@ -52,11 +52,11 @@ from typing import Any
 
 import aiohttp
 import psutil
+from chorus_client.testing import RecordingClient as ChorusClient
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage
 
 from agent_worker.model import ModelConfig, build_chat_model
-from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.fanout_bench import machine
 from loadtest.llm_server import expected_answer
@@ -123,13 +123,13 @@ class TimedClient(ChorusClient):
         self.first_published: dict[str, float] = {}
         self.last_token: dict[str, float] = {}
 
-    async def _on_frame(self, frame: dict[str, Any]) -> None:
+    def record(self, frame: dict[str, Any]) -> None:
         if frame.get("type") == FrameType.EVENT and frame.get("event") == Event.TOKEN:
             now, run = time.time(), frame["run"]
             if run not in self.first_token:
                 self.first_token[run], self.first_published[run] = now, frame["ts"] / 1000
             self.last_token[run] = now
-        await super()._on_frame(frame)
+        super().record(frame)
 
 
 async def _bare(model: BaseChatModel, texts: list[str], expected: str) -> tuple[list[RunTimes], list[str]]:

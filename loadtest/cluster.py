@@ -197,6 +197,7 @@ class LocalCluster:
             **self._base_env(),
             "AUTH_JWT_SECRET": self.config.jwt_secret,
             "CHORUS_DEV": "1",
+            "DEV_LOGIN": "1",  # the chat page's dev login: tokens for any user name, signed with jwt_secret
             "HOST": "127.0.0.1",  # loopback only; the node's default is every interface
             **self.config.env,
             "PORT": str(self.node_ports[index]),

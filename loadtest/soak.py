@@ -58,12 +58,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from chorus_client.testing import ClientError
+from chorus_client.testing import RecordingClient as ChorusClient
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from common.keys import Keys
 from fanout.redis_broker import RedisBroker
-from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import ClusterConfig, LocalCluster
 from protocol import END_EVENTS, ErrorCode, Event, FrameType
 

@@ -60,20 +60,32 @@ class Store:
         self.pool = pool
 
     @classmethod
-    async def connect(cls, database_url: str, *, min_size: int = 1, max_size: int = 10) -> Store:
+    async def connect(
+        cls, database_url: str, *, min_size: int = 1, max_size: int = 10, statement_cache_size: int = 100
+    ) -> Store:
+        """A pool of `min_size` to `max_size` connections. `statement_cache_size` is asyncpg's
+        prepared-statement cache per connection (DATABASE_STATEMENT_CACHE_SIZE; 100 is asyncpg's
+        default): 0 behind PgBouncer in transaction mode, where the next transaction may run on
+        another server connection, one without the statement ('prepared statement
+        "__asyncpg_stmt_1__" does not exist'). Uncached, asyncpg parses each query again in the
+        same round trip as its execution, which the pooler keeps on one server connection."""
         pool = await asyncpg.create_pool(
-            database_url, min_size=min_size, max_size=max_size, command_timeout=COMMAND_TIMEOUT_S, timeout=5
+            database_url, min_size=min_size, max_size=max_size, command_timeout=COMMAND_TIMEOUT_S, timeout=5,
+            statement_cache_size=statement_cache_size,
         )
         return cls(pool)
 
     @classmethod
-    async def connect_when_ready(cls, database_url: str, *, max_size: int = 10) -> Store:
+    async def connect_when_ready(
+        cls, database_url: str, *, max_size: int = 10, statement_cache_size: int = 100
+    ) -> Store:
         """`connect`, retried with backoff while Postgres is not up yet (it may start after the
         node or worker): a process waits for it rather than crash-looping. Other errors (a wrong
         password, a bad database name) still raise."""
         for delay_s in delays_s(base_s=0.2, cap_s=3.0):
             try:
-                return await cls.connect(database_url, max_size=max_size)
+                return await cls.connect(database_url, max_size=max_size,
+                                         statement_cache_size=statement_cache_size)
             except _UNAVAILABLE as exc:
                 log.warning("postgres not reachable yet (%r); retrying", exc)
                 await asyncio.sleep(delay_s)

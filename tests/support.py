@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+from chorus_client.testing import RecordingClient as ChorusClient
 
-from loadtest.client import ChorusClient
 from loadtest.cluster import LocalCluster
 
 if TYPE_CHECKING:

@@ -13,11 +13,11 @@ import aiohttp
 import asyncpg
 import jwt
 import pytest
+from chorus_client.testing import RecordingClient as ChorusClient
 from redis.asyncio import Redis
 
 from common.keys import Keys
 from fanout.redis_broker import RedisBroker
-from loadtest.client import ChorusClient
 from loadtest.cluster import LocalCluster
 from persistence.store import Store
 from protocol.vocabulary import RunStatus

@@ -10,8 +10,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from chorus_client.testing import ClientError
+from chorus_client.testing import RecordingClient as ChorusClient
 
-from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import ClusterConfig, LocalCluster
 from tests.fake_llm import FakeLLM
 from tests.support import McpTestServer, unique

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from chorus_client.testing import ClientError
+from chorus_client.testing import RecordingClient as ChorusClient
 
-from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import ClusterConfig, LocalCluster
 from protocol import ErrorCode, Event
 from tests.support import unique

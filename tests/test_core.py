@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import asyncpg
 import pytest
+from chorus_client.testing import ClientError
+from chorus_client.testing import RecordingClient as ChorusClient
 
-from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import LocalCluster
 from tests.fake_llm import FakeLLM
 from tests.support import comparable, node_ws, rest, unique

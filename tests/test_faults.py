@@ -26,8 +26,9 @@ from typing import Any
 import aiohttp
 import pytest
 import redis
+from chorus_client.testing import ClientError
+from chorus_client.testing import RecordingClient as ChorusClient
 
-from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import PostgresServer, RedisServer
 from tests.fake_llm import FakeLLM

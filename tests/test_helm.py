@@ -815,3 +815,40 @@ def test_the_image_build_context_admits_every_package() -> None:
     packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert packages <= admitted, f"not in the image: {sorted(packages - admitted)}"
     assert all((ROOT / name).exists() for name in admitted), "admits a file that does not exist"
+
+
+# --- the README's values table ---------------------------------------------------------------
+
+
+def render_readme() -> Any:
+    """helm/render_readme.py, loaded from its path (helm/ is no package; `helm` here is helm_python)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render_readme", ROOT / "helm" / "render_readme.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_values_table_is_current_and_every_value_described() -> None:
+    render = render_readme()
+    schema, values = render.load()
+    assert render.undescribed(schema) == [], "describe these keys in values.schema.json"
+    readme = (CHART_DIR / "README.md").read_text()
+    assert render.rewrite(readme, render.table(schema, values)) == readme, (
+        "helm/chorus/README.md is stale: run .venv/bin/python helm/render_readme.py --write")
+    assert "| `node.replicas` | integer | `2` | Pods; ignored when `node.autoscaling.enabled`. |" in readme
+    assert "| `node.autoscaling.targetMemoryUtilizationPercentage` | integer or null | `null` |" in readme
+    assert "](../../docs/operations.md)" in readme
+
+
+def test_readme_check_catches_a_changed_default_and_a_missing_description() -> None:
+    render = render_readme()
+    schema, values = render.load()
+    readme = (CHART_DIR / "README.md").read_text()
+    values["node"]["replicas"] = 3
+    assert render.rewrite(readme, render.table(schema, values)) != readme
+    del schema["properties"]["node"]["properties"]["replicas"]["description"]
+    schema["properties"]["worker"]["properties"]["llm"]["properties"]["model"]["description"] = " "
+    assert render.undescribed(schema) == ["node.replicas", "worker.llm.model"]

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import aiohttp
 import pytest
+from chorus_client.testing import RecordingClient as ChorusClient
 from redis.asyncio import Redis
 
 from common.redis_client import PoolExhausted, WaitingPool
-from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import RedisServer
 from protocol import Event

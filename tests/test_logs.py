@@ -12,10 +12,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from chorus_client.testing import RecordingClient as ChorusClient
 from opentelemetry.sdk.trace import TracerProvider
 
 from common import logs
-from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from protocol import Event
 from tests.fake_llm import FakeLLM

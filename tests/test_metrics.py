@@ -11,10 +11,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from chorus_client.testing import RecordingClient as ChorusClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.metrics import Histogram, LoopLag
-from loadtest.client import ChorusClient
 from loadtest.cluster import LocalCluster
 from loadtest.procs import wait_http_ok
 from protocol import Event

@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import aiohttp
 import pytest
+from chorus_client.testing import RecordingClient as ChorusClient
 
-from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import NGINX_TEMPLATE, NginxServer
 from tests.fake_llm import FakeLLM

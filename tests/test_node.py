@@ -15,11 +15,11 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+from chorus_client.testing import RecordingClient as ChorusClient
 from redis.asyncio import Redis
 
 from common.keys import Keys
 from fanout.redis_broker import RedisBroker
-from loadtest.client import ChorusClient
 from loadtest.cluster import LocalCluster
 from loadtest.procs import Proc, free_port, wait_http_ok
 from tests.support import RawSocket, event_payload, send_frame, unique

@@ -82,7 +82,7 @@ async def test_a_quick_reconnect_is_not_an_offline_online_pair(cluster: LocalClu
                 frame = await next_presence(phone, timeout_s=QUIET_S)
                 pytest.fail(f"the phone was told {frame}")
             status, body = await rest(http, cluster.http_url, token, "GET", "/v1/presence")
-            assert listed(body["devices"]) == {("phone", "node-a"), ("laptop", "node-b")}
+            assert status == 200 and listed(body["devices"]) == {("phone", "node-a"), ("laptop", "node-b")}
         # The old socket's delayed offline did not take the new socket's entry away; this close does.
         assert await next_presence(phone) == {"type": "presence", "device": "laptop", "online": False,
                                               "node": "node-b"}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from chorus_client.testing import RecordingClient as ChorusClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import Proc, free_port, wait_http_ok
 from protocol import Event

@@ -8,8 +8,9 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from chorus_client.testing import ClientError
+from chorus_client.testing import RecordingClient as ChorusClient
 
-from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import LocalCluster
 from tests.support import unique
 

@@ -25,6 +25,8 @@ import aiohttp
 import jwt
 import pytest
 from aiohttp import web
+from chorus_client.testing import ClientError
+from chorus_client.testing import RecordingClient as ChorusClient
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
@@ -33,7 +35,6 @@ from redis.asyncio import Redis
 
 from common.config import SettingError, redact_url
 from common.keys import Keys
-from loadtest.client import ChorusClient, ClientError
 from loadtest.cluster import LocalCluster
 from loadtest.procs import REPO_ROOT, Proc, RedisServer, free_port, wait_http_ok
 from persistence.migrate import sqlalchemy_url, upgrade_head

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from chorus_client.testing import RecordingClient as ChorusClient
 from redis.asyncio import Redis
 
 from common.keys import Keys
 from fanout.redis_broker import RedisBroker
-from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from tests.fake_llm import FakeLLM
 from tests.support import comparable_without_conversation, event_payload, unique

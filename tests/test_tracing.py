@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 import pytest
 from aiohttp import web
+from chorus_client.testing import RecordingClient as ChorusClient
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import REPO_ROOT, free_port
 from protocol import Event

@@ -331,7 +331,8 @@ def test_sql_statuses_are_run_statuses() -> None:
 # Nobody else spells the vocabulary
 
 VOCABULARY = {member.value for enum_cls in (Event, RunStatus, DoubleTexting) for member in enum_cls}
-SCANNED = ("protocol", "common", "fanout", "runs", "ws_node", "agent_worker", "persistence", "loadtest")
+SCANNED = ("protocol", "common", "fanout", "runs", "ws_node", "agent_worker", "persistence", "loadtest",
+           "clients/python/chorus_client")
 
 
 def _exempt(relative: str) -> bool:
@@ -347,7 +348,7 @@ ALLOWED = {
     # The worker's /readyz JSON reports how many runs it holds under the key "running".
     ("agent_worker/__main__.py", "running"),
     # The `auth` command's member holding the JWT, not the `token` event.
-    ("loadtest/client.py", "token"),
+    ("clients/python/chorus_client/client.py", "token"),
     # The benchmark's peers take a token in their own connect payload.
     ("loadtest/scenarios/common.py", "token"),
 }

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import asyncpg
 import pytest
+from chorus_client.testing import RecordingClient as ChorusClient
 from redis.asyncio import Redis
 
 from common.keys import Keys
-from loadtest.client import ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import Proc
 from tests.fake_llm import FakeLLM

@@ -31,6 +31,7 @@ from runs.lifecycle import Runs
 from runs.queue import RedisRunQueue
 from ws_node import admin, commands, limits, presence, rest
 from ws_node import metrics as node_metrics
+from ws_node import web as chat_page
 from ws_node.auth import (
     IDENTITY,
     AuthUnavailable,
@@ -336,7 +337,8 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
                                      pool_size=settings.redis_pool_size or NODE_POOL_SIZE,
                                      pool_wait_s=settings.redis_pool_wait_s)
         keys = Keys(settings.redis_prefix)
-        store = await Store.connect_when_ready(settings.database_url)
+        store = await Store.connect_when_ready(settings.database_url,
+                                               statement_cache_size=settings.database_statement_cache_size)
         broker = RedisBroker(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
         stats = NodeStats()
         hub = Hub(broker, observe=stats.published)
@@ -389,6 +391,7 @@ def create_app(settings: NodeSettings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     rest.add_routes(app)
     admin.setup(app)
+    chat_page.add_routes(app, settings)
     return app
 
 

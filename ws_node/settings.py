@@ -79,6 +79,16 @@ class NodeSettings(SharedSettings):
     max_text_chars: int = setting("MAX_TEXT_CHARS", "8000", integer(low=1), "longest `send` text")
     dev: bool = setting(
         "CHORUS_DEV", "false", boolean, "development mode: disables the `Origin` check. Never in production")
+    web_root: str | None = optional(
+        "WEB_ROOT", text,
+        "the directory holding the chat page (`web/`) and the JavaScript SDK (`js/src/`) served at `/`; the "
+        "image sets `/opt/chorus/clients`. Unset: `clients/` of the checkout the node runs from",
+        shown="the checkout's clients/")
+    dev_login: bool = setting(
+        "DEV_LOGIN", "false", boolean,
+        "the chat page's dev login: `POST /dev/login` mints a token (HS256 with `AUTH_JWT_SECRET`) for any "
+        "user name it is given, so anyone who reaches the node can be anyone. Never in production; off, it "
+        "answers 404")
     # Authentication (ws_node.auth); which keys may be set together is checked in from_env
     jwt_secret: str | None = optional(
         "AUTH_JWT_SECRET", min_chars(16),

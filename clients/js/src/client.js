@@ -19,6 +19,7 @@ import { FrameType } from "./vocabulary.js";
 /** @typedef {import("./protocol.js").Error} ErrorFrame */
 /** @typedef {import("./protocol.js").Resync} Resync */
 /** @typedef {import("./protocol.js").Snapshot} Snapshot */
+/** @typedef {import("./protocol.js").Presence} Presence */
 /** @typedef {import("./protocol.js").EventFrame} EventFrame */
 /** @typedef {import("./protocol.js").ServerFrame} ServerFrame */
 /** @typedef {import("./protocol.js").ClientCommand} ClientCommand */
@@ -91,6 +92,7 @@ import { FrameType } from "./vocabulary.js";
  *   event: EventFrame,
  *   resync: Resync,
  *   snapshot: Snapshot,
+ *   presence: Presence,
  *   ack: Ack,
  *   error: ChorusError,
  *   close: { code: number, reason: string },
@@ -112,7 +114,7 @@ import { FrameType } from "./vocabulary.js";
  * @property {ReturnType<typeof setTimeout> | null} timer
  */
 
-const STORE_EVENTS = new Set(["run", "message", "messages", "conversation"]);
+const STORE_EVENTS = new Set(["run", "message", "messages", "conversation", "devices"]);
 const MAX_FRAME_BYTES = 64 * 1024;
 
 export class ChorusClient {
@@ -420,6 +422,12 @@ export class ChorusClient {
         // The node drains: it closes with 1012 right after; reconnect after `after_ms`.
         this._reconnectAfterMs = frame.after_ms;
         return;
+      case FrameType.PRESENCE:
+        // Not sequenced (no seq, never in history): it must not pass the seq gate, whose position
+        // it would corrupt. The store applies it idempotently: every socket of the user gets it.
+        this.store.applyPresence(frame);
+        this._emitter.emit("presence", frame);
+        return;
       default:
         return; // unknown frames are ignored (a newer server)
     }
@@ -438,6 +446,9 @@ export class ChorusClient {
     this._tokenReason = "connect";
     this._reconnectAfterMs = null;
     this.stats.connects += 1;
+    // The devices online as of this hello replace the list: presence frames sent while this device
+    // was away never reached it. (A server older than presence sends none: the list stays empty.)
+    this.store.setDevices(hello.devices ?? []);
     this._setState({ status: "connected", node: hello.node, resumed, attempt: 0, code: null, delayMs: null });
     this._emitter.emit("hello", hello);
     this._scheduleRefresh();

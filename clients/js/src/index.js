@@ -37,3 +37,5 @@ export { CloseCode, DoubleTexting, ErrorCode, Event, FrameType, ResyncReason, Ro
 /** @typedef {import("./protocol.js").Ack} Ack */
 /** @typedef {import("./protocol.js").Snapshot} Snapshot */
 /** @typedef {import("./protocol.js").Resync} Resync */
+/** @typedef {import("./protocol.js").Presence} Presence */
+/** @typedef {import("./protocol.js").DeviceOnline} DeviceOnline */

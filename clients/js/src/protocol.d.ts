@@ -37,6 +37,12 @@ export type ClientCommand =
 /** WebSocket close codes. 4xxx are Chorus's own; the client reconnects after each of these except `UNAUTHORIZED` (get a new token first), `TOO_MANY_DEVICES`, `INVALID_TEXT` and `POLICY`. */
 export type CloseCode = 1000 | 1001 | 1006 | 1007 | 1008 | 1009 | 1011 | 1012 | 1013 | 4001 | 4008 | 4029;
 
+/** One of the user's devices online now, and the node it is connected to. */
+export interface DeviceOnline {
+  device: string;
+  node: string;
+}
+
 /** What a message sent while a run of its conversation is in flight does. */
 export type DoubleTexting = "enqueue" | "reject" | "interrupt" | "rollback";
 
@@ -95,10 +101,12 @@ export interface EventFrameMap {
 }
 
 /** The `type` of every frame, in both directions. */
-export type FrameType = "send" | "cancel" | "respond" | "ping" | "auth" | "hello" | "event" | "ack" | "error" | "pong" | "resync" | "snapshot" | "reconnect";
+export type FrameType = "send" | "cancel" | "respond" | "ping" | "auth" | "hello" | "event" | "ack" | "error" | "pong" | "resync" | "snapshot" | "reconnect" | "presence";
 
+/** `devices`: the user's devices online now, this one included (replaces a client's list). */
 export interface Hello {
   device: string;
+  devices: Array<DeviceOnline>;
   epoch: string;
   heartbeat: number;
   node: string;
@@ -124,6 +132,14 @@ export interface Ping {
 export interface Pong {
   id: string | null;
   type: "pong";
+}
+
+/** One of the user's devices came online, or went offline (its last socket closed and it did not come back within the node's debounce). Not sequenced: no seq, never in history. */
+export interface Presence {
+  device: string;
+  node: string;
+  online: boolean;
+  type: "presence";
 }
 
 export interface Reconnect {
@@ -238,6 +254,7 @@ export type ServerFrame =
   | Resync
   | Reconnect
   | Snapshot
+  | Presence
   | EventFrame;
 
 /** The user's runs in flight, each run's text exact as of `seq` (see runs.snapshot). */

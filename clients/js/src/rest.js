@@ -1,5 +1,6 @@
-// The REST API (docs/protocol.md, "REST"; ws_node/rest.py): conversations and their messages,
-// with the same token as the socket, over `fetch` (global, or injected).
+// The REST API (docs/protocol.md, "REST"; ws_node/rest.py): conversations and their messages, the
+// agents and the user's devices online, with the same token as the socket, over `fetch` (global, or
+// injected).
 
 import { ChorusError } from "./errors.js";
 
@@ -102,6 +103,14 @@ export class RestClient {
    */
   listMessages(id, page = {}) {
     return this.request("GET", `/v1/conversations/${encodeURIComponent(id)}/messages${query(page)}`);
+  }
+
+  /**
+   * The user's devices online now (what `hello` carries as `devices`).
+   * @returns {Promise<{ devices: import("./protocol.js").DeviceOnline[] }>}
+   */
+  presence() {
+    return this.request("GET", "/v1/presence");
   }
 
   /** @returns {Promise<{ agents: Array<{ name: string, description: string, model: string, tools: string[] }> }>} */

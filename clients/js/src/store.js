@@ -1,6 +1,7 @@
-// What a device shows: conversations, their messages, and runs with their streaming text and
-// status. Pure (no I/O): the client feeds it the frames its seq gate accepted, `snapshot` frames and
-// REST pages, in any mix, and it applies each idempotently.
+// What a device shows: conversations, their messages, runs with their streaming text and status, and
+// the user's devices online now. Pure (no I/O): the client feeds it the frames its seq gate accepted,
+// `snapshot` frames, REST pages and presence (`hello.devices`, `presence` frames), in any mix, and it
+// applies each idempotently.
 //
 // Why it is idempotent: every run remembers the last seq applied to it (`seq`). A snapshot is
 // exact as of its seq, so an event at or below a run's seq is already in the run and is skipped;
@@ -19,6 +20,8 @@ import { Event, Role, RunStatus } from "./vocabulary.js";
 /** @typedef {import("./protocol.js").RunStatus} RunStatusName */
 /** @typedef {import("./protocol.js").Role} RoleName */
 /** @typedef {import("./protocol.js").DoubleTexting} DoubleTextingName */
+/** @typedef {import("./protocol.js").DeviceOnline} DeviceOnline */
+/** @typedef {import("./protocol.js").Presence} Presence */
 
 /**
  * A tool call of a run, as `tool.started` / `tool.completed` (or REST's `tools`) describe it.
@@ -97,6 +100,7 @@ import { Event, Role, RunStatus } from "./vocabulary.js";
  * @property {Message} message a user message was added or changed
  * @property {{ conversation: string }} messages a conversation's list of messages changed (added, removed, reordered)
  * @property {Conversation} conversation a conversation was added or changed
+ * @property {DeviceOnline[]} devices the user's devices online changed (the whole list, as `devices()` returns it)
  */
 
 // The seq of a run known from its stored answer (REST): no token can add to it any more.
@@ -121,6 +125,8 @@ export class Store extends Emitter {
     this._order = new Map();
     /** @type {Map<string, string[]>} conversation -> its runs' ids, in the order first seen */
     this._runOrder = new Map();
+    /** @type {Map<string, DeviceOnline>} the user's devices online now, by device id */
+    this._devices = new Map();
   }
 
   // Reading
@@ -155,6 +161,15 @@ export class Store extends Emitter {
       if (run && !shown.has(id) && !run.rolledBack) out.push(answer(run));
     }
     return out;
+  }
+
+  /**
+   * The user's devices online now (this one included once connected), each with the node serving it,
+   * in the order they came online.
+   * @returns {DeviceOnline[]}
+   */
+  devices() {
+    return [...this._devices.values()];
   }
 
   /** Conversations, most recently active first (as REST lists them; new ones first). */
@@ -330,6 +345,37 @@ export class Store extends Emitter {
     this._putConversation({ ...conv, loaded: conv.loaded || newest,
                             nextBefore: newest || conv.nextBefore !== null ? nextBefore : conv.nextBefore });
     this.emit("messages", { conversation });
+  }
+
+  /**
+   * The devices a `hello` lists: they replace the list (what changed while this device was away
+   * came with no `presence` frame to it).
+   * @param {DeviceOnline[]} devices
+   */
+  setDevices(devices) {
+    const next = new Map(devices.map(({ device, node }) => [device, { device, node }]));
+    const same = next.size === this._devices.size
+      && [...next.values()].every(({ device, node }) => this._devices.get(device)?.node === node);
+    this._devices = next;
+    if (!same) this.emit("devices", this.devices());
+  }
+
+  /**
+   * A `presence` frame: one device came online (or moved to another node) or went offline. Not
+   * sequenced, and sent to every socket of the user, so it is applied idempotently: a frame that
+   * changes nothing emits nothing.
+   * @param {Presence} frame
+   */
+  applyPresence(frame) {
+    const known = this._devices.get(frame.device);
+    if (frame.online) {
+      if (known?.node === frame.node) return;
+      this._devices.set(frame.device, { device: frame.device, node: frame.node });
+    } else {
+      if (!known) return;
+      this._devices.delete(frame.device);
+    }
+    this.emit("devices", this.devices());
   }
 
   /** @param {string} conversation forget a deleted conversation */

@@ -70,6 +70,7 @@ export const FrameType = Object.freeze(/** @type {const} */ ({
   RESYNC: "resync",
   SNAPSHOT: "snapshot",
   RECONNECT: "reconnect",
+  PRESENCE: "presence",
 }));
 
 /** Why a device's position was unusable (the `reason` of a `resync` frame). */

@@ -268,3 +268,32 @@ test("no hello in time: the socket is dropped and another tried", async () => {
   assert.equal(FakeSocket.all[0].closed.code, 4000);
   chorus.close();
 });
+
+test("presence frames bypass the seq gate; every hello replaces the devices", async () => {
+  const chorus = client();
+  const lists = [];
+  chorus.on("devices", (devices) => lists.push(devices.map((d) => d.device)));
+  const connecting = chorus.connect();
+  await until(() => FakeSocket.all.length === 1);
+  const ws = FakeSocket.all[0];
+  ws.open();
+  ws.receive(hello(10, { devices: [{ device: "phone", node: "node-a" }] }));
+  await connecting;
+  ws.receive(token(11, "a"));
+  ws.receive({ type: "presence", device: "laptop", online: true, node: "node-b" }); // no seq
+  ws.receive(token(12, "b"));
+  assert.deepEqual(chorus.store.devices(), [{ device: "phone", node: "node-a" }, { device: "laptop", node: "node-b" }]);
+  assert.deepEqual([chorus.stats.gaps, chorus.stats.duplicates, chorus.position.after], [0, 0, 12]);
+  assert.equal(chorus.store.run("r1").text, "ab");
+  assert.equal(ws.closed, null, "a presence frame is not a gap");
+
+  // Away: the laptop left meanwhile and no frame said so; the next hello's list is the truth.
+  ws.serverClose(1006);
+  await until(() => FakeSocket.all.length === 2);
+  const again = FakeSocket.all[1];
+  again.open();
+  again.receive(hello(12, { devices: [{ device: "phone", node: "node-b" }] }));
+  assert.deepEqual(chorus.store.devices(), [{ device: "phone", node: "node-b" }]);
+  assert.deepEqual(lists, [["phone"], ["phone", "laptop"], ["phone"]]);
+  chorus.close();
+});

@@ -147,3 +147,26 @@ test("conversations come from events and REST, newest first", () => {
   assert.deepEqual(store.conversationList().map((c) => c.id), ["c2"]);
   assert.deepEqual(store.messages("c1"), []);
 });
+
+test("devices: a hello's list replaces them, presence frames update them idempotently", () => {
+  const store = new Store();
+  const seen = [];
+  store.on("devices", (devices) => seen.push(devices.map((d) => `${d.device}@${d.node}`)));
+  store.setDevices([{ device: "phone", node: "node-a" }, { device: "laptop", node: "node-b" }]);
+  store.applyPresence({ type: "presence", device: "tablet", online: true, node: "node-a" });
+  store.applyPresence({ type: "presence", device: "tablet", online: true, node: "node-a" }); // every socket gets it
+  store.applyPresence({ type: "presence", device: "laptop", online: true, node: "node-a" }); // moved
+  store.applyPresence({ type: "presence", device: "phone", online: false, node: "node-a" });
+  store.applyPresence({ type: "presence", device: "phone", online: false, node: "node-a" });
+  store.applyPresence({ type: "presence", device: "watch", online: false, node: "node-b" }); // never known
+  assert.deepEqual(store.devices(), [{ device: "laptop", node: "node-a" }, { device: "tablet", node: "node-a" }]);
+  store.setDevices([{ device: "tablet", node: "node-a" }, { device: "laptop", node: "node-a" }]); // same set
+  store.setDevices([{ device: "desk", node: "node-b" }]);
+  assert.deepEqual(seen, [
+    ["phone@node-a", "laptop@node-b"],
+    ["phone@node-a", "laptop@node-b", "tablet@node-a"],
+    ["phone@node-a", "laptop@node-a", "tablet@node-a"],
+    ["laptop@node-a", "tablet@node-a"],
+    ["desk@node-b"],
+  ]);
+});
