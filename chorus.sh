@@ -32,7 +32,8 @@ install() {
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   # pip 23.2 backtracks for ever on this dependency set: upgrade it first.
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[$extras]" -e clients/python
+  # The versions CI tested (scripts/constraints.py): a new release cannot break a fresh install.
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[$extras]" -e clients/python
 }
 
 ensure() {  # ensure <command>:<Debian package>...: install the packages whose command is missing
