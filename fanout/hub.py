@@ -23,7 +23,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from common.backoff import delays_s
@@ -45,6 +45,14 @@ class Subscriber(Protocol):
 
     def resume(self) -> None:
         """Pub/Sub delivery may have missed frames: catch up from history."""
+
+
+class _UserLock:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0  # holding or waiting
 
 
 class Unavailable(Exception):
@@ -72,7 +80,7 @@ class Hub:
         self._deaf = False
         self._redial = False
         self._subs: dict[str, set[Subscriber]] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _UserLock] = {}
         self._users_by_channel: dict[str, str] = {}
         self._confirmations: dict[str, asyncio.Future[None]] = {}
         self._pubsub: PubSub | None = None
@@ -112,7 +120,7 @@ class Hub:
         user = sub.user
         self._subs.setdefault(user, set()).add(sub)
         channel = self._broker.channel(user)
-        async with self._lock(user):
+        async with self._serialised(user):
             if channel in self._users_by_channel or sub not in self._subs.get(user, ()):
                 return
             confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -145,8 +153,7 @@ class Hub:
         subs.discard(sub)
         if subs:
             return
-        lock = self._lock(user)
-        async with lock:
+        async with self._serialised(user):
             if self._subs.get(user):
                 return  # a socket of the user attached meanwhile
             self._subs.pop(user, None)
@@ -156,14 +163,22 @@ class Hub:
                     await self._pubsub.unsubscribe(channel)
                 except TRANSIENT:
                     pass  # the reconnect loop only resubscribes channels still held
-        if not lock.locked() and user not in self._subs:
-            self._locks.pop(user, None)
 
-    def _lock(self, user: str) -> asyncio.Lock:
-        lock = self._locks.get(user)
-        if lock is None:
-            lock = self._locks[user] = asyncio.Lock()
-        return lock
+    @contextlib.asynccontextmanager
+    async def _serialised(self, user: str) -> AsyncIterator[None]:
+        """One attach or detach of `user` at a time. The lock lives only while someone holds or
+        awaits it, so an idle user costs no lock."""
+        entry = self._locks.get(user)
+        if entry is None:
+            entry = self._locks[user] = _UserLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[user]
 
     async def _run(self) -> None:
         delays = delays_s(base_s=0.1, cap_s=2.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import struct
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from redis.asyncio import Redis
 from loadtest.peers import raw_probe, tokens
 from loadtest.procs import RedisServer, free_port
 from loadtest.scenarios import eio
-from loadtest.scenarios.s1 import memory_figures
+from loadtest.scenarios.s1 import memory_figures, stall_figures
 from loadtest.scenarios.s2 import step_figures
 
 # -- the minimal Socket.IO client ------------------------------------------------------------------
@@ -164,3 +165,14 @@ def test_s1_memory_per_socket() -> None:
     assert figures["kb_per_socket"] == pytest.approx(16.0)
     assert figures["redis_kb_per_socket"] == pytest.approx(1.0)
     assert figures["rss_before_mb"] == pytest.approx(100.0)
+
+
+def test_s1_loop_stalls_while_idle() -> None:
+    before = {0.01: 90.0, 0.02: 95.0, 0.05: 100.0, 0.1: 100.0, math.inf: 100.0}
+    # 40 more ticks: 30 under 10 ms, 8 between 20 and 50 ms, 2 between 50 and 100 ms.
+    after = {0.01: 120.0, 0.02: 125.0, 0.05: 133.0, 0.1: 140.0, math.inf: 140.0}
+    assert stall_figures(before, after) == {"stalls_over_20ms": 10, "worst_stall_le_s": 0.1, "lag_ticks": 40}
+    quiet = {0.01: 130.0, 0.02: 135.0, 0.05: 140.0, 0.1: 140.0, math.inf: 140.0}
+    assert stall_figures(before, quiet)["stalls_over_20ms"] == 0
+    assert stall_figures(before, quiet)["worst_stall_le_s"] == 0.01  # the stalls before count no more
+    assert stall_figures(None, None) == {}

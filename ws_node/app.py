@@ -8,7 +8,7 @@ import itertools
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ from ws_node.auth import (
     Verifier,
     origin_allowed,
     token_of,
-    wants_frame_auth,
+    ws_query,
 )
 from ws_node.connection import Connection
 from ws_node.limits import LocalBucket, Rate, RedisBuckets
@@ -130,7 +130,6 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
     lease.start()
     if auth_id is not None:
         conn.send(encode(Ack(auth_id, expires_at=int(ident.expires_at))))
-    writer = asyncio.create_task(conn.writer(), name=f"writer-{ident.user}-{device}")
     svc.connections.add(conn)
     try:
         try:
@@ -155,10 +154,7 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
         svc.connections.discard(conn)
         conn.close(CloseCode.NORMAL, "bye")
         await asyncio.gather(_detach(svc, conn), return_exceptions=True)
-        try:
-            await asyncio.wait_for(writer, timeout=5)
-        except TimeoutError:
-            writer.cancel()
+        await conn.finish(timeout_s=5)
     return ws
 
 
@@ -180,10 +176,11 @@ async def _admit(
         retry_s = max(1, math.ceil(admitted.retry_after_ms / 1000))
         raise web.HTTPTooManyRequests(text="too many new connections; retry later",
                                       headers={"Retry-After": str(retry_s)})
-    device, after, epoch = _position(request)
-    token = token_of(request)
+    query = ws_query(request)
+    device, after, epoch = _position(query)
+    token = token_of(request, query)
     if token is None:
-        if wants_frame_auth(request):
+        if query.get("auth") == "frame":  # the token comes as the first frame
             return device, after, epoch, None
         raise web.HTTPUnauthorized(text="missing token: send it as a Bearer header or access_token, "
                                         "or connect with auth=frame and send an auth frame")
@@ -195,10 +192,10 @@ async def _admit(
         raise web.HTTPServiceUnavailable(text="cannot verify tokens right now") from None
 
 
-def _position(request: web.Request) -> tuple[str, int | None, str | None]:
+def _position(query: Mapping[str, str]) -> tuple[str, int | None, str | None]:
     """`device`, `after` and `epoch` from the query, or 400."""
-    device = request.query.get("device") or f"d_{secrets.token_hex(6)}"
-    after, epoch = request.query.get("after"), request.query.get("epoch") or None
+    device = query.get("device") or f"d_{secrets.token_hex(6)}"
+    after, epoch = query.get("after"), query.get("epoch") or None
     # isdigit() alone lets "²" through, which int() refuses.
     after_ok = after is None or (after.isascii() and after.isdigit() and len(after) <= 18)
     # Printable: no NUL (Postgres), no lone surrogate (UTF-8), no control characters in frames.

@@ -24,10 +24,10 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import jwt
 from aiohttp import web
@@ -203,17 +203,22 @@ def _load_public_key(pem: str) -> Any:
     return load_pem_public_key(pem.encode())
 
 
-def token_of(request: web.Request) -> str | None:
-    """The bearer token from the Authorization header, else the `access_token` query parameter."""
+def token_of(request: web.Request, query: Mapping[str, str] | None = None) -> str | None:
+    """The bearer token from the Authorization header, else the `access_token` query parameter
+    (of `query` when given: see `ws_query`)."""
     header = request.headers.get("Authorization", "")
     if header[:7].lower() == "bearer ":
         return header[7:].strip() or None
-    return request.query.get("access_token") or None
+    return (request.query if query is None else query).get("access_token") or None
 
 
-def wants_frame_auth(request: web.Request) -> bool:
-    """The client connects without a token and sends it as its first frame (``?auth=frame``)."""
-    return request.query.get("auth") == "frame"
+def ws_query(request: web.Request) -> dict[str, str]:
+    """The query of a WebSocket request, parsed into a dict of its own (first value of each name):
+    `request.query` would keep a parsed copy, token included, for the whole life of the socket."""
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True):
+        query.setdefault(name, value)
+    return query
 
 
 class TokenLease:

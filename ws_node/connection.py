@@ -3,8 +3,9 @@
 The socket is read only by its handler task. A frame is written at once, straight to the
 transport, when nothing is queued before it and the transport's buffer is below its high-water
 mark (centrifuge's writer does the same): no task wake-up per frame, which cost a node about a
-third of its CPU (issue 14). Otherwise it is queued for `writer()`, the one task that awaits the
-socket, so a slow client fills its bounded queue, not the node's memory.
+third of its CPU (issue 14). Otherwise it is queued for a writer task, the one task that awaits
+the socket, which exists only while frames wait (an idle socket has no task, queue or event), so a
+slow client fills its bounded queue, not the node's memory.
 `deliver()` is called by the hub for every frame of the user and never awaits: it parks frames
 while the connection is recovering, lets the next seq through, drops duplicates, and turns a gap
 (a Pub/Sub message this node missed) into a catch-up from the history.
@@ -13,6 +14,8 @@ while the connection is recovering, lets the next seq through, drops duplicates,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import struct
 from collections import deque
@@ -41,7 +44,14 @@ _TEXT_HEADER_LONG = struct.Struct("!BBQ")
 
 
 class Connection:
-    """A device of `user` connected to this node."""
+    """A device of `user` connected to this node. Slotted, with no task, event or queue of its
+    own while idle: a node holds tens of thousands of these (issue 14, memory per socket)."""
+
+    __slots__ = (
+        "_catching_up", "_context", "_parked", "_queue", "_transport", "_writer", "_writing", "broker",
+        "close_code", "close_reason", "device", "epoch", "gate", "merged_token_max_chars", "queue_max_frames",
+        "runs_in_flight", "stats", "user", "ws",
+    )
 
     def __init__(
         self, ws: web.WebSocketResponse, *, user: str, device: str, broker: Broker, queue_max_frames: int,
@@ -62,8 +72,11 @@ class Connection:
         self.queue_max_frames = queue_max_frames
         self.gate = Gate(last=0)
         self.epoch = ""
-        self._queue: deque[str] = deque()
-        self._wake = asyncio.Event()
+        self._queue: deque[str] | None = None  # frames waiting for the writer; made when one must wait
+        # The writer task, while frames wait or a close frame is due; it runs in the context of the
+        # socket's handler (its log fields), whichever task made it.
+        self._writer: asyncio.Task[None] | None = None
+        self._context = contextvars.copy_context()
         # Live frames parked while the connection (re)reads history; None when live.
         self._parked: list[tuple[int, str]] | None = []
         self._catching_up: asyncio.Task[None] | None = None
@@ -77,17 +90,20 @@ class Connection:
         if that frees no room the client is too slow and gets closed (4008)."""
         if self.close_code is not None:
             return
-        if not self._queue and not self._writing and self._write_now(frame):
+        queue = self._queue
+        if not queue and not self._writing and self._write_now(frame):
             return
-        if len(self._queue) >= self.queue_max_frames:
+        if queue is None:
+            queue = self._queue = deque()
+        elif len(queue) >= self.queue_max_frames:
             # Memory stays bounded: at most queue_max_frames frames of merged_token_max_chars.
-            self._queue = deque(merge.compact(self._queue, max_chars=self.merged_token_max_chars))
-            if len(self._queue) >= self.queue_max_frames * 3 // 4:
+            queue = self._queue = deque(merge.compact(queue, max_chars=self.merged_token_max_chars))
+            if len(queue) >= self.queue_max_frames * 3 // 4:
                 self.close(CloseCode.SLOW_CONSUMER, "outgoing queue full; reconnect with after")
                 return
-        self._queue.append(frame)
-        self.stats.send_queue.observe(len(self._queue))
-        self._wake.set()
+        queue.append(frame)
+        self.stats.send_queue.observe(len(queue))
+        self._start_writer()
 
     def _write_now(self, frame: str) -> bool:
         """Write `frame` as one unmasked text frame (RFC 6455) if the transport takes it at once."""
@@ -117,34 +133,48 @@ class Connection:
             self.close_reason = reason
             if code is CloseCode.SLOW_CONSUMER:
                 self.stats.slow_consumer_closes += 1
-            self._wake.set()
+            self._start_writer()
 
-    async def writer(self) -> None:
-        """The only task that writes to the socket."""
+    async def finish(self, timeout_s: float) -> None:
+        """The socket is done: close it (unless it is already closing), wait up to `timeout_s`
+        for the frames queued before and the close frame to go out, and stop any catch-up."""
+        self.close(CloseCode.NORMAL, "bye")
+        if self._writer is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._writer, timeout_s)
+        if self._catching_up is not None:
+            self._catching_up.cancel()
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_queued(), context=self._context)
+
+    async def _write_queued(self) -> None:
+        """The only task that awaits the socket: writes what queued, then the close frame if one
+        is due, and ends; the next frame that must wait starts another."""
+        queue = self._queue
         try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._queue:
-                    if self.close_code is CloseCode.SLOW_CONSUMER:
-                        self._queue.clear()  # nothing more to a client that cannot keep up
-                        break
-                    self._writing = True
-                    frame = self._queue.popleft()
-                    try:
-                        await self.ws.send_str(frame)
-                    finally:
-                        self._writing = False
-                    self.stats.delivered += 1
-                    self.stats.sent_bytes += len(frame.encode())
-                if self.close_code is not None:
-                    await self.ws.close(code=self.close_code, message=self.close_reason.encode()[:120])
-                    return
+            while queue:
+                if self.close_code is CloseCode.SLOW_CONSUMER:
+                    queue.clear()  # nothing more to a client that cannot keep up
+                    break
+                self._writing = True
+                frame = queue.popleft()
+                try:
+                    await self.ws.send_str(frame)
+                finally:
+                    self._writing = False
+                self.stats.delivered += 1
+                self.stats.sent_bytes += len(frame.encode())
+                queue = self._queue  # compacted meanwhile, perhaps
+            if self.close_code is not None:
+                await self.ws.close(code=self.close_code, message=self.close_reason.encode()[:120])
         except (ConnectionError, RuntimeError) as exc:  # peer went away mid-write
             log.debug("writer for %s/%s ended: %r", self.user, self.device, exc)
+            self.close_code = CloseCode.ABNORMAL  # nothing more can be written
+            self._queue = None
         finally:
-            if self._catching_up is not None:
-                self._catching_up.cancel()
+            self._writer = None
 
     # Incoming from the hub (fanout.hub.Subscriber)
 

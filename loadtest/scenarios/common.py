@@ -16,12 +16,14 @@ import secrets
 import socket
 import sys
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.peers import install, tokens
@@ -107,6 +109,25 @@ class Deployment:
             return self.cluster.redis_url
         assert self.redis is not None
         return self.redis.url
+
+    def loop_lag(self) -> dict[float, float] | None:
+        """Chorus's nodes' `chorus_event_loop_lag_seconds` histograms, summed (bucket bound ->
+        cumulative count); None for the peers, which export none."""
+        if self.cluster is None:
+            return None
+        buckets: dict[float, float] = {}
+        for name, port in self.cluster.internal_ports.items():
+            if not name.startswith("node-"):
+                continue
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+                text = response.read().decode()
+            for family in text_string_to_metric_families(text):
+                if family.name == "chorus_event_loop_lag_seconds":
+                    for sample in family.samples:
+                        if sample.name.endswith("_bucket"):
+                            bound = float(sample.labels["le"])
+                            buckets[bound] = buckets.get(bound, 0.0) + sample.value
+        return buckets
 
     def start(self) -> None:
         if self.system == "chorus":
