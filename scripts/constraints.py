@@ -1,7 +1,7 @@
 """Pin every distribution Chorus installs, to the versions installed now: ``constraints.txt``.
 
     .venv/bin/python scripts/constraints.py --write   # after changing a dependency (in the test venv)
-    .venv/bin/python scripts/constraints.py --check   # exit 1 when one is not pinned (tests/test_packaging.py)
+    .venv/bin/python scripts/constraints.py --check   # exit 1 when one is not pinned (test_packaging)
 
 ``./chorus.sh`` installs with ``-c constraints.txt``, so a fresh install gets exactly the tested
 versions, and a new release of a dependency cannot break it silently. The tree is walked from

@@ -14,7 +14,7 @@ import pytest
 
 from common.keys import Keys
 from loadtest.cluster import ClusterConfig, LocalCluster
-from loadtest.procs import RedisServer
+from loadtest.procs import PostgresServer, RedisServer
 from tests.fake_llm import FakeLLM
 from tests.support import PRESENCE_DEBOUNCE_S
 
@@ -22,6 +22,15 @@ from tests.support import PRESENCE_DEBOUNCE_S
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """A Postgres of the test module's own, for tests that migrate, downgrade or proxy it."""
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
     server.start()
     yield server
     server.stop()

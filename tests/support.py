@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -42,6 +43,35 @@ def unique(name: str) -> str:
 
 # The session cluster's nodes announce a device offline this long after its last socket closed.
 PRESENCE_DEBOUNCE_S = 1.0
+
+
+@contextlib.asynccontextmanager
+async def in_rotation(cluster: LocalCluster, http: aiohttp.ClientSession) -> AsyncIterator[LocalCluster]:
+    """`cluster` with every node up and in nginx's rotation; afterwards, any node a test stopped
+    is started again (for the modules whose cluster outlives a test that kills a node)."""
+    await _restart_stopped(cluster)
+    await _wait_in_rotation(cluster, http)
+    yield cluster
+    await _restart_stopped(cluster)
+
+
+async def _restart_stopped(cluster: LocalCluster) -> None:
+    for index, node in enumerate(cluster.nodes):
+        if not node.alive:
+            await asyncio.to_thread(cluster.start_node, index)
+
+
+async def _wait_in_rotation(cluster: LocalCluster, http: aiohttp.ClientSession, timeout_s: float = 10) -> None:
+    # A node nginx saw fail is benched for fail_timeout (2 s locally) even once it is back up.
+    names = {node.name for node in cluster.nodes}
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while seen != names:
+        assert time.monotonic() < deadline, f"nginx routed only to {seen} within {timeout_s}s"
+        async with http.get(f"{cluster.http_url}/readyz") as response:
+            if response.status == 200:
+                seen.add((await response.json())["node"])
+        await asyncio.sleep(0.05)
 
 
 def node_ws(cluster: LocalCluster, index: int) -> str:

@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from yarl import URL
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import REPO_ROOT
 from tests.fake_llm import FakeLLM
-from tests.support import unique
+from tests.support import in_rotation, unique
 
 playwright = pytest.importorskip("playwright.async_api", reason="playwright is not installed (test extras)")
 Browser, Page, expect = playwright.Browser, playwright.Page, playwright.expect
@@ -108,28 +107,8 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 async def cluster(fleet: LocalCluster, http: aiohttp.ClientSession) -> AsyncIterator[LocalCluster]:
     """The fleet with both nodes up and in nginx's rotation; afterwards, a killed node restarted."""
-    await _restart_stopped(fleet)
-    await _wait_in_rotation(fleet, http)
-    yield fleet
-    await _restart_stopped(fleet)
-
-
-async def _restart_stopped(cluster: LocalCluster) -> None:
-    for index, node in enumerate(cluster.nodes):
-        if not node.alive:
-            await asyncio.to_thread(cluster.start_node, index)
-
-
-async def _wait_in_rotation(cluster: LocalCluster, http: aiohttp.ClientSession, timeout_s: float = 10) -> None:
-    # A node nginx saw fail is benched for fail_timeout (2 s locally) even once it is back up.
-    seen: set[str] = set()
-    deadline = time.monotonic() + timeout_s
-    while seen != set(NODE_IDS):
-        assert time.monotonic() < deadline, f"nginx routed only to {seen} within {timeout_s}s"
-        async with http.get(f"{cluster.http_url}/readyz") as response:
-            if response.status == 200:
-                seen.add((await response.json())["node"])
-        await asyncio.sleep(0.05)
+    async with in_rotation(fleet, http) as running:
+        yield running
 
 
 @pytest.fixture

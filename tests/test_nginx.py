@@ -29,7 +29,7 @@ from chorus_client.testing import RecordingClient as ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import NGINX_TEMPLATE, NginxServer
 from tests.fake_llm import FakeLLM
-from tests.support import comparable, node_ws, tokens, unique
+from tests.support import comparable, in_rotation, node_ws, tokens, unique
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -67,30 +67,9 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def cluster(fleet: LocalCluster, http: aiohttp.ClientSession) -> AsyncIterator[LocalCluster]:
-    """The fleet with both nodes up and both in nginx's rotation; afterwards, any stopped node restarted."""
-    await _restart_stopped(fleet)
-    await _wait_in_rotation(fleet, http)
-    yield fleet
-    await _restart_stopped(fleet)
-
-
-async def _restart_stopped(cluster: LocalCluster) -> None:
-    for index, node in enumerate(cluster.nodes):
-        if not node.alive:
-            await asyncio.to_thread(cluster.start_node, index)
-
-
-async def _wait_in_rotation(cluster: LocalCluster, http: aiohttp.ClientSession, timeout_s: float = 10
-                            ) -> None:
-    # A node nginx saw fail is benched for fail_timeout (2 s locally) even once it is back up.
-    seen: set[str] = set()
-    deadline = time.monotonic() + timeout_s
-    while seen != set(NODE_IDS):
-        assert time.monotonic() < deadline, f"nginx routed only to {seen} within {timeout_s}s"
-        async with http.get(f"{cluster.http_url}/readyz") as response:
-            if response.status == 200:
-                seen.add((await response.json())["node"])
-        await asyncio.sleep(0.05)
+    """The fleet with both nodes up and in nginx's rotation; afterwards, a killed node restarted."""
+    async with in_rotation(fleet, http) as running:
+        yield running
 
 
 async def connect_spread(cluster: LocalCluster, token: str, count: int) -> dict[str, list[ChorusClient]]:

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -18,14 +17,6 @@ from persistence.migrate import revisions
 
 HEAD = next(r.id for r in revisions() if r.head)
 TABLES = ("conversations", "messages", "runs")
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

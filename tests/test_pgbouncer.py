@@ -109,14 +109,6 @@ pidfile =
         self.proc.stop()
 
 
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def database(postgres: PostgresServer) -> str:
     """A new, empty database of the test's own (its name; the URL is Postgres's or PgBouncer's)."""
