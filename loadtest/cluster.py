@@ -422,7 +422,7 @@ def _progress(name: str) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        print("failed", flush=True)
+        print("did not start", flush=True)
         raise
     print(f"ok  {time.monotonic() - began:.1f} s", flush=True)
 

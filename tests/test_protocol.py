@@ -117,5 +117,5 @@ def test_rate_limited_errors_say_when_to_retry() -> None:
 def test_server_frames_are_compact_json() -> None:
     frame = protocol.encode(protocol.Hello(node="n", user="u", device="d", epoch="e", seq=3, heartbeat=25))
     assert json.loads(frame) == {"type": "hello", "node": "n", "user": "u", "device": "d", "epoch": "e",
-                                 "seq": 3, "heartbeat": 25, "protocol": 1}
+                                 "seq": 3, "heartbeat": 25, "protocol": 1, "devices": []}
     assert json.loads(protocol.encode(protocol.Error(ErrorCode.NOT_FOUND, "no", "c1")))["code"] == "not_found"

@@ -349,6 +349,8 @@ ALLOWED = {
     ("agent_worker/__main__.py", "running"),
     # The `auth` command's member holding the JWT, not the `token` event.
     ("clients/python/chorus_client/client.py", "token"),
+    # The dev login's JSON reply names the JWT it minted "token".
+    ("ws_node/web.py", "token"),
     # The benchmark's peers take a token in their own connect payload.
     ("loadtest/scenarios/common.py", "token"),
 }

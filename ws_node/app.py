@@ -242,8 +242,9 @@ async def _detach(svc: Services, conn: Connection) -> None:
 
 
 def socket_id(conn: Connection) -> str:
-    """The socket's name in presence (unique on this node while it is open)."""
-    return f"{id(conn):x}"
+    """The socket's name in presence: never reused by this process (an `id()` would be, and a
+    new socket could then take an old one's pending offline for its own)."""
+    return f"{conn.serial:x}"
 
 
 async def handle_frame(svc: Services, guard: Admission, conn: Connection, lease: TokenLease,
@@ -319,7 +320,7 @@ async def _presence_refresher(svc: Services) -> None:
         await asyncio.sleep(presence.REFRESH_S / PRESENCE_SLICES)
         slot = tick % PRESENCE_SLICES
         due = [(c.user, c.device, socket_id(c)) for c in svc.connections
-               if (id(c) >> 4) % PRESENCE_SLICES == slot]
+               if c.serial % PRESENCE_SLICES == slot]
         if not due:
             continue
         try:

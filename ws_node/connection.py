@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import logging
 import struct
 from collections import deque
@@ -41,6 +42,7 @@ WRITE_HIGH_WATER = 64 * 1024
 _TEXT_HEADER_SHORT = struct.Struct("!BB")
 _TEXT_HEADER_MEDIUM = struct.Struct("!BBH")
 _TEXT_HEADER_LONG = struct.Struct("!BBQ")
+_SERIALS = itertools.count(1)
 
 
 class Connection:
@@ -50,7 +52,7 @@ class Connection:
     __slots__ = (
         "_catching_up", "_context", "_parked", "_queue", "_transport", "_writer", "_writing", "broker",
         "close_code", "close_reason", "device", "epoch", "gate", "merged_token_max_chars", "queue_max_frames",
-        "runs_in_flight", "stats", "user", "ws",
+        "runs_in_flight", "serial", "stats", "user", "ws",
     )
 
     def __init__(
@@ -61,6 +63,7 @@ class Connection:
         """`transport`: the socket's transport, for writing frames at once; None when frames must
         go through aiohttp (permessage-deflate was negotiated)."""
         self._transport = transport
+        self.serial = next(_SERIALS)  # this socket's number in this process, never reused
         self.stats = stats
         self._writing = False  # the writer task is between taking a frame and having written it
         self.merged_token_max_chars = merged_token_max_chars

@@ -99,7 +99,7 @@ class Presences:
         self._leaving[ident] = asyncio.get_running_loop().call_later(self._debounce_s, self._leave, ident)
 
     def _leave(self, ident: tuple[str, str, str]) -> None:
-        del self._leaving[ident]
+        self._leaving.pop(ident, None)
         task = asyncio.create_task(self._left(*ident))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
