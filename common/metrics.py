@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import gc
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from aiohttp import web
@@ -122,12 +124,16 @@ class LoopLag:
     """How late the loop runs a timer set every `interval_s`: while a callback holds the loop
     (a full GC, a slow presence pass, a burst of frames) every socket waits that long. The
     histogram counts every tick (most are ~0), `max_s` keeps the worst seen. A bare timer
-    callback, re-armed each tick: no task or future per tick."""
+    callback, re-armed each tick: no task or future per tick. The cyclic garbage collector's
+    pauses, the usual suspect of a long stall, are timed too (`gc.callbacks`)."""
 
     def __init__(self, interval_s: float = 0.025) -> None:
         self.interval_s = interval_s
         self.histogram = Histogram(LATENCY_BUCKETS_S)
         self.max_s = 0.0
+        self.gc_pauses = Histogram(LATENCY_BUCKETS_S)
+        self.gc_max_s = 0.0
+        self._gc_began = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
 
@@ -135,11 +141,23 @@ class LoopLag:
         loop = asyncio.get_running_loop()
         self._due = loop.time() + self.interval_s
         self._timer = loop.call_at(self._due, self._tick, loop)
+        gc.callbacks.append(self._gc)
 
     async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._gc in gc.callbacks:
+            gc.callbacks.remove(self._gc)
+
+    def _gc(self, phase: str, info: Mapping[str, int]) -> None:
+        if phase == "start":
+            self._gc_began = time.perf_counter()
+            return
+        pause_s = time.perf_counter() - self._gc_began
+        self.gc_pauses.observe(pause_s)
+        if pause_s > self.gc_max_s:
+            self.gc_max_s = pause_s
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
@@ -156,3 +174,7 @@ class LoopLag:
             f"How late the event loop ran a timer due every {self.interval_s * 1000:g} ms (a stall)")
         yield gauge("chorus_event_loop_lag_max_seconds", "The longest event-loop stall since start",
                     self.max_s)
+        yield self.gc_pauses.family("chorus_gc_pause_seconds",
+                                    "How long each pass of the cyclic garbage collector held the process")
+        yield gauge("chorus_gc_pause_max_seconds", "The longest garbage-collector pass since start",
+                    self.gc_max_s)

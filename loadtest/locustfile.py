@@ -2,8 +2,10 @@
 correctness oracle (`loadtest/oracle.py`) judges every run inside Locust.
 
 A person holds one WebSocket per device (`websocket-client`, made cooperative by Locust's gevent
-patching), each with its own reader greenlet that also reconnects it (jittered backoff, resuming
-with `after`/`epoch`). The person's task sends a message from one device (alternating), waits for
+patching), each with its own reader greenlet that also reconnects it, resuming with `after`/`epoch`,
+on the Python client's schedule (`chorus_client.policy`: the close-code and handshake tables, jittered
+backoff, a fresh token after 4001; the client itself is asyncio, Locust's users are greenlets, so
+the transport here is gevent's). The person's task sends a message from one device (alternating), waits for
 the run's end on every device, reads the stored answer over REST, and judges the run: no gap,
 duplicate or resync on any device's seq gate; exactly one end event per device; the devices'
 transcripts identical; the shown text (`protocol.shown_text`) equal to the end event's text and to
@@ -81,6 +83,7 @@ from typing import Any, TypeVar
 import gevent
 import jwt
 import websocket
+from chorus_client.policy import Action, Reconnects, close_action, handshake_action
 from gevent.event import AsyncResult
 from gevent.event import Event as Signal
 from locust import User, between, events, task
@@ -94,7 +97,6 @@ log = logging.getLogger("chorus.locust")
 _CONNECT_TIMEOUT_S = 10.0
 _ACK_TIMEOUT_S = 30.0
 _REST_TIMEOUT_S = 10.0
-_MAX_BACKOFF_S = 2.0
 _N = TypeVar("_N", int, float)
 
 
@@ -178,6 +180,10 @@ class Device:
         self.ws_url = ws_url
         self.rest_url = _rest_base(ws_url)
         self.log = DeviceLog(self.name)
+        # The Python client's reconnect schedule and close-code tables (chorus_client.policy), so a
+        # Locust device reconnects, renews or gives up as every client must (docs/protocol.md).
+        self.reconnects = Reconnects()
+        self._ended: tuple[Action, int | None] = (Action.BACKOFF, None)  # how the last attempt ended
         self.epoch: str | None = None
         self.ws: websocket.WebSocket | None = None
         self.connected = Signal()
@@ -208,11 +214,14 @@ class Device:
                 ws.close()
                 raise ConnectionError(f"first frame was {hello.get('type')!r}, not hello")
         except Exception as exc:
+            self._ended = (Action.BACKOFF, None)
             if isinstance(exc, websocket.WebSocketBadStatusException):
+                self._ended = (handshake_action(exc.status_code), exc.status_code)
                 # Its text carries the response headers (a Date among them): one failure row each.
                 exc = ConnectionError(f"handshake status {exc.status_code}")
             _fire("connect", _since_ms(started), exception=exc, user=self.person.user)
             return False
+        self.reconnects.connected()
         ws.settimeout(None)  # the reader blocks (cooperatively) until a frame or a close
         self.log.position(hello["seq"])
         self.epoch = self.epoch or hello["epoch"]
@@ -222,27 +231,35 @@ class Device:
         return True
 
     def _keep_connected(self) -> None:
-        failures = 0  # connects failed in a row: the backoff's exponent
         while not self._closing:
             if self.ws is None:
-                gevent.sleep(random.uniform(0, min(_MAX_BACKOFF_S, 0.05 * 2**failures)))
+                action, code = self._ended
+                step = self.reconnects.after(action, code, renewable=True)
+                if step.delay_s is None:  # e.g. 1000, 1008, or tokens refused again and again
+                    _fire("connect", 0.0, exception=ConnectionError(step.why), user=self.person.user)
+                    return
+                gevent.sleep(step.delay_s)
+                if step.renew:
+                    self.person.renew_token()
                 if not self.connect():
-                    failures += 1
                     continue
-            failures = 0
             assert self.ws is not None
             self._read(self.ws)
 
     def _read(self, ws: websocket.WebSocket) -> None:
+        code = None  # no close frame: the connection dropped (1006)
         try:
             while True:
-                raw = ws.recv()
-                if not raw:
+                opcode, data = ws.recv_data(control_frame=True)  # pings are answered by the library
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
                     break
-                self._on_frame(json.loads(raw))
+                if opcode == websocket.ABNF.OPCODE_TEXT:
+                    self._on_frame(json.loads(data))
         except (websocket.WebSocketException, OSError):
             pass
         finally:
+            self._ended = (close_action(code), code)
             self.connected.clear()
             self.ws = None
             ws.close()
@@ -276,8 +293,7 @@ class ChorusPerson(User):
         # uuid4 (from os.urandom) after the fork: distinct in every --processes child and on every
         # machine, unlike a module-level id or counter, which forked children all share.
         self.user = f"{SETTINGS.user_prefix}-{uuid.uuid4().hex}"
-        claims = {"sub": self.user, "exp": int(time.time()) + 24 * 3600}
-        self.token = jwt.encode(claims, SETTINGS.secret, "HS256")
+        self.renew_token()
         nodes = SETTINGS.node_urls or (_ws_base(self.host or ""),)
         self.devices = [Device(self, i, nodes[(number + i) % len(nodes)]) for i in range(SETTINGS.devices)]
         self.changed = Signal()  # set by the readers on every accepted event
@@ -287,6 +303,11 @@ class ChorusPerson(User):
             device.start()
         # Spread the first sends over one interval, so -r 100 does not mean 100 sends per second.
         gevent.sleep(random.uniform(0, SETTINGS.send_every_s))
+
+    def renew_token(self) -> None:
+        """A token for a day (its devices get a fresh one when a node refuses it: 4001 or 401)."""
+        claims = {"sub": self.user, "exp": int(time.time()) + 24 * 3600}
+        self.token = jwt.encode(claims, SETTINGS.secret, "HS256")
 
     def on_stop(self) -> None:
         for device in self.devices:

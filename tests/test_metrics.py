@@ -4,6 +4,7 @@ a real cluster reports for a real conversation, and the documentation of every m
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import time
 from collections.abc import Mapping
@@ -91,6 +92,23 @@ async def test_the_loop_lag_timer_measures_a_stall() -> None:
     assert lag.histogram.count >= 5
     late = {s.labels["le"]: s.value for s in lag.histogram.family("x", "x").samples if s.name == "x_bucket"}
     assert late["0.05"] < late["0.1"], "one tick was 50-100 ms late"
+
+
+async def test_garbage_collector_passes_are_timed() -> None:
+    lag = LoopLag(interval_s=0.01)
+    lag.start()
+    # Enough cyclic garbage that a full pass over it is measurable.
+    for _ in range(200_000):
+        node: list[object] = []
+        node.append(node)
+    gc.collect()
+    await lag.close()
+    timed = lag.gc_pauses.count
+    assert timed >= 1 and lag.gc_max_s > 0
+    gc.collect()
+    assert lag.gc_pauses.count == timed, "no longer timed after close"
+    families = {f.name: f for f in lag.families()}
+    assert {"chorus_gc_pause_seconds", "chorus_gc_pause_max_seconds"} <= set(families)
 
 
 # -- a real cluster ----------------------------------------------------------------------------

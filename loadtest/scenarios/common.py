@@ -110,24 +110,26 @@ class Deployment:
         assert self.redis is not None
         return self.redis.url
 
-    def loop_lag(self) -> dict[float, float] | None:
-        """Chorus's nodes' `chorus_event_loop_lag_seconds` histograms, summed (bucket bound ->
+    def histograms(self, *names: str) -> dict[str, dict[float, float]] | None:
+        """The named histograms of Chorus's nodes, each summed over the nodes (bucket bound ->
         cumulative count); None for the peers, which export none."""
         if self.cluster is None:
             return None
-        buckets: dict[float, float] = {}
-        for name, port in self.cluster.internal_ports.items():
-            if not name.startswith("node-"):
+        found: dict[str, dict[float, float]] = {name: {} for name in names}
+        for process, port in self.cluster.internal_ports.items():
+            if not process.startswith("node-"):
                 continue
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
                 text = response.read().decode()
             for family in text_string_to_metric_families(text):
-                if family.name == "chorus_event_loop_lag_seconds":
-                    for sample in family.samples:
-                        if sample.name.endswith("_bucket"):
-                            bound = float(sample.labels["le"])
-                            buckets[bound] = buckets.get(bound, 0.0) + sample.value
-        return buckets
+                if family.name not in found:
+                    continue
+                buckets = found[family.name]
+                for sample in family.samples:
+                    if sample.name.endswith("_bucket"):
+                        bound = float(sample.labels["le"])
+                        buckets[bound] = buckets.get(bound, 0.0) + sample.value
+        return found
 
     def start(self) -> None:
         if self.system == "chorus":

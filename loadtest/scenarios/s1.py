@@ -39,6 +39,7 @@ from loadtest.scenarios.common import (
 
 Figures = dict[str, Any]
 STALL_S = 0.02  # the issue's bound on an event-loop stall (a loop-lag bucket bound)
+LAG, GC = "chorus_event_loop_lag_seconds", "chorus_gc_pause_seconds"
 
 
 @dataclass(frozen=True)
@@ -51,17 +52,15 @@ class S1Config:
     idle_s: float = 5.0
 
 
-def stall_figures(before: dict[float, float] | None, after: dict[float, float] | None) -> Figures:
-    """From two reads of the nodes' loop-lag histograms (bucket bound -> cumulative count, both
-    nodes summed; None for a system that exports none): the stalls while the sockets sat idle,
-    over 20 ms, and the bound of the worst one's bucket."""
-    if before is None or after is None:
-        return {}
+def stall_figures(prefix: str, before: dict[float, float], after: dict[float, float]) -> Figures:
+    """From two reads of a histogram of pauses (bucket bound -> cumulative count): how many it
+    counted between them, how many of those were over 20 ms, and the bound of the worst one's
+    bucket."""
     grew = {bound: after[bound] - before.get(bound, 0.0) for bound in after}
-    ticks = grew.get(math.inf, 0.0)
-    over_20ms = ticks - grew.get(STALL_S, 0.0)
-    worst = min((bound for bound, count in grew.items() if count >= ticks), default=math.inf)
-    return {"stalls_over_20ms": int(over_20ms), "worst_stall_le_s": worst, "lag_ticks": int(ticks)}
+    count = grew.get(math.inf, 0.0)
+    worst = min((bound for bound, seen in grew.items() if seen >= count), default=math.inf)
+    return {f"{prefix}_count": int(count), f"{prefix}_over_20ms": int(count - grew.get(STALL_S, 0.0)),
+            f"{prefix}_worst_le_s": worst}
 
 
 def memory_figures(sockets: int, rss_before: int, rss_after: int, redis_before: int,
@@ -85,10 +84,14 @@ async def run_system(system: str, config: S1Config, workdir: Path) -> Figures:
         opened = await open_devices(loadgens, devices, config.concurrency)
         await asyncio.sleep(config.settle_s)
         rss_after, redis_after = rss_bytes(servers), rss_bytes(redis)
-        idle_before, lag_before = cpu_s(servers), await asyncio.to_thread(dep.loop_lag)
+        idle_before, pauses_before = cpu_s(servers), await asyncio.to_thread(dep.histograms, LAG, GC)
         await asyncio.sleep(config.idle_s)
         idle_cpu_s = cpu_s(servers) - idle_before
-        stalls = stall_figures(lag_before, await asyncio.to_thread(dep.loop_lag))
+        pauses_after = await asyncio.to_thread(dep.histograms, LAG, GC)
+        stalls: Figures = {}
+        if pauses_before is not None and pauses_after is not None:
+            stalls = (stall_figures("stalls", pauses_before[LAG], pauses_after[LAG])
+                      | stall_figures("gc", pauses_before[GC], pauses_after[GC]))
         figures: Figures = {"system": system, "sockets": opened["ok"], "open_failed": opened["refused"],
                             "open_errors": opened["errors"], "open_s": opened["open_s"],
                             "sockets_per_s": opened["ok"] / max(opened["open_s"], 1e-9),
@@ -121,17 +124,19 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def render(f: Figures, config: S1Config) -> str:
-    def stalls(r: Figures) -> str:
-        if "stalls_over_20ms" not in r:
+    def stalls(r: Figures, prefix: str) -> str:
+        if f"{prefix}_count" not in r:
             return "n/a"
-        return f"{r['stalls_over_20ms']} of {r['lag_ticks']}, worst <= {r['worst_stall_le_s'] * 1000:g} ms"
+        return (f"{r[f'{prefix}_over_20ms']} of {r[f'{prefix}_count']}, "
+                f"worst <= {r[f'{prefix}_worst_le_s'] * 1000:g} ms")
 
     rows = [[s, f"{r['sockets']}", f"{r['open_s']:.1f}", f"{r['sockets_per_s']:.0f}",
              f"{r['rss_before_mb']:.1f}", f"{r['rss_after_mb']:.1f}", f"{r['kb_per_socket']:.1f}",
-             f"{r['redis_kb_per_socket']:.2f}", f"{r['idle_cpu_pct']:.2f}", stalls(r)]
+             f"{r['redis_kb_per_socket']:.2f}", f"{r['idle_cpu_pct']:.2f}", stalls(r, "stalls"),
+             stalls(r, "gc")]
             for s, r in f["systems"].items()]
     header = ["system", "sockets", "open s", "opened/s", "RSS 0 MB", "RSS N MB", "KB/socket",
-              "Redis KB/socket", "idle CPU %", "loop stalls > 20 ms (idle)"]
+              "Redis KB/socket", "idle CPU %", "loop stalls > 20 ms (idle)", "GC passes > 20 ms (idle)"]
     return "\n".join([
         f"S1 idle sockets: {config.sockets} authenticated sockets per system "
         f"({config.sockets // 2} users x 2, one device on each server process), "
@@ -140,7 +145,8 @@ def render(f: Figures, config: S1Config) -> str:
         f"  load average   {f.get('load_before', 0):.2f} before, {f.get('load_after', 0):.2f} after", "",
         "RSS: both server processes together; idle CPU: both, % of one core over "
         f"{config.idle_s:g} s with the sockets open; loop stalls: ticks of the nodes' 25 ms loop-lag "
-        "timer that ran over 20 ms late in that time (Chorus exports them)",
+        "timer that ran over 20 ms late in that time, and the garbage collector's passes over 20 ms "
+        "(Chorus exports both)",
         *table(header, rows), "", f"errors: {len(f['errors'])}", *(f"  {e}" for e in f["errors"][:20]),
     ])
 
