@@ -117,9 +117,9 @@ class WorkerSettings(SharedSettings):
         "on SIGTERM: stop taking runs and let running ones finish for this long; the rest are cancelled and "
         "taken over by another worker once their lease expires")
     lease_s: float = setting(
-        "RUN_LEASE_SECONDS", "30", number(low=1.0),
-        "a worker's claim on a run, renewed every third of it; a run of a dead worker is taken over after "
-        "it (at least 1)")
+        "RUN_LEASE_SECONDS", "5", number(low=1.0),
+        "a worker's claim on a run, renewed every third of it; a run of a dead worker is taken over within "
+        "about 1.4 times it (at least 1; tests/test_worker.py measures the takeover)")
     max_deliveries: int = setting(
         "RUN_MAX_DELIVERIES", "3", integer(1, 100),
         "deliveries of one run before it goes to the dead-letter stream and ends `run.failed` (1 to 100)")

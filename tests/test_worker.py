@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import asyncpg
@@ -89,6 +90,43 @@ async def test_a_killed_workers_run_is_taken_over_and_ends_once(crashy: LocalClu
         for index, worker in enumerate(crashy.workers):
             if not worker.alive:
                 crashy.workers[index] = crashy.start_worker()
+
+
+@pytest.fixture(scope="module")
+def defaults(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLM) -> Iterator[LocalCluster]:
+    """One node and two workers with the default lease."""
+    config = ClusterConfig(nodes=1, workers=2, nginx=False, env={"LLM_BASE_URL": fake_llm.base_url})
+    with LocalCluster(tmp_path_factory.mktemp("defaults"), config) as cluster:
+        yield cluster
+
+
+@pytest.mark.timeout(90)
+async def test_with_default_settings_a_killed_workers_run_is_taken_over_within_10_s(
+    defaults: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    device = ChorusClient(f"ws://127.0.0.1:{defaults.node_ports[0]}/ws", defaults.token(unique("alice")),
+                          device="phone")
+    await device.connect()
+    db = await asyncpg.connect(defaults.database_url)
+    try:
+        ack = await device.send("[[tokens:200]] [[slow:0.05]] a long answer please")
+        run = ack["run"]
+        first = await started_by(device, run, 1)
+        await device.wait_for(lambda: attempt_text(device, run, 1).count("word") >= 5, 20)
+        killed_at = time.monotonic()
+        worker_named(defaults, first).kill()
+        second = await started_by(device, run, 2)
+        takeover_s = time.monotonic() - killed_at
+        with capsys.disabled():
+            print(f"\nworker SIGKILLed mid-answer: run {run} restarted on {second} after {takeover_s:.1f} s")
+        assert second != first and takeover_s < 10
+        end = await device.wait_run_end(run, 40)
+        assert end["event"] == "run.completed"
+        rows = await db.fetch("SELECT content FROM messages WHERE run_id = $1 AND role = 'assistant'", run)
+        assert [r["content"] for r in rows] == [end["data"]["text"]], "exactly one stored answer"
+    finally:
+        await db.close()
+        await device.close()
 
 
 @pytest.mark.timeout(100)
