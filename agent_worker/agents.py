@@ -12,6 +12,7 @@ it): a list of objects ::
       "api_key_env": "RESEARCHER_LLM_KEY",      a variable holding the key; LLM_API_KEY is
                                                 inherited only together with LLM_BASE_URL
       "timeout_s": 60,                          default LLM_TIMEOUT_SECONDS
+      "stream_usage": true,                     ask for token counts; default LLM_STREAM_USAGE
       "mcp_servers": ["http://tools:8000/mcp"], MCP servers (Streamable HTTP) giving tools
       "max_tool_rounds": 4,                     default AGENT_MAX_TOOL_ROUNDS
       "ask_user": true}]                        human in the loop: the model may pause the run
@@ -71,7 +72,7 @@ _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # OpenAI function names: ^[a-zA-Z0-9_-]{1,64}$; MCP tool names may hold more ('.', '/').
 _NOT_IN_TOOL_NAME = re.compile(r"[^A-Za-z0-9_-]")
 _SPEC_KEYS = frozenset({"name", "description", "system_prompt", "model", "base_url", "api_key_env",
-                        "timeout_s", "mcp_servers", "max_tool_rounds", "ask_user"})
+                        "timeout_s", "stream_usage", "mcp_servers", "max_tool_rounds", "ask_user"})
 
 
 @dataclass(frozen=True)
@@ -308,7 +309,7 @@ def agents_from_env(env: Mapping[str, str]) -> list[AgentSpec]:
 
     base_url = setting("llm_base_url")
     model = ModelConfig(base_url=base_url, api_key=setting("llm_api_key"), model=setting("llm_model"),
-                        timeout_s=setting("llm_timeout_s"))
+                        timeout_s=setting("llm_timeout_s"), stream_usage=setting("llm_stream_usage"))
     servers = setting("mcp_servers")
     for url in servers:
         _check_url("AGENT_MCP_SERVERS", url)
@@ -406,13 +407,17 @@ def _spec(entry: Any, default: AgentSpec, env: Mapping[str, str], *, where: str)
     ask = entry.get("ask_user", default.ask_user)
     if not isinstance(ask, bool):
         raise SettingError(f"{where}: ask_user must be true or false")
+    stream_usage = entry.get("stream_usage", default.model.stream_usage)
+    if not isinstance(stream_usage, bool):
+        raise SettingError(f"{where}: stream_usage must be true or false")
     if ask and base_url is None:
         raise SettingError(f"{where}: ask_user needs an LLM (base_url or LLM_BASE_URL)")
     return AgentSpec(
         name=name,
         system_prompt=text("system_prompt", default.system_prompt),
         model=ModelConfig(base_url=base_url, api_key=api_key, model=model,
-                          timeout_s=float(timeout_s), max_retries=default.model.max_retries),
+                          timeout_s=float(timeout_s), max_retries=default.model.max_retries,
+                          stream_usage=stream_usage),
         mcp_servers=tuple(servers),
         max_tool_rounds=rounds,
         description=text("description", "") or "",

@@ -18,6 +18,7 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
 _QUOTE_MAX_WORDS = 12
@@ -103,7 +104,8 @@ class DemoChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        for i, token in enumerate(split_tokens(demo_answer(messages))):
+        tokens = split_tokens(demo_answer(messages))
+        for i, token in enumerate(tokens):
             if i:
                 time.sleep(self.delay_s)
             chunk = _chunk(token)
@@ -112,6 +114,7 @@ class DemoChatModel(BaseChatModel):
             if run_manager:
                 run_manager.on_llm_new_token(token, chunk=chunk)
             yield chunk
+        yield _usage(messages, tokens)
 
     async def _astream(
         self,
@@ -120,17 +123,27 @@ class DemoChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        for i, token in enumerate(split_tokens(demo_answer(messages))):
+        tokens = split_tokens(demo_answer(messages))
+        for i, token in enumerate(tokens):
             if i:
                 await asyncio.sleep(self.delay_s)
             chunk = _chunk(token)
             if run_manager:
                 await run_manager.on_llm_new_token(token, chunk=chunk)
             yield chunk
+        yield _usage(messages, tokens)
 
 
 def _chunk(token: str) -> ChatGenerationChunk:
     return ChatGenerationChunk(message=AIMessageChunk(content=token))
+
+
+def _usage(messages: list[BaseMessage], answer: list[str]) -> ChatGenerationChunk:
+    """The last chunk, as a provider reporting usage sends it: no text, the counts (the demo's
+    tokens are its words)."""
+    prompt = sum(len(split_tokens(str(m.content))) for m in messages)
+    usage = UsageMetadata(input_tokens=prompt, output_tokens=len(answer), total_tokens=prompt + len(answer))
+    return ChatGenerationChunk(message=AIMessageChunk(content="", usage_metadata=usage))
 
 
 def _result(text: str) -> ChatResult:

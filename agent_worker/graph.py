@@ -117,7 +117,16 @@ class InputRequired:
     prompt: str
 
 
-Item: TypeAlias = Text | ToolStarted | ToolCompleted | InputRequired
+@dataclass(frozen=True)
+class Usage:
+    """Tokens one model call counted (its stream's ``usage_metadata``, where the provider reports
+    it); a run's are the sum of its calls'."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Item: TypeAlias = Text | ToolStarted | ToolCompleted | InputRequired | Usage
 """What :func:`stream_answer` yields."""
 
 
@@ -351,6 +360,8 @@ async def stream_answer(
                 text = str(message.text)
                 if text:
                     yield Text(text)
+                if message.usage_metadata:
+                    yield usage_of(message)
         except TimeoutError as exc:
             # langchain-openai's stream_chunk_timeout raises a bare TimeoutError
             # subclass; keep the contract "every LLM failure is a ModelError".
@@ -382,6 +393,8 @@ async def stream_model(
                 text = str(chunk.text)
                 if text:
                     yield Text(text)
+                if chunk.usage_metadata:
+                    yield usage_of(chunk)
         except asyncio.CancelledError:
             if watch is not None and watch.fired():
                 raise ModelTimeoutError(f"no chunk from the model for {timeout_s}s") from None
@@ -391,6 +404,11 @@ async def stream_model(
         finally:
             if watch is not None:
                 watch.close()
+
+
+def usage_of(chunk: AIMessageChunk) -> Usage:
+    usage = chunk.usage_metadata
+    return Usage(usage["input_tokens"], usage["output_tokens"]) if usage else Usage(0, 0)
 
 
 class _StallWatch:

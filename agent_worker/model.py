@@ -65,6 +65,7 @@ class ModelConfig:
     model: str = "gpt-4o-mini"
     timeout_s: float = 60.0
     max_retries: int = 0  # retries are agent_worker.resilience's: jittered, and seen by the breaker
+    stream_usage: bool = False  # ask for the usage chunk (`stream_options.include_usage`)
 
 
 def build_chat_model(config: ModelConfig) -> BaseChatModel:
@@ -86,9 +87,9 @@ def build_chat_model(config: ModelConfig) -> BaseChatModel:
         stream_chunk_timeout=config.timeout_s,
         max_retries=config.max_retries,
         # `stream_options: {"include_usage": true}` is rejected by some compatible
-        # servers; ChatOpenAI already leaves it off for a custom base_url, but
-        # pinning it keeps an env var or a future default from changing that.
-        stream_usage=False,
+        # servers; ChatOpenAI already leaves it off for a custom base_url, so it is
+        # asked for only when LLM_STREAM_USAGE says the endpoint takes it.
+        stream_usage=config.stream_usage,
         # Chat Completions only: LC_OUTPUT_VERSION=responses/v1 or some model names
         # would otherwise route to /responses, which most compatible servers lack.
         use_responses_api=False,

@@ -46,6 +46,11 @@ class WorkerSettings(SharedSettings):
         "LLM_API_KEY", text, "sent as the API key; unset sends a placeholder (local servers ignore it)",
         secret=True)
     llm_model: str = setting("LLM_MODEL", "gpt-4o-mini", text, "model name sent with every request")
+    llm_stream_usage: bool = setting(
+        "LLM_STREAM_USAGE", "false", boolean,
+        "ask the endpoint for the token counts of each streamed answer (`stream_options.include_usage`; "
+        "OpenAI and vLLM take it, some compatible servers refuse it): stored on each run, in "
+        "`run.completed` and in `GET /v1/usage`. The demo model always reports its own")
     llm_timeout_s: float = setting(
         "LLM_TIMEOUT_SECONDS", "60", number(low=0.1),
         "longest wait to connect, for the response, and for each next chunk (at least 0.1)")

@@ -23,7 +23,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from agent_worker.graph import InputRequired, InputTimeout, Text, ToolCompleted, ToolStarted
+from agent_worker.graph import InputRequired, InputTimeout, Text, ToolCompleted, ToolStarted, Usage
 from agent_worker.metrics import QUEUE_EVERY_S, WorkerStats
 from agent_worker.resilience import failure_code
 from agent_worker.settings import WorkerSettings
@@ -302,6 +302,7 @@ class RunExecution:
         self.shown = ""  # the text devices show for this attempt (protocol.text)
         self.tools: list[dict[str, Any]] = []  # tool calls of this attempt, stored with the answer
         self.question: InputRequired | None = None  # what the model asked the user, if it paused
+        self.usage: Usage | None = None  # the tokens this attempt's model calls counted, if reported
         self.last_seq: int | None = None
         self.epoch = ""
         self._checkpointed_at = 0.0
@@ -370,12 +371,13 @@ class RunExecution:
         """Store the end, then publish it. Postgres being away does not lose the answer the
         devices already saw: storing is retried until it comes back (the run stays leased)."""
         c, worker = self.claim, self.worker
-        text = "".join(self.text)
+        text, usage = "".join(self.text), self.usage
 
         async def store() -> Finished | None:
             return await worker.store.finish_run(
                 c.run, status=status, text=text, worker=worker.consumer, tools=self.tools,
                 error_code=error[0] if error else None, error_message=error[1] if error else None,
+                usage=(usage.prompt_tokens, usage.completion_tokens) if usage else None,
             )
 
         finished = await retrying(store, retry_on=(Unavailable,), deadline_s=worker.settings.store_retry_s,
@@ -388,7 +390,8 @@ class RunExecution:
             return
         ending = Ending(status, text="" if finished.discarded else text, message=finished.message,
                         error=error, discarded=finished.discarded,
-                        stopped_at=self.last_seq if status == RunStatus.CANCELLED else None)
+                        stopped_at=self.last_seq if status == RunStatus.CANCELLED else None,
+                        usage=ev.TokenUsage(usage.prompt_tokens, usage.completion_tokens) if usage else None)
         await worker.runs.end(c.user, c.conversation, c.run, ending)
 
     async def _fenced_now(self) -> bool:
@@ -460,6 +463,10 @@ class RunExecution:
             elif isinstance(item, InputRequired):
                 await self.publish(ev.RunInputRequired(request=item.request, prompt=item.prompt))
                 self.question = item
+            elif isinstance(item, Usage):
+                before = self.usage or Usage(0, 0)
+                self.usage = Usage(before.prompt_tokens + item.prompt_tokens,
+                                   before.completion_tokens + item.completion_tokens)
             elif isinstance(item, ToolCompleted):
                 if (tool_span := self._tool_spans.pop(item.call_id, None)) is not None:
                     if item.error:

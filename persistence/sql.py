@@ -74,7 +74,8 @@ UPDATE runs SET lease_until = now() + make_interval(secs => $3)
 WHERE id = $1 AND worker = $2 AND status = 'running' RETURNING id
 """
 RUN_STATE = """
-SELECT user_id, conversation_id, status, terminal_seq, answer_message_id, partial, error_code, error_message
+SELECT user_id, conversation_id, status, terminal_seq, answer_message_id, partial, error_code, error_message,
+    prompt_tokens, completion_tokens
 FROM runs WHERE id = $1
 """
 HISTORY = """
@@ -90,7 +91,7 @@ FROM runs r JOIN messages u ON u.id = r.message_id WHERE r.id = $5
 DELETE_MESSAGE = "DELETE FROM messages WHERE id = $1"
 FINISH_RUN = """
 UPDATE runs SET status = $2, partial = $3, answer_message_id = $4, error_code = $5, error_message = $6,
-    lease_until = NULL, updated_at = now()
+    prompt_tokens = $7, completion_tokens = $8, lease_until = NULL, updated_at = now()
 WHERE id = $1 AND status IN ('waiting', 'queued', 'running')
 """
 LOCK_RUN = """
@@ -150,4 +151,10 @@ RUN_STATUSES = "SELECT id, status, error_code FROM runs WHERE id = ANY($1::text[
 RETRY_SOURCE = """
 SELECT r.user_id, r.conversation_id, r.message_id, r.status, r.answer_message_id
 FROM runs r JOIN messages m ON m.id = r.message_id WHERE r.id = $1
+"""
+# The tokens of a user's runs that ended since $2 (only those whose endpoint reported usage).
+USAGE = """
+SELECT count(*) AS runs, coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+    coalesce(sum(completion_tokens), 0) AS completion_tokens
+FROM runs WHERE user_id = $1 AND updated_at >= $2 AND prompt_tokens IS NOT NULL
 """

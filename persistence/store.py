@@ -235,10 +235,12 @@ class Store:
     async def finish_run(
         self, run: str, *, status: str, text: str, worker: str | None, error_code: str | None = None,
         error_message: str | None = None, tools: list[dict[str, Any]] | None = None,
+        usage: tuple[int, int] | None = None,
     ) -> Finished | None:
         """End a run (completed, cancelled or failed) and store its text as the assistant message.
         With `worker`, only while that worker still holds the run (a worker whose lease ran out
-        and was taken over must not end the new attempt). None when it was not ended here."""
+        and was taken over must not end the new attempt). `usage`: (prompt, completion) tokens, when
+        the endpoint reported them. None when it was not ended here."""
         async with self._conn() as conn, conn.transaction():
             state = await conn.fetchrow(sql.LOCK_RUN, run)
             if state is None or state["status"] not in (RunStatus.QUEUED, RunStatus.RUNNING):
@@ -253,7 +255,9 @@ class Store:
             if message:
                 await conn.execute(sql.INSERT_ASSISTANT_MESSAGE, message, state["conversation_id"],
                                    state["user_id"], text, run, orjson.dumps(tools or []).decode())
-            await conn.execute(sql.FINISH_RUN, run, status, text, message, error_code, error_message)
+            prompt, completion = usage if usage is not None else (None, None)
+            await conn.execute(sql.FINISH_RUN, run, status, text, message, error_code, error_message,
+                               prompt, completion)
             return Finished(message=message, discarded=bool(state["discard"]))
 
     async def set_terminal_seq(self, run: str, seq: int) -> None:
@@ -369,6 +373,13 @@ class Store:
         return [Message(pos=r["pos"], id=r["id"], role=r["role"], content=r["content"], device=r["device"],
                         run=r["run_id"], seq=r["seq"], created_at=r["created_at"],
                         tools=orjson.loads(r["tools"])) for r in rows]
+
+    async def usage(self, user: str, since: datetime) -> dict[str, int]:
+        """The tokens of the user's runs that ended since `since` and whose endpoint reported usage."""
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.USAGE, user, since)
+        return {"runs": row["runs"], "prompt_tokens": row["prompt_tokens"],
+                "completion_tokens": row["completion_tokens"]}
 
 
 def _title(text: str) -> str:

@@ -30,6 +30,8 @@ class EventData:
             value = getattr(self, f.name)
             if f.name in self.optional and (value is None or value is False):
                 continue
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):  # TokenUsage
+                value = dataclasses.asdict(value)
             data[f.name] = value
         return data
 
@@ -114,13 +116,23 @@ class RunInputReceived(EventData):
 
 
 @dataclass(frozen=True)
+class TokenUsage:
+    """The tokens a run's model calls counted, as the provider reported them (`usage` of its
+    streamed responses; absent where the endpoint does not report usage)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
 class RunCompleted(EventData):
     event = Event.RUN_COMPLETED
-    optional = ("rolled_back", "by")
+    optional = ("rolled_back", "by", "usage")
     message: str | None
     text: str
     rolled_back: bool = False
     by: str | None = None
+    usage: TokenUsage | None = None
 
 
 @dataclass(frozen=True)

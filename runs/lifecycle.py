@@ -48,6 +48,7 @@ from protocol.events import (
     RunFailed,
     RunInputReceived,
     RunQueued,
+    TokenUsage,
     event_body,
 )
 from protocol.vocabulary import ENDED, DoubleTexting, RunStatus
@@ -97,6 +98,7 @@ class Ending:
     stopped_at: int | None = None
     discarded: bool = False
     by: str | None = None
+    usage: TokenUsage | None = None  # shown in run.completed
 
     def event(self) -> EventData:
         if self.status == RunStatus.FAILED:
@@ -106,7 +108,8 @@ class Ending:
         if self.status == RunStatus.CANCELLED:
             return RunCancelled(message=self.message, text=self.text, stopped_at=self.stopped_at,
                                 rolled_back=self.discarded, by=self.by)
-        return RunCompleted(message=self.message, text=self.text, rolled_back=self.discarded, by=self.by)
+        return RunCompleted(message=self.message, text=self.text, rolled_back=self.discarded, by=self.by,
+                            usage=self.usage)
 
 
 @dataclass
@@ -261,8 +264,11 @@ class Runs:
         if state is None or state["status"] not in ENDED or state["terminal_seq"] is not None:
             return
         error = (state["error_code"], state["error_message"]) if state["error_code"] else None
+        usage = None
+        if state["prompt_tokens"] is not None:
+            usage = TokenUsage(state["prompt_tokens"], state["completion_tokens"])
         ending = Ending(RunStatus(state["status"]), text=state["partial"], message=state["answer_message_id"],
-                        error=error)
+                        error=error, usage=usage)
         await self.end(state["user_id"], state["conversation_id"], run, ending)
 
     async def start_next(self, conversation: str) -> None:

@@ -28,6 +28,7 @@ from agent_worker.graph import (
     Text,
     ToolCompleted,
     ToolStarted,
+    Usage,
     build_graph,
     stream_answer,
     stream_model,
@@ -69,9 +70,9 @@ async def collect_items(graph: AgentGraph, history: History) -> list[Item]:
 
 
 async def collect(graph: AgentGraph, history: History) -> list[str]:
-    """The text pieces of a run that calls no tools."""
+    """The text pieces of a run that calls no tools (and the usage the demo model reports)."""
     items = await collect_items(graph, history)
-    assert all(isinstance(item, Text) for item in items), items
+    assert all(isinstance(item, Text | Usage) for item in items), items
     return [item.text for item in items if isinstance(item, Text)]
 
 
@@ -93,6 +94,29 @@ async def test_demo_model_streams_its_whole_answer_in_pieces() -> None:
     assert 40 <= len(split_tokens(answer)) <= 80
     assert '"what is Chorus?"' in answer
     assert "2 user turns" in answer
+
+
+async def test_demo_model_reports_its_usage_last() -> None:
+    history = [("user", "hi there"), ("assistant", "hello!"), ("user", "what is Chorus?")]
+    items = await collect_items(build_graph(DemoChatModel(delay_s=0)), history)
+    answer = demo_answer(to_messages(history))
+    prompt = sum(len(split_tokens(text)) for _, text in history)
+    assert items[-1] == Usage(prompt_tokens=prompt, completion_tokens=len(split_tokens(answer)))
+    assert [item for item in items if isinstance(item, Usage)] == [items[-1]]
+
+
+async def test_the_endpoints_usage_is_streamed_when_asked_for(fake_llm: FakeLLM) -> None:
+    history = [("user", "[[tokens:12]] hello")]
+    for stream_usage, expected in ((True, [Usage(1, 12)]), (False, [])):
+        model = build_chat_model(ModelConfig(base_url=fake_llm.base_url, api_key=None, stream_usage=stream_usage))
+        try:
+            async with asyncio.timeout(WAIT_S):
+                items = [item async for item in stream_model(model, history)]
+        finally:
+            await model.root_async_client.close()  # type: ignore[attr-defined]
+        assert [item for item in items if isinstance(item, Usage)] == expected
+        assert bool(fake_llm.requests[-1].get("stream_options")) is stream_usage
+        assert "".join(i.text for i in items if isinstance(i, Text)).count("word") == 12
 
 
 def test_demo_model_streams_synchronously_too() -> None:

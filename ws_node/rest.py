@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -18,6 +18,7 @@ from ws_node.auth import IDENTITY, Identity
 from ws_node.services import SERVICES, Services
 
 MAX_PAGE = 200
+USAGE_DEFAULT_WINDOW = timedelta(days=30)
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -158,6 +159,22 @@ async def list_agents(request: web.Request) -> web.Response:
     return json_response({"agents": described})
 
 
+async def get_usage(request: web.Request) -> web.Response:
+    """The tokens of the user's runs that ended since `since` (ISO 8601; default: 30 days ago),
+    summed over the runs whose endpoint reported usage (`runs` counts those)."""
+    svc, ident = _auth(request)
+    since = datetime.now(UTC) - USAGE_DEFAULT_WINDOW
+    if "since" in request.query:
+        try:
+            since = datetime.fromisoformat(request.query["since"])
+        except ValueError:
+            raise RestError(400, "bad_request", "since must be an ISO 8601 time") from None
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+    usage = await svc.store.usage(ident.user, since)
+    return json_response({"since": since.isoformat(), **usage})
+
+
 async def get_presence(request: web.Request) -> web.Response:
     """The user's own devices online now (the list `hello` carries)."""
     svc, ident = _auth(request)
@@ -168,6 +185,7 @@ async def get_presence(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/agents", list_agents)
     app.router.add_get("/v1/presence", get_presence)
+    app.router.add_get("/v1/usage", get_usage)
     app.router.add_get("/v1/conversations", list_conversations)
     app.router.add_post("/v1/conversations", create_conversation)
     app.router.add_get("/v1/conversations/{id}", get_conversation)

@@ -182,6 +182,7 @@ export interface RunCompleted {
   message: string | null;
   rolled_back?: boolean;
   text: string;
+  usage?: TokenUsage;
 }
 
 /** `message` is the readable reason, as in every error; the partial answer (if any was stored) is `answer_message`. */
@@ -267,6 +268,12 @@ export interface Snapshot {
 
 export interface Token {
   text: string;
+}
+
+/** The tokens a run's model calls counted, as the provider reported them (`usage` of its streamed responses; absent where the endpoint does not report usage). */
+export interface TokenUsage {
+  completion_tokens: number;
+  prompt_tokens: number;
 }
 
 export interface ToolCompleted {
