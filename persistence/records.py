@@ -91,3 +91,36 @@ class RunInFlight:
     partial: str
     partial_seq: int | None
     partial_epoch: str | None
+
+
+@dataclass(frozen=True)
+class RunView:
+    """One run as its user sees it over HTTP (`GET /v1/runs/{id}`). `text` is the answer once the
+    run ended, else the worker's last checkpoint (`partial`, as of `partial_seq` in history
+    `partial_epoch`); `message_seq` is the seq of the `message.created` that began it (None when
+    that message is gone or was never acked)."""
+
+    run: str
+    conversation: str
+    status: RunStatus
+    attempts: int
+    text: str
+    partial_seq: int | None
+    partial_epoch: str | None
+    answer_message: str | None
+    error: tuple[str, str] | None
+    message_seq: int | None
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def ended(self) -> bool:
+        return self.status in (RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED)
+
+    def to_json(self) -> dict[str, Any]:
+        code, message = self.error or (None, None)
+        return {"run": self.run, "conversation": self.conversation, "status": self.status,
+                "attempts": self.attempts, "text": self.text if self.ended else None,
+                "answer_message": self.answer_message,
+                "error": {"code": code, "message": message} if self.error else None,
+                "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at)}

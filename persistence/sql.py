@@ -158,3 +158,11 @@ SELECT count(*) AS runs, coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
     coalesce(sum(completion_tokens), 0) AS completion_tokens
 FROM runs WHERE user_id = $1 AND updated_at >= $2 AND prompt_tokens IS NOT NULL
 """
+# One run of the user's, as `GET /v1/runs/{id}` shows it (ws_node.http_runs), with the seq of the
+# `message.created` that began it (its first event in the user's stream).
+RUN_VIEW = """
+SELECT r.id, r.conversation_id, r.status, r.attempts, r.partial, r.partial_seq, r.partial_epoch,
+    r.answer_message_id, r.error_code, r.error_message, r.created_at, r.updated_at, m.seq AS message_seq
+FROM runs r LEFT JOIN messages m ON m.id = r.message_id
+WHERE r.user_id = $1 AND r.id = $2
+"""

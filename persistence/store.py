@@ -15,7 +15,7 @@ import orjson
 
 from common.backoff import delays_s
 from persistence import sql
-from persistence.records import Conversation, Finished, Message, RunClaim, RunInFlight, SendRecord
+from persistence.records import Conversation, Finished, Message, RunClaim, RunInFlight, RunView, SendRecord
 from protocol.vocabulary import DoubleTexting, RunStatus
 
 log = logging.getLogger(__name__)
@@ -380,6 +380,19 @@ class Store:
             row = await conn.fetchrow(sql.USAGE, user, since)
         return {"runs": row["runs"], "prompt_tokens": row["prompt_tokens"],
                 "completion_tokens": row["completion_tokens"]}
+
+    async def run_view(self, user: str, run: str) -> RunView:
+        """`user`'s run `run` (NotFound for another user's, exactly like a missing one)."""
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.RUN_VIEW, user, run)
+        if row is None:
+            raise NotFound(f"run {run}")
+        error = (row["error_code"], row["error_message"] or "") if row["error_code"] else None
+        return RunView(run=row["id"], conversation=row["conversation_id"], status=RunStatus(row["status"]),
+                       attempts=row["attempts"], text=row["partial"], partial_seq=row["partial_seq"],
+                       partial_epoch=row["partial_epoch"], answer_message=row["answer_message_id"],
+                       error=error, message_seq=row["message_seq"], created_at=row["created_at"],
+                       updated_at=row["updated_at"])
 
 
 def _title(text: str) -> str:

@@ -9,7 +9,6 @@ import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -29,7 +28,7 @@ from protocol import Ack, CloseCode, Error, ErrorCode, ProtocolError, Reconnect,
 from runs.agents import AgentDirectory
 from runs.lifecycle import Runs
 from runs.queue import RedisRunQueue
-from ws_node import admin, commands, limits, presence, rest
+from ws_node import admin, commands, http_runs, limits, presence, rest
 from ws_node import metrics as node_metrics
 from ws_node import web as chat_page
 from ws_node.auth import (
@@ -48,7 +47,7 @@ from ws_node.connection import Connection
 from ws_node.limits import LocalBucket, Rate, RedisBuckets
 from ws_node.metrics import NodeStats
 from ws_node.presence import Presences
-from ws_node.services import SERVICES, Services, answer_within
+from ws_node.services import ADMISSION, SERVICES, Admission, Services, answer_within
 from ws_node.settings import NodeSettings
 
 log = logging.getLogger(__name__)
@@ -56,18 +55,6 @@ log = logging.getLogger(__name__)
 # for the duration of a command, so a burst of connects waits briefly instead of failing.
 NODE_POOL_SIZE = 256
 PRESENCE_SLICES = 30
-
-
-@dataclass
-class Admission:
-    """Who gets in and how often: the token verifier and the node's rate limits."""
-
-    verifier: Verifier
-    connections: LocalBucket
-    commands: RedisBuckets
-
-
-ADMISSION = web.AppKey("admission", Admission)
 
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
@@ -388,6 +375,7 @@ def create_app(settings: NodeSettings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     rest.add_routes(app)
+    http_runs.add_routes(app)
     admin.setup(app)
     chat_page.add_routes(app, settings)
     return app

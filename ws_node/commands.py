@@ -7,6 +7,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from fanout.broker import Fenced
+from persistence.records import SendRecord
 from persistence.store import Conflict, NotFound
 from protocol import Ack, Auth, Cancel, Command, ErrorCode, Ping, Pong, ProtocolError, Respond, Send, encode
 from runs.agents import UnknownAgent
@@ -47,21 +48,32 @@ async def auth(lease: TokenLease, cmd: Auth) -> str:
 
 
 async def send(svc: Services, conn: Connection, cmd: Send) -> str:
-    """Accept the send (stored, published, queued), then ack. Each step is idempotent under the
-    client's id, so a retry after any failure completes the same send instead of starting a
-    second one; only a fully done send is acked. Traced as `chorus.send`, the root of the run's
-    trace (its context travels in the job)."""
+    """Accept the send, then ack it (see `accept_send`)."""
+    record, seq = await accept_send(svc, conn.user, conn.device, cmd)
+    return encode(Ack(cmd.id, conversation=record.conversation, message=record.message, run=record.run,
+                      seq=seq))
+
+
+async def accept_send(svc: Services, user: str, device: str, cmd: Send) -> tuple[SendRecord, int]:
+    """Accept the send (stored, published, queued) for `user`'s `device`, the WebSocket's and
+    HTTP's one path (ws_node.http_runs). Each step is idempotent under the client's id, so a
+    retry after any failure completes the same send instead of starting a second one; only a
+    fully done send is acked (`record.seq` is set when it was done before: a repeat). Raises
+    `ProtocolError` with the code the client gets. Traced as `chorus.send`, the root of the
+    run's trace (its context travels in the job)."""
     with _tracer.start_as_current_span("chorus.send", kind=SpanKind.SERVER) as span:
-        reply = await _send(svc, conn, cmd)
+        record, seq = await _accept(svc, user, device, cmd)
         if span.is_recording():
-            span.set_attributes({"chorus.user": conn.user, "chorus.device": conn.device})
-        return reply
+            span.set_attributes({"chorus.user": user, "chorus.device": device,
+                                 "chorus.conversation": record.conversation, "chorus.run": record.run or "",
+                                 "chorus.message": record.message})
+        return record, seq
 
 
-async def _send(svc: Services, conn: Connection, cmd: Send) -> str:
+async def _accept(svc: Services, user: str, device: str, cmd: Send) -> tuple[SendRecord, int]:
     try:
-        record, seq = await svc.runs.accept_send(
-            conn.user, conn.device, client_id=cmd.id, text=cmd.text, conversation=cmd.conversation,
+        return await svc.runs.accept_send(
+            user, device, client_id=cmd.id, text=cmd.text, conversation=cmd.conversation,
             agent=cmd.agent, policy=cmd.double_texting,
         )
     except TooManyRuns as exc:
@@ -76,22 +88,22 @@ async def _send(svc: Services, conn: Connection, cmd: Send) -> str:
     except Conflict as exc:
         raise ProtocolError(ErrorCode.CONFLICT, f"{exc}; the conversation's double-texting policy is reject",
                             cmd.id) from None
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.set_attributes({"chorus.conversation": record.conversation, "chorus.run": record.run or "",
-                             "chorus.message": record.message})
-    return encode(Ack(cmd.id, conversation=record.conversation, message=record.message, run=record.run,
-                      seq=seq))
 
 
 async def cancel(svc: Services, conn: Connection, cmd: Cancel) -> str:
+    await cancel_run(svc, conn.user, conn.device, cmd)
+    return encode(Ack(cmd.id, run=cmd.run))
+
+
+async def cancel_run(svc: Services, user: str, device: str, cmd: Cancel) -> None:
+    """Cancel `user`'s run from `device` (the WebSocket's and HTTP's one path); raises
+    `ProtocolError` with the code the client gets."""
     try:
-        await svc.runs.cancel(conn.user, cmd.run, by=conn.device)
+        await svc.runs.cancel(user, cmd.run, by=device)
     except NotFound:
         raise ProtocolError(ErrorCode.NOT_FOUND, f"no run {cmd.run}", cmd.id) from None
     except RunEnded as exc:
         raise ProtocolError(ErrorCode.CONFLICT, str(exc), cmd.id) from None
-    return encode(Ack(cmd.id, run=cmd.run))
 
 
 async def respond(svc: Services, conn: Connection, cmd: Respond) -> str:

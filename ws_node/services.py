@@ -15,7 +15,9 @@ from fanout.redis_broker import RedisBroker
 from persistence.store import Store
 from runs.agents import AgentDirectory
 from runs.lifecycle import Runs
+from ws_node.auth import Verifier
 from ws_node.connection import Connection
+from ws_node.limits import LocalBucket, RedisBuckets
 from ws_node.metrics import NodeStats
 from ws_node.presence import Presences
 from ws_node.settings import NodeSettings
@@ -45,6 +47,18 @@ def _set(event: asyncio.Event) -> asyncio.Event:
 
 
 SERVICES = web.AppKey("services", Services)
+
+
+@dataclass
+class Admission:
+    """Who gets in and how often: the token verifier and the node's rate limits."""
+
+    verifier: Verifier
+    connections: LocalBucket
+    commands: RedisBuckets
+
+
+ADMISSION = web.AppKey("admission", Admission)
 
 
 async def answer_within(timeout_s: float, *probes: Awaitable[object]) -> list[bool]:
