@@ -15,8 +15,11 @@ it): a list of objects ::
       "stream_usage": true,                     ask for token counts; default LLM_STREAM_USAGE
       "mcp_servers": ["http://tools:8000/mcp"], MCP servers (Streamable HTTP) giving tools
       "max_tool_rounds": 4,                     default AGENT_MAX_TOOL_ROUNDS
-      "ask_user": true}]                        human in the loop: the model may pause the run
+      "ask_user": true,                         human in the loop: the model may pause the run
                                                 to ask the user (default AGENT_ASK_USER)
+      "graph": "my_team.agents:graph"}]         a LangGraph graph of the team's own instead of the
+                                                built-in one (docs/agents.md): a compiled graph, a
+                                                StateGraph, or a factory taking the AgentSpec
 
 Everything is read once (:meth:`AgentRegistry.from_env`), and an invalid setting raises
 ``common.config.SettingError`` naming the variable. Nothing touches the network until an agent
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import json
 import logging
 import math
@@ -39,14 +43,17 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from langchain_openai import ChatOpenAI
 from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import StateGraph
+from langgraph.pregel import Pregel
 
 from agent_worker.graph import (
+    AGENT_NODE,
     DEFAULT_MAX_TOOL_ROUNDS,
     AgentGraph,
     Item,
@@ -71,8 +78,10 @@ _MAX_ROUNDS_LIMIT = 50
 _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # OpenAI function names: ^[a-zA-Z0-9_-]{1,64}$; MCP tool names may hold more ('.', '/').
 _NOT_IN_TOOL_NAME = re.compile(r"[^A-Za-z0-9_-]")
+_GRAPH_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 _SPEC_KEYS = frozenset({"name", "description", "system_prompt", "model", "base_url", "api_key_env",
-                        "timeout_s", "stream_usage", "mcp_servers", "max_tool_rounds", "ask_user"})
+                        "timeout_s", "stream_usage", "mcp_servers", "max_tool_rounds", "ask_user",
+                        "graph"})
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,7 @@ class AgentSpec:
     max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS
     description: str = ""
     ask_user: bool = False
+    graph: str | None = None  # "package.module:attribute": a LangGraph graph of the agent's own
 
 
 class AgentRegistry:
@@ -191,7 +201,7 @@ class AgentRegistry:
     async def _answer(
         self, spec: AgentSpec, history: Sequence[tuple[str, str]], thread: str | None, resume: str | None
     ) -> AsyncGenerator[Item, None]:
-        if not spec.mcp_servers and not spec.ask_user and resume is None:
+        if spec.graph is None and not spec.mcp_servers and not spec.ask_user and resume is None:
             # One model call and nothing else: the graph would only add its overhead per token.
             model = self._model(spec)
             direct = stream_model(model, history, system_prompt=spec.system_prompt)
@@ -200,7 +210,8 @@ class AgentRegistry:
                     yield item
             return
         graph = await self._graph(spec)
-        async with aclosing(stream_answer(graph, history, thread=thread, resume=resume)) as items:
+        node = AGENT_NODE if spec.graph is None else None  # an own graph: every node's answer
+        async with aclosing(stream_answer(graph, history, thread=thread, resume=resume, node=node)) as items:
             async for item in items:
                 yield item
 
@@ -213,6 +224,9 @@ class AgentRegistry:
     async def _graph(self, spec: AgentSpec) -> AgentGraph:
         graph = self._graphs.get(spec.name)
         if graph is not None:
+            return graph
+        if spec.graph is not None:
+            graph = self._graphs[spec.name] = own_graph(spec, self._paused)
             return graph
         tools, missing = await self._tools(spec)
         graph = build_graph(self._model(spec), system_prompt=spec.system_prompt, tools=tools,
@@ -412,6 +426,12 @@ def _spec(entry: Any, default: AgentSpec, env: Mapping[str, str], *, where: str)
         raise SettingError(f"{where}: stream_usage must be true or false")
     if ask and base_url is None:
         raise SettingError(f"{where}: ask_user needs an LLM (base_url or LLM_BASE_URL)")
+    graph = entry.get("graph")
+    if graph is not None:
+        try:
+            load_graph_attribute(graph)
+        except (ValueError, ImportError, AttributeError) as exc:
+            raise SettingError(f"{where}: graph: {exc}") from None
     return AgentSpec(
         name=name,
         system_prompt=text("system_prompt", default.system_prompt),
@@ -422,7 +442,34 @@ def _spec(entry: Any, default: AgentSpec, env: Mapping[str, str], *, where: str)
         max_tool_rounds=rounds,
         description=text("description", "") or "",
         ask_user=ask,
+        graph=graph,
     )
+
+
+def load_graph_attribute(path: object) -> object:
+    """What ``"package.module:attribute"`` names (imported now, so a typo fails at start)."""
+    if not isinstance(path, str) or not _GRAPH_PATH.fullmatch(path):
+        raise ValueError(f"expected \"package.module:attribute\", got {path!r}")
+    module, _, attribute = path.partition(":")
+    found: object = importlib.import_module(module)
+    for part in attribute.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def own_graph(spec: AgentSpec, checkpointer: InMemorySaver) -> AgentGraph:
+    """The agent's own graph: a compiled graph as it is; a `StateGraph` compiled here, with the
+    worker's checkpointer (so an ``interrupt`` pauses the run for the user and resumes it); a
+    factory called with the agent's `AgentSpec` (its model, prompt, ...), returning either."""
+    assert spec.graph is not None
+    found = load_graph_attribute(spec.graph)
+    if callable(found) and not isinstance(found, StateGraph | Pregel):
+        found = found(spec)
+    if isinstance(found, StateGraph):
+        found = found.compile(checkpointer=checkpointer)
+    if not isinstance(found, Pregel):
+        raise TypeError(f"agent {spec.name}: graph {spec.graph} is not a LangGraph graph, nor makes one")
+    return cast(AgentGraph, found)
 
 
 def _check_url(where: str, url: str, *, key: str | None = None) -> None:

@@ -298,7 +298,7 @@ def to_messages(history: Sequence[tuple[str, str]]) -> list[AnyMessage]:
 
 async def stream_answer(
     graph: AgentGraph, history: Sequence[tuple[str, str]], *, thread: str | None = None,
-    resume: str | None = None,
+    resume: str | None = None, node: str | None = AGENT_NODE,
 ) -> AsyncGenerator[Item, None]:
     """Run ``graph`` over ``history`` and yield the answer's text and tool calls as they happen.
 
@@ -318,6 +318,10 @@ async def stream_answer(
         ValueError: ``history`` has a role other than ``"user"``/``"assistant"``.
         langchain_core.exceptions.ModelError: the LLM call failed (tree in the
             module docstring). Tool failures are not raised (see :class:`ToolCompleted`).
+
+    ``node``: the node whose model output is the answer (:func:`build_graph`'s ``agent``); None for
+    a graph of the agent's own (``AgentSpec.graph``): every node's AI messages are the answer,
+    streamed chunks and the whole messages a node returns without streaming them alike.
 
     Human in the loop: with a graph built with ``ask_user=True``, the stream ends with an
     :class:`InputRequired` when the model asks the user; pass the same ``thread`` (one per run
@@ -339,6 +343,7 @@ async def stream_answer(
     )
     # aclosing: tear LangGraph's run down here, in this task, not whenever the
     # generator happens to be garbage-collected.
+    streamed: set[str] = set()  # ids of the messages whose chunks came (node=None)
     async with aclosing(stream):
         try:
             async for mode, payload in stream:
@@ -352,11 +357,21 @@ async def stream_answer(
                         yield payload
                     continue
                 message, metadata = _unpack(payload)
-                if metadata.get("langgraph_node") != AGENT_NODE or not isinstance(message, AIMessageChunk):
+                whole = isinstance(message, AIMessage) and not isinstance(message, AIMessageChunk)
+                if node is None and whole:
+                    # A graph of the agent's own may answer from a node that calls no model:
+                    # LangGraph emits its message whole (one it streamed comes again by id).
+                    if message.id not in streamed and message.text:
+                        yield Text(str(message.text))
+                    continue
+                if (node is not None and metadata.get("langgraph_node") != node) or not isinstance(
+                        message, AIMessageChunk):
                     # Whole AIMessages are LangGraph re-emitting finished outputs
                     # (deduplicated against the chunks by id), never new text;
                     # ToolMessages come from the tools node.
                     continue
+                if message.id:
+                    streamed.add(message.id)
                 text = str(message.text)
                 if text:
                     yield Text(text)

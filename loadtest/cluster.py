@@ -10,7 +10,7 @@ workdir, ``<home>/run``, is emptied by the next ``up``, not on exit, so the logs
 
 Environment read by ``main`` only (``LocalCluster`` takes everything from ``ClusterConfig``):
 ``REDIS_URL`` / ``DATABASE_URL`` (use these instead of starting servers), ``AUTH_JWT_SECRET``
-(else random), ``LLM_BASE_URL`` / ``LLM_API_KEY`` / ``LLM_MODEL`` (passed to workers when set).
+(else random), ``LLM_*`` and ``AGENTS_JSON`` / ``AGENTS_FILE`` (passed to workers when set).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from loadtest.procs import (
     wait_http_ok,
 )
 
-_LLM_VARS = ("LLM_BASE_URL", "LLM_API_KEY", "LLM_MODEL")
+# Passed on to the nodes and workers by `up` when set: the model endpoint and the agents.
+_AGENT_VARS = ("LLM_BASE_URL", "LLM_API_KEY", "LLM_MODEL", "LLM_STREAM_USAGE", "AGENTS_JSON", "AGENTS_FILE")
 # Above the services' own drain budgets (node DRAIN_SECONDS 10, worker WORKER_DRAIN_SECONDS 30), so an
 # orderly drain is not cut short by SIGKILL.
 _NODE_STOP_TIMEOUT_S = 15
@@ -377,7 +378,7 @@ def _up(args: argparse.Namespace, home: Path) -> int:
         workers=args.workers,
         nginx=not args.no_nginx,
         # Logs for people here (JSON is the processes' default, for log pipelines).
-        env={**{name: env[name] for name in _LLM_VARS if env.get(name)},
+        env={**{name: env[name] for name in _AGENT_VARS if env.get(name)},
              "LOG_FORMAT": env.get("LOG_FORMAT", "text")},
         redis_url=env.get("REDIS_URL") or None,
         database_url=env.get("DATABASE_URL") or None,

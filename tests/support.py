@@ -74,6 +74,19 @@ async def _wait_in_rotation(cluster: LocalCluster, http: aiohttp.ClientSession, 
         await asyncio.sleep(0.05)
 
 
+async def get_agents(http: aiohttp.ClientSession, cluster: LocalCluster, token: str) -> list[dict[str, Any]]:
+    """GET /v1/agents, waiting (bounded) for the worker to have advertised them."""
+    url = f"http://127.0.0.1:{cluster.node_ports[0]}/v1/agents"
+    for _ in range(300):  # a worker under load may take a while to import and advertise
+        async with http.get(url, headers={"Authorization": f"Bearer {token}"}) as response:
+            if response.status == 200:
+                body: dict[str, Any] = await response.json()
+                return list(body["agents"])
+            assert response.status == 503
+        await asyncio.sleep(0.1)
+    raise TimeoutError("no agents advertised")
+
+
 def node_ws(cluster: LocalCluster, index: int) -> str:
     """The WebSocket URL of one node, not through nginx."""
     return f"ws://127.0.0.1:{cluster.node_ports[index]}/ws"

@@ -3,7 +3,6 @@ tool calls stream as events to every device and are stored with the answer."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +14,7 @@ from chorus_client.testing import RecordingClient as ChorusClient
 
 from loadtest.cluster import ClusterConfig, LocalCluster
 from tests.fake_llm import FakeLLM
-from tests.support import McpTestServer, unique
+from tests.support import McpTestServer, get_agents, unique
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +36,6 @@ def agents_cluster(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLM,
     })
     with LocalCluster(tmp_path_factory.mktemp("agents"), config) as cluster:
         yield cluster
-
-
-async def get_agents(http: aiohttp.ClientSession, cluster: LocalCluster, token: str) -> list[dict[str, Any]]:
-    """GET /v1/agents, waiting (bounded) for the worker to have advertised them."""
-    url = f"http://127.0.0.1:{cluster.node_ports[0]}/v1/agents"
-    for _ in range(100):
-        async with http.get(url, headers={"Authorization": f"Bearer {token}"}) as response:
-            if response.status == 200:
-                body: dict[str, Any] = await response.json()
-                return list(body["agents"])
-            assert response.status == 503
-        await asyncio.sleep(0.1)
-    raise TimeoutError("no agents advertised")
 
 
 async def two_devices(
