@@ -167,8 +167,8 @@ class Device:
 
 async def open_device(browser: Any, url: str, name: str, options: dict[str, Any]) -> Device:
     context = await browser.new_context(**options)
-    # The page keeps its device id in localStorage; name it, so presence reads "phone" and "laptop".
-    await context.add_init_script(f"localStorage.setItem('chorus.device', {json.dumps(name)});")
+    # The page keeps its device id in sessionStorage (per tab); name it, so presence reads "phone" and "laptop".
+    await context.add_init_script(f"sessionStorage.setItem('chorus.device', {json.dumps(name)});")
     await context.add_init_script(RECORDER)
     device = Device(name, await context.new_page())
     await device.page.goto(url)

@@ -7,12 +7,15 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import pytest
 from chorus_client.testing import RecordingClient as ChorusClient
 
-from loadtest.cluster import LocalCluster
+from loadtest.cluster import ClusterConfig, LocalCluster
+from tests.fake_llm import FakeLLM
 from tests.support import rest, unique
 
 END = {"run.completed", "run.cancelled", "run.failed"}
@@ -146,6 +149,48 @@ async def test_the_event_stream_carries_the_whole_run_in_order_and_ends(
     async with replay.response:
         assert await replay.read() == events
     assert replay.ended
+
+
+async def test_a_stream_of_an_ended_run_asked_again_from_its_end_is_204(
+    cluster: LocalCluster, http: aiohttp.ClientSession
+) -> None:
+    """An EventSource reconnects by itself after the stream ended, with the end's id: 204 tells it
+    to stop (a stream would only ever send heartbeats)."""
+    token = cluster.token(unique("alice"))
+    ack = await start(http, cluster, token, "[[tokens:5]] short")
+    live = await open_events(http, cluster, token, ack["run"])
+    async with live.response:
+        events = await live.read()
+    async with http.get(f"{cluster.http_url}/v1/runs/{ack['run']}/events",
+                        headers={"Authorization": f"Bearer {token}", "Last-Event-ID": str(events[-1]["id"])}
+                        ) as response:
+        assert response.status == 204
+
+
+@pytest.fixture(scope="module")
+def tiny_queues(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLM) -> Iterator[LocalCluster]:
+    """A node whose streams may queue 8 frames at most."""
+    config = ClusterConfig(nodes=1, workers=1, nginx=False,
+                           env={"LLM_BASE_URL": fake_llm.base_url, "SEND_QUEUE_MAX_FRAMES": "8"})
+    with LocalCluster(tmp_path_factory.mktemp("tiny-queues"), config) as running:
+        yield running
+
+
+async def test_a_run_longer_than_the_queue_is_replayed_whole(
+    tiny_queues: LocalCluster, http: aiohttp.ClientSession
+) -> None:
+    """History is replayed whatever its length (the queue bounds what waits for a slow client, not
+    what was read from history): a long run's stream must not end before its first event."""
+    token = tiny_queues.token(unique("alice"))
+    ack = await start(http, tiny_queues, token, "[[tokens:40]] [[slow:0.02]] a long one")
+    live = await open_events(http, tiny_queues, token, ack["run"])
+    async with live.response:
+        events = await live.read()
+    assert events[-1]["event"] == "run.completed"
+    replay = await open_events(http, tiny_queues, token, ack["run"])
+    async with replay.response:
+        replayed = await replay.read()
+    assert len(replayed) > 8 and replayed == events
 
 
 async def test_a_stream_resumed_with_last_event_id_misses_nothing_and_repeats_nothing(

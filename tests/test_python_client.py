@@ -195,6 +195,20 @@ def test_the_store_applies_snapshots_live_events_and_rest_pages_in_any_mix_once(
     assert store.messages("c1")[0].client_id == "k1" and store.conversations["c1"].loaded
 
 
+def test_a_run_in_flight_follows_a_new_epoch() -> None:
+    """Redis lost the history: the new epoch counts seqs from 1 again, so the run's old seq (812)
+    must not hold back the new epoch's snapshot and events."""
+    store = Store()
+    store.apply(event(811, Event.RUN_STARTED, {"message": "m1", "attempt": 1, "worker": "w"}))
+    store.apply(event(812, Event.TOKEN, {"text": "Hel"}))
+    store.new_epoch()
+    store.apply_snapshot(3, [{"run": "r1", "conversation": "c1", "status": "running", "text": "Hello"}])
+    store.apply(event(4, Event.TOKEN, {"text": " world"}))
+    store.apply(event(5, Event.RUN_COMPLETED, {"message": "m2", "text": "Hello world"}))
+    run = store.runs["r1"]
+    assert (run.status, run.text, run.seq) == (RunStatus.COMPLETED, "Hello world", 5)
+
+
 def test_a_restarted_run_shows_only_its_last_attempt_and_a_rolled_back_one_disappears() -> None:
     store = Store()
     store.apply(event(1, Event.MESSAGE_CREATED, {"message": "m1", "text": "q", "device": "d", "client_id": "k"}))
@@ -352,6 +366,27 @@ async def test_a_dropped_connection_resumes_mid_answer_exactly(
     assert [c.resumed for c in laptop.of(Connected)] == [False, True]
     assert gapless(laptop, start) and comparable(laptop.events) == comparable(phone.events)
     assert texts_only_grew(laptop.texts(run))
+
+
+async def test_a_reconnect_the_client_asks_for_resumes_mid_answer(
+    cluster: LocalCluster, closing: Callable[[ChorusClient], Device]
+) -> None:
+    """The client closes with 4000 to resume (a gap, no hello in time, `reconnect()`); the node's
+    reply close frame says 1000, which must not read as "closed for good"."""
+    user = unique("alice")
+    phone = closing(ChorusClient(node_ws(cluster, 0), cluster.token(user), device="phone"))
+    start = (await phone.client.connect()).seq
+    ack = await phone.client.send(LONG)
+    assert ack.run is not None
+    run = ack.run
+    await phone.client.wait_for(lambda: len(phone.client.store.runs.get(run, Run(run, "")).text) > 20, 20)
+    await phone.client.reconnect()
+    await phone.client.wait_for(lambda: phone.client.stats.connects == 2, 10)
+    ended = await phone.ended(run)
+    assert ended.text == words(60)
+    assert [d.code for d in phone.of(Disconnected)] == [4000]
+    assert [c.resumed for c in phone.of(Connected)] == [False, True]
+    assert gapless(phone, start)
 
 
 async def test_a_send_lost_with_its_connection_is_resent_and_runs_once(

@@ -97,10 +97,13 @@ class RunStream:
         self.wake.set()
 
     def replayed(self, frames: list[str]) -> None:
+        """History read for this stream: kept whatever their number (they are in memory already,
+        and a long run's history is over any bound: bounding it would end the stream before its
+        first event, on every attempt)."""
         for frame in frames:
             seq = frame_seq(frame)
             if self.gate.offer(seq) is Offer.DELIVER:
-                self._keep(seq, frame)
+                self._keep(seq, frame, bounded=False)
 
     def unpark(self) -> None:
         """Release parked frames in seq order; if one still leaves a gap, stay parked from it."""
@@ -120,13 +123,13 @@ class RunStream:
         self.finished = ended
         self.wake.set()
 
-    def _keep(self, seq: int, frame: str) -> None:
+    def _keep(self, seq: int, frame: str, *, bounded: bool = True) -> None:
         if self._needle not in frame:
             return
         body = orjson.loads(frame)
         if body.get("run") != self.run:
             return
-        if len(self.ready) >= self.max_frames:
+        if bounded and len(self.ready) >= self.max_frames:
             self._overflow()
             return
         self.ready.append((seq, body["event"], frame))
@@ -187,6 +190,11 @@ async def run_events(request: web.Request) -> web.StreamResponse:
     after = _after(request)
     if svc.draining:
         raise RestError(503, "unavailable", "node draining; connect again")
+    admitted = request.app[ADMISSION].connections.take()  # the node's new-connection rate, as for /ws
+    if not admitted.allowed:
+        svc.stats.rate_limited["connections",] += 1
+        raise _refusal(ProtocolError(ErrorCode.RATE_LIMITED, "too many new connections; retry later",
+                                     retry_after_ms=admitted.retry_after_ms))
     stream = RunStream(user, view.run, max_frames=svc.settings.queue_max_frames)
     try:
         await svc.hub.attach(stream)  # first: what is published from now on is parked, not missed
@@ -194,6 +202,10 @@ async def run_events(request: web.Request) -> web.StreamResponse:
         raise RestError(503, "unavailable", "stream unavailable; retry") from None
     try:
         await _open(svc, stream, view, after)
+        if view.ended and not stream.ready and stream.parked is None and not stream.finished:
+            # The client already has the end (an EventSource reconnects by itself after the stream
+            # ends): 204 tells it to stop, rather than a stream that would only ever ping.
+            return web.Response(status=204)
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         if await _follow(svc, request, response, stream):

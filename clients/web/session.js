@@ -57,16 +57,17 @@ export function signOut() {
 }
 
 /**
- * This browser's device id, the same across reloads and tabs (presence lists it; the server counts
- * it once). crypto.getRandomValues, not randomUUID: the page may be served over plain http to a
- * phone on the LAN, where randomUUID does not exist.
+ * This tab's device id, the same across its reloads (presence lists it). Per tab, not per browser:
+ * a device holds one socket, and two tabs sharing an id would take each other's presence (the
+ * second tab's close would announce the first offline). crypto.getRandomValues, not randomUUID: the
+ * page may be served over plain http to a phone on the LAN, where randomUUID does not exist.
  */
 export function deviceId() {
-  let id = localStorage.getItem(DEVICE);
+  let id = sessionStorage.getItem(DEVICE);
   if (!id) {
     const bytes = crypto.getRandomValues(new Uint8Array(4));
     id = `web-${[...bytes].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
-    localStorage.setItem(DEVICE, id);
+    sessionStorage.setItem(DEVICE, id);
   }
   return id;
 }

@@ -152,6 +152,9 @@ class ChorusClient:
         self._token_reason: Literal["connect", "unauthorized"] = "connect"
         self._reconnect_after_s: float | None = None  # a `reconnect` frame's after_ms
         self._reset: str | None = None  # why the reader must drop the socket and resume (a gap)
+        # The client closed the current socket itself to resume: whatever code the server's reply
+        # close frame carries (a node answers every close with 1000), this is a reconnect.
+        self._resetting = False
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
 
@@ -224,7 +227,7 @@ class ChorusClient:
     async def reconnect(self) -> None:
         """Drop the socket and connect again from the current position (resume with after/epoch)."""
         if self._ws is not None:
-            await self._ws.close(code=policy.CLIENT_RESET, message=b"reconnect requested")
+            await self._close_to_resume(self._ws, "reconnect requested")
         else:
             self.wake()
 
@@ -382,6 +385,8 @@ class ChorusClient:
         finally:
             self._detach()
         code = ws.close_code if ws.close_code is not None else 1006  # no close frame: dropped
+        if self._resetting:
+            code, self._resetting = policy.CLIENT_RESET, False
         self._tell(Disconnected(code, str(ws.exception() or "")))
         return _Outcome(code=code, opened=True)
 
@@ -392,17 +397,21 @@ class ChorusClient:
             try:
                 message = await ws.receive(timeout=wait_s)
             except TimeoutError:
-                await ws.close(code=policy.CLIENT_RESET, message=b"no hello in time")
+                await self._close_to_resume(ws, "no hello in time")
                 return
             if message.type is aiohttp.WSMsgType.TEXT:
                 await self._on_text(message.data)
                 if self._reset is not None:
                     # Never shown: start again from the last seq shown; the server replays the rest.
                     reason, self._reset = self._reset, None
-                    await ws.close(code=policy.CLIENT_RESET, message=reason.encode()[:120])
+                    await self._close_to_resume(ws, reason)
                     return
             elif message.type is not aiohttp.WSMsgType.BINARY:
                 return  # CLOSE, CLOSING, CLOSED, ERROR (e.g. no pong to our heartbeat)
+
+    async def _close_to_resume(self, ws: aiohttp.ClientWebSocketResponse, reason: str) -> None:
+        self._resetting = True
+        await ws.close(code=policy.CLIENT_RESET, message=reason.encode()[:120])
 
     def _detach(self) -> None:
         """The socket is gone: forget it; commands that are not resent fail."""
@@ -479,6 +488,8 @@ class ChorusClient:
         elif kind == FrameType.RESYNC:
             # The position was unusable (history trimmed, or a new epoch): the device is now at
             # `seq`, a snapshot follows, and what it shows is reloaded from REST, which is complete.
+            if frame["epoch"] != self._gate.epoch:
+                self._emit_all(self.store.new_epoch())
             self._gate.reset(frame["seq"], frame["epoch"])
             self.stats.resyncs += 1
             self._tell(Resynced(str(frame.get("reason")), frame["seq"], frame["epoch"]))

@@ -106,6 +106,14 @@ class Store:
             self._remove_message(run.conversation, run.message)
         return self._take()
 
+    def new_epoch(self) -> list[Change]:
+        """The user's stream started over (a new epoch counts its seqs from 1 again): what runs
+        remember of the old one must not hold back the snapshot and events of the new one."""
+        for run in list(self.runs.values()):
+            if run.seq not in (-1, STORED):
+                self._put_run(dataclasses.replace(run, seq=-1))
+        return self._take()
+
     def apply_snapshot(self, seq: int, runs: Iterable[Mapping[str, Any]]) -> list[Change]:
         """A `snapshot`: each run in flight with its text exact as of `seq`."""
         for item in runs:
