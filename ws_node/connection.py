@@ -30,7 +30,7 @@ from common.redis_client import TRANSIENT
 from fanout.broker import Broker, Position
 from fanout.recovery import UNSEQUENCED, Gate, Offer, frame_seq, plan_resume
 from persistence.records import RunInFlight
-from protocol import CloseCode, DeviceOnline, Hello, Resync, ResyncReason, Snapshot, encode
+from protocol import CloseCode, DeviceOnline, Hello, Resync, ResyncReason, RunSnapshot, Snapshot, encode
 from runs import snapshot
 from ws_node import merge
 from ws_node.metrics import NodeStats
@@ -279,17 +279,7 @@ class Connection:
         except Exception as exc:  # Postgres away: the device still gets live events
             log.warning("no snapshot for %s/%s: %r", self.user, self.device, exc)
             return
-        after = snapshot.scan_after(runs, epoch=position.epoch, seq=position.seq,
-                                    first_seq=position.first_seq)
-        events = []
-        if after is not None and after < position.seq:
-            frames = await self.broker.read_after(self.user, after, upto=position.seq)
-            if frames is None:
-                after = None
-            else:
-                events = [orjson.loads(f) for f in frames if frame_seq(f) <= position.seq]
-        runs_now = snapshot.build(runs, events, epoch=position.epoch, seq=position.seq,
-                                  first_seq=position.first_seq, scanned_after=after)
+        runs_now = await runs_as_of(self.broker, self.user, runs, position)
         self.send(encode(Snapshot(seq=position.seq, epoch=position.epoch, runs=tuple(runs_now))))
 
     def _unpark(self) -> None:
@@ -306,3 +296,21 @@ class Connection:
                 return
             if offer is Offer.DELIVER:
                 self.send(frame)
+
+
+async def runs_as_of(
+    broker: Broker, user: str, runs: list[RunInFlight], position: Position
+) -> list[RunSnapshot]:
+    """`runs` (in flight, from Postgres) with their text exact as of `position.seq`: each one's
+    checkpoint plus its events in the history after it (`runs.snapshot`); a run that cannot be
+    made exact is left out."""
+    after = snapshot.scan_after(runs, epoch=position.epoch, seq=position.seq, first_seq=position.first_seq)
+    events = []
+    if after is not None and after < position.seq:
+        frames = await broker.read_after(user, after, upto=position.seq)
+        if frames is None:
+            after = None
+        else:
+            events = [orjson.loads(f) for f in frames if frame_seq(f) <= position.seq]
+    return snapshot.build(runs, events, epoch=position.epoch, seq=position.seq, first_seq=position.first_seq,
+                          scanned_after=after)

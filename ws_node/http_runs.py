@@ -36,9 +36,9 @@ from persistence.store import NotFound
 from protocol import Ack, Cancel, ErrorCode, ProtocolError, ResyncReason, Send
 from protocol.frames import to_json
 from protocol.vocabulary import END_EVENTS, FrameType, RunStatus
-from runs import snapshot
 from ws_node import commands
 from ws_node.auth import IDENTITY
+from ws_node.connection import runs_as_of
 from ws_node.limits import Bucket, Decision
 from ws_node.rest import RestError, json_response
 from ws_node.services import ADMISSION, SERVICES, Services
@@ -264,16 +264,7 @@ async def _text_as_of(svc: Services, user: str, view: RunView, position: Positio
         return ""
     runs = [RunInFlight(run=view.run, conversation=view.conversation, status=view.status, partial=view.text,
                         partial_seq=view.partial_seq, partial_epoch=view.partial_epoch)]
-    after = snapshot.scan_after(runs, epoch=position.epoch, seq=position.seq, first_seq=position.first_seq)
-    events: list[dict[str, Any]] = []
-    if after is not None and after < position.seq:
-        frames = await svc.broker.read_after(user, after, upto=position.seq)
-        if frames is None:
-            after = None
-        else:
-            events = [orjson.loads(f) for f in frames if frame_seq(f) <= position.seq]
-    built = snapshot.build(runs, events, epoch=position.epoch, seq=position.seq, first_seq=position.first_seq,
-                           scanned_after=after)
+    built = await runs_as_of(svc.broker, user, runs, position)
     return built[0].text if built else view.text
 
 
