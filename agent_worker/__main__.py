@@ -26,6 +26,7 @@ from agent_worker.settings import WorkerSettings
 from agent_worker.supervisor import supervise
 from agent_worker.worker import AnswerStream, Worker
 from common import metrics, process, redis_client
+from common.config import SettingError
 from common.keys import Keys
 from common.redis_client import TRANSIENT
 from fanout.redis_broker import RedisBroker
@@ -47,10 +48,15 @@ class Agents:
     policy: RetryPolicy
     breakers: BreakerRegistry
     on_result: Callable[[str, str], None] | None = None  # how each model call ended (metrics)
+    pools: tuple[str, ...] = ()  # the pools this worker serves (WORKER_AGENTS)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], settings: WorkerSettings) -> Agents:
         primary = AgentRegistry.from_env(env)
+        try:
+            pools = tuple(primary.serving(settings.serves))
+        except ValueError as exc:
+            raise SettingError(f"WORKER_AGENTS: {exc}") from None
         fallback = None
         if settings.fallback_base_url:
             fallback_model = ModelConfig(
@@ -61,7 +67,7 @@ class Agents:
             fallback = AgentRegistry(specs, mcp_timeout_s=primary.mcp_timeout_s)
         return cls(primary=primary, fallback=fallback,
                    policy=RetryPolicy(settings.retry_attempts, settings.retry_base_s, settings.retry_cap_s),
-                   breakers=BreakerRegistry(settings.breaker_failures, settings.breaker_reset_s))
+                   breakers=BreakerRegistry(settings.breaker_failures, settings.breaker_reset_s), pools=pools)
 
     def answer(
         self, agent: str, history: Sequence[tuple[str, str]], thread: str, resume: str | None
@@ -70,15 +76,15 @@ class Agents:
         fallback = self.fallback
 
         def primary(h: Sequence[tuple[str, str]]) -> AsyncIterator[object]:
-            return self.primary.answer(spec.name, h, thread=thread, resume=resume)
+            return self.primary.answer(spec.pool, h, thread=thread, resume=resume)
 
         def secondary(h: Sequence[tuple[str, str]]) -> AsyncIterator[object]:
             assert fallback is not None
-            return fallback.answer(spec.name, h, thread=thread, resume=resume)
+            return fallback.answer(spec.pool, h, thread=thread, resume=resume)
 
         fallback_key = None
         if fallback is not None:
-            model = fallback.spec(spec.name).model
+            model = fallback.spec(spec.pool).model
             fallback_key = endpoint_key(model.base_url or "demo", model.model)
         wrapped = resilient(
             primary, endpoint=endpoint_key(spec.model.base_url or "demo", spec.model.model),
@@ -100,10 +106,10 @@ class Agents:
 
 
 async def _advertise(agents: Agents, directory: AgentDirectory) -> None:
-    """Tell the nodes which agents exist (GET /v1/agents, and checking `agent` on sends)."""
+    """Tell the nodes which agents this worker serves (GET /v1/agents, routing sends)."""
     while True:
         try:
-            await directory.advertise(await agents.primary.describe())
+            await directory.advertise(await agents.primary.describe(agents.pools))
         except TRANSIENT as exc:
             log.warning("advertising agents failed: %r", exc)
         await asyncio.sleep(AGENTS_TTL_S / 3)
@@ -144,21 +150,22 @@ async def serve(settings: WorkerSettings, agents: Agents) -> None:
     store = await Store.connect_when_ready(settings.database_url, max_size=20,
                                            statement_cache_size=settings.database_statement_cache_size)
     broker = RedisBroker(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
-    runs = Runs(store, broker, RedisRunQueue(redis, keys), store_retry_s=settings.store_retry_s,
-                answer_ttl_s=settings.history_ttl_s)
+    directory = AgentDirectory(redis, keys)
+    runs = Runs(store, broker, RedisRunQueue(redis, keys, agents.pools), store_retry_s=settings.store_retry_s,
+                answer_ttl_s=settings.history_ttl_s, agents=directory)
     answer: AnswerStream = agents.answer
     stats = WorkerStats()
     agents.on_result = stats.llm_request
     worker = Worker(settings=settings, runs=runs, answer=answer, forget=agents.forget, stats=stats)
     health = await _health(worker, agents, redis, settings.internal_port) if settings.internal_port else None
-    advertise = asyncio.create_task(_advertise(agents, AgentDirectory(redis, keys)))
+    advertise = asyncio.create_task(_advertise(agents, directory))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("worker %s serving agents %s (default model: %s)", settings.worker_id, agents.primary.names(),
+    log.info("worker %s serving agents %s (default model: %s)", settings.worker_id, ", ".join(agents.pools),
              settings.llm_model if settings.llm_base_url else "built-in offline demo")
-    async with heartbeat.beating(redis, keys, worker, agents.primary.names(), stop):
+    async with heartbeat.beating(redis, keys, worker, agents.pools, stop):
         await worker.run(stop)
     advertise.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -17,9 +17,16 @@ it): a list of objects ::
       "max_tool_rounds": 4,                     default AGENT_MAX_TOOL_ROUNDS
       "ask_user": true,                         human in the loop: the model may pause the run
                                                 to ask the user (default AGENT_ASK_USER)
-      "graph": "my_team.agents:graph"}]         a LangGraph graph of the team's own instead of the
+      "graph": "my_team.agents:graph",          a LangGraph graph of the team's own instead of the
                                                 built-in one (docs/agents.md): a compiled graph, a
                                                 StateGraph, or a factory taking the AgentSpec
+      "version": "2",                           entries may share a name with distinct versions;
+                                                each version is a pool of its own (name@version)
+      "weight": 10}]                            the version's share of new runs, relative to the
+                                                other live versions' (default 1; 0: none)
+
+A worker serves the pools `WORKER_AGENTS` names (an agent's name: all its versions; or
+``name@version``), by default all; runs of an agent go only to workers serving it (`runs.agents`).
 
 Everything is read once (:meth:`AgentRegistry.from_env`), and an invalid setting raises
 ``common.config.SettingError`` naming the variable. Nothing touches the network until an agent
@@ -66,7 +73,7 @@ from agent_worker.model import ModelConfig, build_chat_model
 from agent_worker.settings import WorkerSettings
 from common.config import SettingError, declared, env_opt
 from runs.agents import DEFAULT as DEFAULT_AGENT
-from runs.agents import UnknownAgent
+from runs.agents import UnknownAgent, pool_of
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +85,11 @@ _MAX_ROUNDS_LIMIT = 50
 _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # OpenAI function names: ^[a-zA-Z0-9_-]{1,64}$; MCP tool names may hold more ('.', '/').
 _NOT_IN_TOOL_NAME = re.compile(r"[^A-Za-z0-9_-]")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 _GRAPH_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 _SPEC_KEYS = frozenset({"name", "description", "system_prompt", "model", "base_url", "api_key_env",
                         "timeout_s", "stream_usage", "mcp_servers", "max_tool_rounds", "ask_user",
-                        "graph"})
+                        "graph", "version", "weight"})
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,13 @@ class AgentSpec:
     description: str = ""
     ask_user: bool = False
     graph: str | None = None  # "package.module:attribute": a LangGraph graph of the agent's own
+    version: str | None = None  # one of several versions of `name` (a canary), each a pool of its own
+    weight: float = 1.0  # the version's share of new runs among the agent's live versions
+
+    @property
+    def pool(self) -> str:
+        """Where this agent's (version's) runs are queued: ``name`` or ``name@version``."""
+        return pool_of(self.name, self.version)
 
 
 class AgentRegistry:
@@ -114,11 +129,11 @@ class AgentRegistry:
     ) -> None:
         if not specs:
             raise ValueError("at least one agent is needed")
-        self._specs: dict[str, AgentSpec] = {}
+        self._specs: dict[str, AgentSpec] = {}  # by pool
         for spec in specs:
-            if spec.name in self._specs:
-                raise ValueError(f"two agents are named {spec.name!r}")
-            self._specs[spec.name] = spec
+            if spec.pool in self._specs:
+                raise ValueError(f"two agents are {spec.pool!r}")
+            self._specs[spec.pool] = spec
         self.mcp_timeout_s = mcp_timeout_s
         self.relist_after_s = relist_after_s
         self._models: dict[str, BaseChatModel] = {}
@@ -141,27 +156,48 @@ class AgentRegistry:
         return cls(agents_from_env(env), mcp_timeout_s=timeout_s)
 
     def names(self) -> list[str]:
-        """The agents' names, in configuration order (``"default"`` first unless replaced)."""
+        """The agents' names, each once, in configuration order (``"default"`` first unless replaced)."""
+        return list(dict.fromkeys(spec.name for spec in self._specs.values()))
+
+    def pools(self) -> list[str]:
+        """The agents' pools (``name`` or ``name@version``), in configuration order."""
         return list(self._specs)
 
-    def spec(self, name: str) -> AgentSpec:
-        """The agent ``name``. Raises :class:`UnknownAgent`."""
-        try:
-            return self._specs[name]
-        except KeyError:
-            raise UnknownAgent(name, self.names()) from None
+    def serving(self, wanted: Sequence[str]) -> list[str]:
+        """The pools of `wanted` (`WORKER_AGENTS`: agent names, meaning all their versions, or
+        ``name@version``); all pools when empty. Raises ValueError naming one that matches none."""
+        if not wanted:
+            return self.pools()
+        served: list[str] = []
+        for item in wanted:
+            matched = [p for p, spec in self._specs.items() if item in (p, spec.name)]
+            if not matched:
+                raise ValueError(f"{item!r} is no agent (known: {', '.join(self.pools())})")
+            served += [p for p in matched if p not in served]
+        return served
 
-    async def describe(self) -> list[dict[str, Any]]:
-        """For ``GET /v1/agents``: each agent's name, description, model and tool names.
+    def spec(self, pool: str) -> AgentSpec:
+        """The agent (version) of ``pool``. Raises :class:`UnknownAgent`."""
+        try:
+            return self._specs[pool]
+        except KeyError:
+            raise UnknownAgent(pool, self.pools()) from None
+
+    async def describe(self, pools: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """For ``GET /v1/agents``: each pool's (of `pools`; None: all) agent name, version, weight,
+        description, model and tool names.
 
         No URLs, keys or prompts. Lists tools from MCP servers not asked yet (bounded by
         ``mcp_timeout_s``); ``tools_error`` says when some could not be reached.
         """
         described = []
-        for spec in self._specs.values():
+        for spec in (self._specs[p] for p in (self.pools() if pools is None else pools)):
             tools, missing = await self._tools(spec)
             error = f"{missing} of {len(spec.mcp_servers)} tool servers unreachable" if missing else None
             described.append({
+                "pool": spec.pool,
+                "version": spec.version,
+                "weight": spec.weight,
                 "name": spec.name,
                 "description": spec.description,
                 "model": spec.model.model if spec.model.base_url else "chorus-demo",
@@ -174,7 +210,7 @@ class AgentRegistry:
         self, agent: str | None, history: Sequence[tuple[str, str]], *, thread: str | None = None,
         resume: str | None = None,
     ) -> AsyncGenerator[Item, None]:
-        """Run agent ``agent`` (``None``: the default) over ``history``; see ``graph.stream_answer``.
+        """Run agent pool ``agent`` (``None``: the default) over ``history``; see ``graph.stream_answer``.
 
         Raises :class:`UnknownAgent` at once, before anything is awaited. The items, errors
         and cancellation are those of ``agent_worker.graph.stream_answer``.
@@ -216,24 +252,24 @@ class AgentRegistry:
                 yield item
 
     def _model(self, spec: AgentSpec) -> BaseChatModel:
-        model = self._models.get(spec.name)
+        model = self._models.get(spec.pool)
         if model is None:
-            model = self._models[spec.name] = build_chat_model(spec.model)
+            model = self._models[spec.pool] = build_chat_model(spec.model)
         return model
 
     async def _graph(self, spec: AgentSpec) -> AgentGraph:
-        graph = self._graphs.get(spec.name)
+        graph = self._graphs.get(spec.pool)
         if graph is not None:
             return graph
         if spec.graph is not None:
-            graph = self._graphs[spec.name] = own_graph(spec, self._paused)
+            graph = self._graphs[spec.pool] = own_graph(spec, self._paused)
             return graph
         tools, missing = await self._tools(spec)
         graph = build_graph(self._model(spec), system_prompt=spec.system_prompt, tools=tools,
                             max_tool_rounds=spec.max_tool_rounds, ask_user=spec.ask_user,
                             checkpointer=self._paused)
         if not missing:  # a graph short of tools is rebuilt next run, when its servers may be back
-            self._graphs[spec.name] = graph
+            self._graphs[spec.pool] = graph
         return graph
 
     async def _tools(self, spec: AgentSpec) -> tuple[list[BaseTool], int]:
@@ -278,7 +314,7 @@ class AgentRegistry:
         self._server_tools.pop(url, None)
         for spec in self._specs.values():
             if url in spec.mcp_servers:
-                self._graphs.pop(spec.name, None)
+                self._graphs.pop(spec.pool, None)
 
 
 def langchain_tool(client: McpClient, tool: McpTool, *,
@@ -346,10 +382,11 @@ def agents_from_env(env: Mapping[str, str]) -> list[AgentSpec]:
     named: set[str] = set()
     for index, entry in enumerate(entries):
         spec = _spec(entry, default, env, where=f"{variable}: agent #{index + 1}")
-        if spec.name in named:
-            raise SettingError(f"{variable}: two agents are named {spec.name!r}")
-        named.add(spec.name)
-        specs[spec.name] = spec
+        if spec.pool in named:
+            raise SettingError(f"{variable}: two agents are {spec.pool!r} (versions tell apart entries "
+                               "of one name)")
+        named.add(spec.pool)
+        specs[spec.pool] = spec
     return list(specs.values())
 
 
@@ -426,6 +463,12 @@ def _spec(entry: Any, default: AgentSpec, env: Mapping[str, str], *, where: str)
         raise SettingError(f"{where}: stream_usage must be true or false")
     if ask and base_url is None:
         raise SettingError(f"{where}: ask_user needs an LLM (base_url or LLM_BASE_URL)")
+    version = entry.get("version")
+    if version is not None and (not isinstance(version, str) or not _VERSION.fullmatch(version)):
+        raise SettingError(f"{where}: version must match {_VERSION.pattern}, got {version!r}")
+    weight = entry.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 <= weight <= 1_000_000:
+        raise SettingError(f"{where}: weight must be a number 0..1000000, got {weight!r}")
     graph = entry.get("graph")
     if graph is not None:
         try:
@@ -443,6 +486,8 @@ def _spec(entry: Any, default: AgentSpec, env: Mapping[str, str], *, where: str)
         description=text("description", "") or "",
         ask_user=ask,
         graph=graph,
+        version=version,
+        weight=float(weight),
     )
 
 

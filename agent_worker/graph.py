@@ -14,10 +14,13 @@ always ends in a text answer however eager the model is.
 The graph is compiled without a checkpointer: the conversation lives in Postgres and is
 passed in whole for every run, so LangGraph holds no state between runs.
 
-:func:`stream_answer` reads the graph with ``stream_mode=["messages", "custom"]``: LangGraph
-forwards every ``AIMessageChunk`` of the ``agent`` node's model calls as it arrives (yielded as
-:class:`Text`), and the ``tools`` node writes :class:`ToolStarted` / :class:`ToolCompleted`
-into the custom stream as calls begin and end.
+:func:`stream_answer` reads the graph with ``stream_mode=["messages", "custom", "updates"]``:
+LangGraph forwards every ``AIMessageChunk`` of the ``agent`` node's model calls as it arrives
+(yielded as :class:`Text`), and the ``tools`` node writes :class:`ToolStarted` /
+:class:`ToolCompleted` into the custom stream as calls begin and end. A graph of an agent's own
+gets the same items from what its nodes return (tool calls of AI messages, the ``ToolMessage``
+answering each), and whatever else it writes into the custom stream is passed on to devices as
+``run.custom`` (:class:`protocol.events.RunCustom`).
 
 Errors: every failure of the LLM call surfaces from :func:`stream_answer` as a
 ``langchain_core.exceptions.ModelError`` (langchain-openai's subclasses also inherit
@@ -43,6 +46,7 @@ round, may fail after earlier text). Anything else (e.g. an unexpected status su
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
@@ -68,8 +72,10 @@ from langgraph.errors import GraphBubbleUp
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.types import Command, interrupt
+from pydantic import BaseModel
 
 from agent_worker.mcp_client import summarize
+from protocol.events import RunCustom, custom_value
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +132,9 @@ class Usage:
     completion_tokens: int
 
 
-Item: TypeAlias = Text | ToolStarted | ToolCompleted | InputRequired | Usage
-"""What :func:`stream_answer` yields."""
+Item: TypeAlias = Text | ToolStarted | ToolCompleted | InputRequired | Usage | RunCustom
+"""What :func:`stream_answer` yields. A payload the graph wrote to its custom stream has no meaning
+to Chorus: it is yielded as the event devices get (``run.custom``), its value made JSON."""
 
 
 ASK_USER = "ask_user"
@@ -312,7 +319,8 @@ async def stream_answer(
         model call, in order (their concatenation is the whole answer, text written before
         and after tool rounds included); :class:`ToolStarted` when the ``tools`` node starts
         a call and :class:`ToolCompleted` when that call ends (calls of one round run
-        concurrently, so completions may come in any order).
+        concurrently, so completions may come in any order); a :class:`RunCustom` for each
+        other payload a node writes with ``get_stream_writer()`` (see :func:`_custom`).
 
     Raises:
         ValueError: ``history`` has a role other than ``"user"``/``"assistant"``.
@@ -321,7 +329,12 @@ async def stream_answer(
 
     ``node``: the node whose model output is the answer (:func:`build_graph`'s ``agent``); None for
     a graph of the agent's own (``AgentSpec.graph``): every node's AI messages are the answer,
-    streamed chunks and the whole messages a node returns without streaming them alike.
+    streamed chunks and the whole messages a node returns without streaming them alike, and its
+    tool calls are those its nodes return: a :class:`ToolStarted` for each of an ``AIMessage``'s
+    ``tool_calls`` once its node ended, a :class:`ToolCompleted` for the ``ToolMessage`` answering
+    it (``langgraph.prebuilt.ToolNode``'s, or any node's), its ``error`` the message's text when
+    its ``status`` is ``"error"``. A call the graph also reports itself in the custom stream (as
+    :func:`build_graph`'s ``tools`` node does) is yielded once, whichever comes first.
 
     Human in the loop: with a graph built with ``ask_user=True``, the stream ends with an
     :class:`InputRequired` when the model asks the user; pass the same ``thread`` (one per run
@@ -344,6 +357,7 @@ async def stream_answer(
     # aclosing: tear LangGraph's run down here, in this task, not whenever the
     # generator happens to be garbage-collected.
     streamed: set[str] = set()  # ids of the messages whose chunks came (node=None)
+    calls = _ToolCalls()  # node=None
     async with aclosing(stream):
         try:
             async for mode, payload in stream:
@@ -351,10 +365,16 @@ async def stream_answer(
                     for paused in payload.get("__interrupt__", ()) if isinstance(payload, dict) else ():
                         value = paused.value if isinstance(paused.value, dict) else {"question": paused.value}
                         yield InputRequired(request=paused.id, prompt=str(value.get("question", "")))
+                    if node is None:
+                        for call in calls.returned(payload):
+                            yield call
                     continue
                 if mode == "custom":
                     if isinstance(payload, ToolStarted | ToolCompleted):
-                        yield payload
+                        if node is not None or calls.first(payload):
+                            yield payload
+                    elif (custom := _custom(payload)) is not None:
+                        yield custom
                     continue
                 message, metadata = _unpack(payload)
                 whole = isinstance(message, AIMessage) and not isinstance(message, AIMessageChunk)
@@ -457,6 +477,83 @@ class _StallWatch:
 
     def close(self) -> None:
         self._timer.cancel()
+
+
+class _ToolCalls:
+    """The tool calls of a graph of an agent's own, each started and completed once: a call shows
+    in what its nodes return, and may also be written into the custom stream."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, str] = {}  # call id -> tool name
+        self.completed: set[str] = set()
+
+    def first(self, item: ToolStarted | ToolCompleted) -> bool:
+        """Whether `item` is the first report of its call's start (or end); remembers it."""
+        if isinstance(item, ToolStarted):
+            if item.call_id in self.started:
+                return False
+            self.started[item.call_id] = item.name
+            return True
+        if item.call_id in self.completed:
+            return False
+        self.completed.add(item.call_id)
+        return True
+
+    def returned(self, update: Any) -> list[ToolStarted | ToolCompleted]:
+        """The calls started and ended in one ``updates`` payload (``{node: what it returned}``)."""
+        items: list[ToolStarted | ToolCompleted] = []
+        for message in _messages_in(update, _UPDATE_DEPTH):
+            if isinstance(message, AIMessage):
+                items += [ToolStarted(call_id=call["id"] or "", name=call["name"], arguments=call["args"])
+                          for call in message.tool_calls if call["name"] != ASK_USER]
+            elif isinstance(message, ToolMessage) and message.name != ASK_USER:
+                call, text = message.tool_call_id, summarize(str(message.text))
+                failed = message.status == "error"
+                items.append(ToolCompleted(call_id=call, name=message.name or self.started.get(call, ""),
+                                           summary="" if failed else text, error=text if failed else None))
+        return [item for item in items if self.first(item)]
+
+
+# {node: update}, an update being a dict of channels, a Command, or a list of those; a channel
+# holds a message or a list of them. Deeper is a node's own data, not walked.
+_UPDATE_DEPTH = 5
+
+
+def _messages_in(value: Any, depth: int) -> list[BaseMessage]:
+    if isinstance(value, BaseMessage):
+        return [value]
+    if depth == 0:
+        return []
+    if isinstance(value, Command):
+        value = value.update
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [message for item in value for message in _messages_in(item, depth - 1)]
+    return []
+
+
+def _custom(payload: Any) -> RunCustom | None:
+    """A payload a graph wrote to its custom stream, as the ``run.custom`` event devices get; None
+    (and a log line) when it has no JSON form or is over the event's limits
+    (``protocol.events.custom_value``): a graph's payload never fails its run."""
+    try:
+        return RunCustom(value=custom_value(payload, default=_jsonable))
+    except Exception as exc:  # ValueError, or whatever a model_dump raised
+        log.warning("a custom stream event (%s) was dropped: %s", type(payload).__name__, exc)
+        return None
+
+
+def _jsonable(obj: Any) -> Any:
+    """What ``json`` cannot encode by itself, in a form it can: pydantic models (LangChain's
+    messages among them) and dataclasses as their fields, sets as lists."""
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, set | frozenset):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 def _unpack(item: Any) -> tuple[Any, dict[str, Any]]:

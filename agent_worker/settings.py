@@ -115,6 +115,10 @@ class WorkerSettings(SharedSettings):
         "worker processes under one supervisor (1 to 256): a process uses one core, so set it to the "
         "cores the worker may use; each has `WORKER_CONCURRENCY` slots and its own consumer name "
         "(`NODE_ID-<i>`), and one that dies is started again")
+    serves: tuple[str, ...] = setting(
+        "WORKER_AGENTS", "", comma_list,
+        "comma-separated agents this worker serves (a name: all its versions; `name@version`: one); empty: "
+        "every configured agent. Runs of an agent go only to workers serving it")
     concurrency: int = setting(
         "WORKER_CONCURRENCY", "8", integer(1, 10_000), "runs one worker executes at once (1 to 10000)")
     drain_s: float = setting(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -36,6 +37,7 @@ from persistence.store import Store, Unavailable
 from protocol import events as ev
 from protocol.text import shown_text
 from protocol.vocabulary import RunStatus
+from runs.agents import parse_pool
 from runs.lifecycle import Ending, Runs
 from runs.queue import Delivery, Job, RunQueue
 
@@ -161,7 +163,11 @@ class Worker:
         job = delivery.job
         logs.bind(run=job.run, user=job.user, conversation=job.conversation)  # this run's task only
         try:
-            claim = await self.store.claim_run(job.run, worker=self.consumer, lease_s=self.settings.lease_s)
+            name, version = parse_pool(job.pool)
+            claim = await self.store.claim_run(job.run, worker=self.consumer, lease_s=self.settings.lease_s,
+                                               version=version)
+            if claim is not None and name == claim.agent:
+                claim = dataclasses.replace(claim, agent=job.pool)  # the version this pool serves
             if claim is None:
                 await self.runs.publish_unpublished_end(job.run)
             else:
@@ -210,14 +216,15 @@ class Worker:
         while not stop.is_set():
             await asyncio.sleep(POSITIONS_EVERY_S)
             try:
-                waiting = await self.queue.next_jobs(limit=POSITIONS_SHOWN)
                 now: dict[str, int] = {}
-                for position, (job, waited_s) in enumerate(waiting, 1):
-                    if waited_s < POSITIONS_EVERY_S:
-                        continue  # about to be taken; nothing to tell yet
-                    now[job.run] = position
-                    if announced.get(job.run) != position:
-                        await self.runs.announce_position(job, position)
+                for pool in self.queue.pools:  # a place in the queue of the run's own pool
+                    waiting = await self.queue.next_jobs(pool, limit=POSITIONS_SHOWN)
+                    for position, (job, waited_s) in enumerate(waiting, 1):
+                        if waited_s < POSITIONS_EVERY_S:
+                            continue  # about to be taken; nothing to tell yet
+                        now[job.run] = position
+                        if announced.get(job.run) != position:
+                            await self.runs.announce_position(job, position)
                 announced = now
             except (Unavailable, *TRANSIENT) as exc:
                 log.warning("announcing queue positions deferred: %r", exc)
@@ -275,14 +282,17 @@ class Worker:
         # A run merely waiting in a backlog (or pending with a worker that died, which `reclaim`
         # handles) still has its job: queueing it again only feeds the backlog (issue 15 saw
         # 38-100 such duplicates in 90 s).
-        held = await self.queue.holding([row["id"] for row in stale])
+        if not stale:
+            return
+        pools = await self.runs.pools_of({row["agent"] for row in stale})
+        held = await self.queue.holding([row["id"] for row in stale], pools)
         for row in stale:
             if row["id"] in held:
                 continue
             log.warning("requeueing run %s (its job was lost)", row["id"])
             await self.store.touch_run(row["id"])
             job = Job(run=row["id"], user=row["user_id"], conversation=row["conversation_id"])
-            await self.queue.enqueue(job)
+            await self.runs.enqueue(job, row["agent"])
             self.stats.requeued += 1
 
 
@@ -439,7 +449,7 @@ class RunExecution:
 
     async def _forward(self, items: list[object]) -> None:
         """Publish a batch of the model's output in order: runs of text as one `token` event,
-        each tool call and result as its own event."""
+        each tool call and result, and each custom payload of the graph, as its own event."""
         text: list[str] = []
         for item in [*items, None]:
             if isinstance(item, str | Text):
@@ -460,6 +470,8 @@ class RunExecution:
                 await self.publish(ev.ToolStarted(call=item.call_id, name=item.name,
                                                   arguments=item.arguments))
                 self.tools.append({"call": item.call_id, "name": item.name, "arguments": item.arguments})
+            elif isinstance(item, ev.RunCustom):  # a graph's custom stream payload, already the event
+                await self.publish(item)
             elif isinstance(item, InputRequired):
                 await self.publish(ev.RunInputRequired(request=item.request, prompt=item.prompt))
                 self.question = item

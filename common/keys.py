@@ -33,13 +33,13 @@ class Keys(StreamKeys):
 
     @property
     def agents(self) -> str:
-        """String: JSON list of the agents the workers serve (for nodes: GET /v1/agents, checks)."""
+        """Hash pool -> JSON entry: the agents (and versions) the workers serve (`runs.agents`)."""
         return f"{self.prefix}:agents"
 
-    @property
-    def runs(self) -> str:
-        """Stream of run jobs consumed by the agent workers' consumer group."""
-        return f"{self.prefix}:runs"
+    def runs(self, pool: str) -> str:
+        """Stream of the run jobs of one agent pool (`runs.agents`), consumed by the consumer group
+        of the workers serving it."""
+        return f"{self.prefix}:runs:pool:{pool}"
 
     @property
     def runs_dead(self) -> str:

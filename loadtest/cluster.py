@@ -163,9 +163,9 @@ class LocalCluster:
         node.start()
         self._wait_ready(index)
 
-    def start_worker(self) -> Proc:
-        """Add and start one more agent worker (``worker-<n>``)."""
-        worker = self._worker_proc(len(self.workers) + 1)
+    def start_worker(self, env: dict[str, str] | None = None) -> Proc:
+        """Add and start one more agent worker (``worker-<n>``), with `env` over the cluster's."""
+        worker = self._worker_proc(len(self.workers) + 1, env or {})
         self.workers.append(worker)
         worker.start()
         return worker
@@ -207,8 +207,8 @@ class LocalCluster:
         env["INTERNAL_PORT"] = str(self.internal_ports.setdefault(env["NODE_ID"], free_port()))
         return Proc(env["NODE_ID"], [sys.executable, "-m", "ws_node"], env=env, workdir=self.workdir)
 
-    def _worker_proc(self, number: int) -> Proc:
-        env = {**self._base_env(), **self.config.env, "NODE_ID": f"worker-{number}"}
+    def _worker_proc(self, number: int, extra: dict[str, str] | None = None) -> Proc:
+        env = {**self._base_env(), **self.config.env, **(extra or {}), "NODE_ID": f"worker-{number}"}
         env["INTERNAL_PORT"] = str(self.internal_ports.setdefault(env["NODE_ID"], free_port()))
         return Proc(env["NODE_ID"], [sys.executable, "-m", "agent_worker"], env=env, workdir=self.workdir)
 

@@ -60,6 +60,7 @@ class SendRecord:
     policy: DoubleTexting = DoubleTexting.ENQUEUE
     behind: str | None = None
     supersedes: tuple[str, ...] = ()
+    agent: str = ""  # the conversation's agent (set by `Store.retry_run`)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ class RunView:
     message_seq: int | None
     created_at: datetime
     updated_at: datetime
+    agent: str = ""
+    agent_version: str | None = None  # the version that served it, of an agent with versions
 
     @property
     def ended(self) -> bool:
@@ -120,7 +123,8 @@ class RunView:
     def to_json(self) -> dict[str, Any]:
         code, message = self.error or (None, None)
         return {"run": self.run, "conversation": self.conversation, "status": self.status,
-                "attempts": self.attempts, "text": self.text if self.ended else None,
+                "attempts": self.attempts, "agent": self.agent, "agent_version": self.agent_version,
+                "text": self.text if self.ended else None,
                 "answer_message": self.answer_message,
                 "error": {"code": code, "message": message} if self.error else None,
                 "created_at": _iso(self.created_at), "updated_at": _iso(self.updated_at)}

@@ -63,7 +63,7 @@ RETURNING conversation_id, message_id, discard
 # A run is claimable when queued, or running under a lease that ran out (its worker died).
 CLAIM_RUN = """
 UPDATE runs SET status = 'running', attempts = attempts + 1, worker = $2,
-    lease_until = now() + make_interval(secs => $3), updated_at = now(),
+    lease_until = now() + make_interval(secs => $3), updated_at = now(), agent_version = $4,
     partial = '', partial_seq = NULL, partial_epoch = NULL
 WHERE id = $1 AND (status = 'queued' OR (status = 'running' AND lease_until < now()))
 RETURNING user_id, conversation_id, message_id, attempts,
@@ -102,7 +102,7 @@ PROMOTE_NEXT = """
 UPDATE runs SET status = 'queued', updated_at = now()
 WHERE id = (SELECT id FROM runs WHERE conversation_id = $1 AND status = 'waiting' ORDER BY created_at LIMIT 1)
   AND NOT EXISTS (SELECT 1 FROM runs WHERE conversation_id = $1 AND status IN ('queued', 'running'))
-RETURNING id, user_id
+RETURNING id, user_id, (SELECT agent FROM conversations c WHERE c.id = runs.conversation_id) AS agent
 """
 LOCK_CONVERSATION_BY_ID = "SELECT id FROM conversations WHERE id = $1 FOR UPDATE"
 # Waiting runs whose conversation has nothing queued or running (a promotion lost to a crash).
@@ -129,7 +129,8 @@ WHERE user_id = $1 AND status IN ('queued', 'running') ORDER BY created_at
 """
 # Runs whose job may have been lost: queued for a while, or running on an expired lease.
 STALE_RUNS = """
-SELECT r.id, r.user_id, r.conversation_id FROM runs r JOIN messages m ON m.id = r.message_id
+SELECT r.id, r.user_id, r.conversation_id, c.agent
+FROM runs r JOIN messages m ON m.id = r.message_id JOIN conversations c ON c.id = r.conversation_id
 WHERE m.seq IS NOT NULL  -- acked sends only: an unacked one is retried by its client
   AND ((r.status = 'queued' AND r.updated_at < now() - make_interval(secs => $1))
        OR (r.status = 'running' AND r.lease_until < now()))
@@ -149,8 +150,9 @@ ORDER BY created_at LIMIT $2
 RUN_STATUSES = "SELECT id, status, error_code FROM runs WHERE id = ANY($1::text[])"
 # The failed run a retry answers again, with its user message (gone: rolled back or deleted).
 RETRY_SOURCE = """
-SELECT r.user_id, r.conversation_id, r.message_id, r.status, r.answer_message_id
-FROM runs r JOIN messages m ON m.id = r.message_id WHERE r.id = $1
+SELECT r.user_id, r.conversation_id, r.message_id, r.status, r.answer_message_id, c.agent
+FROM runs r JOIN messages m ON m.id = r.message_id JOIN conversations c ON c.id = r.conversation_id
+WHERE r.id = $1
 """
 # The tokens of a user's runs that ended since $2 (only those whose endpoint reported usage).
 USAGE = """
@@ -162,7 +164,8 @@ FROM runs WHERE user_id = $1 AND updated_at >= $2 AND prompt_tokens IS NOT NULL
 # `message.created` that began it (its first event in the user's stream).
 RUN_VIEW = """
 SELECT r.id, r.conversation_id, r.status, r.attempts, r.partial, r.partial_seq, r.partial_epoch,
-    r.answer_message_id, r.error_code, r.error_message, r.created_at, r.updated_at, m.seq AS message_seq
-FROM runs r LEFT JOIN messages m ON m.id = r.message_id
+    r.answer_message_id, r.error_code, r.error_message, r.created_at, r.updated_at, m.seq AS message_seq,
+    c.agent, r.agent_version
+FROM runs r LEFT JOIN messages m ON m.id = r.message_id JOIN conversations c ON c.id = r.conversation_id
 WHERE r.user_id = $1 AND r.id = $2
 """

@@ -177,6 +177,14 @@ class Store:
                           status=status, policy=policy, behind=behind,
                           supersedes=tuple(supersedes))
 
+    async def conversation_agent(self, user: str, conversation: str) -> str:
+        """The agent of the user's conversation; NotFound when it is not theirs."""
+        async with self._conn() as conn:
+            agent: str | None = await conn.fetchval(sql.OWNS_CONVERSATION, user, conversation)
+        if agent is None:
+            raise NotFound(f"conversation {conversation}")
+        return agent
+
     async def set_message_seq(self, user: str, message: str, seq: int) -> None:
         async with self._conn() as conn:
             await conn.execute(sql.SET_MESSAGE_SEQ, user, message, seq)
@@ -210,9 +218,11 @@ class Store:
             rows = await conn.fetch(sql.STRANDED_CONVERSATIONS, float(waiting_for_s), limit)
         return [r["conversation_id"] for r in rows]
 
-    async def claim_run(self, run: str, *, worker: str, lease_s: float) -> RunClaim | None:
+    async def claim_run(self, run: str, *, worker: str, lease_s: float, version: str | None = None
+                        ) -> RunClaim | None:
+        """Take `run` for `worker` under a lease, recording the agent `version` that serves it."""
         async with self._conn() as conn:
-            row = await conn.fetchrow(sql.CLAIM_RUN, run, worker, float(lease_s))
+            row = await conn.fetchrow(sql.CLAIM_RUN, run, worker, float(lease_s), version)
         if row is None:
             return None
         return RunClaim(run=run, user=row["user_id"], conversation=row["conversation_id"],
@@ -331,7 +341,7 @@ class Store:
                                    DoubleTexting.ENQUEUE, behind, [])
                 await conn.execute(sql.TOUCH_CONVERSATION, user, conversation)
         return SendRecord(conversation=conversation, message=message, run=run, seq=None, status=status,
-                          policy=DoubleTexting.ENQUEUE, behind=behind)
+                          policy=DoubleTexting.ENQUEUE, behind=behind, agent=source["agent"])
 
     # REST
 
@@ -392,7 +402,7 @@ class Store:
                        attempts=row["attempts"], text=row["partial"], partial_seq=row["partial_seq"],
                        partial_epoch=row["partial_epoch"], answer_message=row["answer_message_id"],
                        error=error, message_seq=row["message_seq"], created_at=row["created_at"],
-                       updated_at=row["updated_at"])
+                       updated_at=row["updated_at"], agent=row["agent"], agent_version=row["agent_version"])
 
 
 def _title(text: str) -> str:

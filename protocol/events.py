@@ -100,6 +100,56 @@ class ToolCompleted(EventData):
     error: str | None
 
 
+# A `run.custom`'s `value` encodes to at most this many bytes of compact UTF-8 JSON, its arrays and
+# objects nest at most MAX_CUSTOM_DEPTH deep and its integers fit in 64 bits: a graph cannot flood
+# devices with one event, and every encoder on the way (orjson in `runs`, JavaScript) takes it.
+MAX_CUSTOM_BYTES = 16 * 1024
+MAX_CUSTOM_DEPTH = 32
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True)
+class RunCustom(EventData):
+    """Something the agent's graph wrote to its custom stream (LangGraph `get_stream_writer()`),
+    in order with the run's tokens and tool calls. `value` is any JSON value (at most 16 KiB
+    encoded); Chorus gives it no meaning."""
+
+    event = Event.RUN_CUSTOM
+    value: Any
+
+
+def custom_value(payload: Any, default: Callable[[Any], Any] | None = None) -> Any:
+    """`payload` as the `value` of a `run.custom`: its JSON form (what `json.loads` gives back:
+    dicts, lists, strings, numbers, booleans, None). `default` converts what `json` cannot encode
+    by itself, as `json.dumps`'s `default` does.
+
+    Raises:
+        ValueError: `payload` has no JSON form (a type nothing converts, NaN or infinity, a lone
+            surrogate, a key that is not a string or number), or is over a limit above.
+    """
+    try:
+        text = json.dumps(payload, default=default, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":"))
+        size = len(text.encode("utf-8"))
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        raise ValueError(f"no JSON form ({exc})") from None
+    if size > MAX_CUSTOM_BYTES:
+        raise ValueError(f"{size} bytes of JSON, over the {MAX_CUSTOM_BYTES} allowed")
+    value = json.loads(text)
+    _check_nesting(value, 0)
+    return value
+
+
+def _check_nesting(value: Any, depth: int) -> None:
+    if isinstance(value, dict | list):
+        if depth == MAX_CUSTOM_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_CUSTOM_DEPTH}")
+        for item in value.values() if isinstance(value, dict) else value:
+            _check_nesting(item, depth + 1)
+    elif isinstance(value, int) and not isinstance(value, bool) and not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"an integer beyond 64 bits ({value})")
+
+
 @dataclass(frozen=True)
 class RunInputRequired(EventData):
     event = Event.RUN_INPUT_REQUIRED
@@ -167,7 +217,7 @@ class RunFailed(EventData):
 EVENT_DATA: dict[Event, type[EventData]] = {
     cls.event: cls
     for cls in (MessageCreated, RunQueued, RunStarted, Token, RunResumed, ToolStarted, ToolCompleted,
-                RunInputRequired, RunInputReceived, RunCompleted, RunCancelled, RunFailed)
+                RunCustom, RunInputRequired, RunInputReceived, RunCompleted, RunCancelled, RunFailed)
 }
 
 

@@ -44,6 +44,7 @@ class Event(enum.StrEnum):
     RUN_RESUMED = "run.resumed"
     TOOL_STARTED = "tool.started"
     TOOL_COMPLETED = "tool.completed"
+    RUN_CUSTOM = "run.custom"
     RUN_INPUT_REQUIRED = "run.input_required"
     RUN_INPUT_RECEIVED = "run.input_received"
     RUN_COMPLETED = "run.completed"
@@ -99,6 +100,7 @@ class ErrorCode(enum.StrEnum):
     CONFLICT = "conflict"
     RATE_LIMITED = "rate_limited"
     OVERLOADED = "overloaded"  # the run queue is past its operator-set depth or age: retry later
+    AGENT_UNAVAILABLE = "agent_unavailable"  # no live worker serves the agent: retry later
     TOO_LARGE = "too_large"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"

@@ -19,6 +19,7 @@ Errors for the caller to translate (the node into `error` frames):
     TooManyRuns                  the user has `max_in_flight` runs not yet ended
     Overloaded                   the run queue is past `max_queue_depth` or `max_queue_age_s`
     runs.agents.UnknownAgent     a send that starts a conversation names an agent no worker serves
+    runs.agents.AgentUnavailable a send to an agent none of whose workers is alive
     RunEnded                     cancelling a run that already ended
     NotWaiting                   answering a run that is not running
     AlreadyAnswered              another device answered that question first
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +54,7 @@ from protocol.events import (
     event_body,
 )
 from protocol.vocabulary import ENDED, DoubleTexting, RunStatus
-from runs.agents import DEFAULT, AgentDirectory
+from runs.agents import DEFAULT, AgentDirectory, AgentUnavailable, UnknownAgent
 from runs.queue import Answer, Backlog, Job, RunQueue
 
 
@@ -146,8 +148,13 @@ class Runs:
         wait, cancelling what the policy replaces); returns the record and the message's seq.
         Without a `client_id` the send cannot be retried safely (one is made up)."""
         backlog = await self._admit(user, client_id)
-        if agent is not None and conversation is None and self.agents is not None:
-            await self.agents.check(agent)
+        pool = DEFAULT
+        if self.agents is not None:
+            # Routed before anything is stored: an agent no worker serves refuses the send.
+            name = agent or DEFAULT
+            if conversation is not None:
+                name = await self.store.conversation_agent(user, conversation)
+            pool = await self._route(name, strict=True)
         client_id = client_id or new_id("s")
         record = await self.store.accept_send(user, client_id=client_id, conversation=conversation, text=text,
                                               device=device, agent=agent or DEFAULT, policy=policy)
@@ -156,7 +163,7 @@ class Runs:
         created = MessageCreated(message=record.message, text=text, device=device, client_id=client_id)
         published = await self.publish(user, record.conversation, record.run, created,
                                        producer=f"msg:{record.message}")
-        await self._double_text(user, device, record, backlog)
+        await self._double_text(user, device, record, backlog, pool)
         await self.store.set_message_seq(user, record.message, published.seq)
         return record, published.seq
 
@@ -176,7 +183,7 @@ class Runs:
             raise TooManyRuns(self.max_in_flight)
         if not queue_limited:
             return None
-        backlog = await self.queue.backlog()
+        backlog = await self.queue.backlog(await self.all_pools())
         too_deep = 0 < self.max_queue_depth <= backlog.depth
         too_old = 0 < self.max_queue_age_s <= backlog.oldest_s
         if too_deep or too_old:
@@ -184,15 +191,17 @@ class Runs:
             raise Overloaded(backlog.depth, backlog.oldest_s, int(retry_s * 1000))
         return backlog
 
-    async def _double_text(self, user: str, device: str, record: SendRecord, backlog: Backlog | None) -> None:
+    async def _double_text(self, user: str, device: str, record: SendRecord, backlog: Backlog | None,
+                           pool: str) -> None:
         """Start the new run, or tell every device it waits, and cancel what the policy replaces.
         `backlog`: the queue as admission read it, if it did (not read twice for one send)."""
         if record.status == RunStatus.QUEUED:
-            ahead = (backlog or await self.queue.backlog()).depth
-            await self.queue.enqueue(Job(run=record.run, user=user, conversation=record.conversation,
-                                         trace=tracing.carrier()))
+            ahead = (backlog or await self.queue.backlog([pool])).depth
+            job = Job(run=record.run, user=user, conversation=record.conversation, pool=pool,
+                      trace=tracing.carrier())
+            await self.queue.enqueue(job)
             if ahead:  # no free worker: say where the run stands (workers update it as it moves)
-                await self.announce_position(Job(record.run, user, record.conversation), ahead + 1)
+                await self.announce_position(job, ahead + 1)
             return
         queued = RunQueued(behind=record.behind, policy=record.policy, message=record.message)
         await self.publish(user, record.conversation, record.run, queued, producer=f"run:{record.run}:queued")
@@ -213,8 +222,7 @@ class Runs:
         queued = RunQueued(behind=record.behind, policy=record.policy, message=record.message)
         await self.publish(user, record.conversation, run, queued, producer=f"run:{run}:queued")
         if record.status == RunStatus.QUEUED:
-            await self.queue.enqueue(Job(run=run, user=user, conversation=record.conversation,
-                                         trace=tracing.carrier()))
+            await self.enqueue(Job(run=run, user=user, conversation=record.conversation), record.agent)
         elif record.status == RunStatus.WAITING:
             await self.start_next(record.conversation)  # the run it waits behind may have ended meanwhile
         return record
@@ -280,8 +288,38 @@ class Runs:
         promoted = await retrying(promote, retry_on=(Unavailable,), deadline_s=self.store_retry_s,
                                   what=f"starting the next run of {conversation}")
         if promoted is not None:
-            await self.queue.enqueue(Job(run=promoted["id"], user=promoted["user_id"],  # type: ignore[index]
-                                         conversation=conversation, trace=tracing.carrier()))
+            row: Any = promoted
+            job = Job(run=row["id"], user=row["user_id"], conversation=conversation)
+            await self.enqueue(job, row["agent"])
+
+    async def enqueue(self, job: Job, agent: str) -> None:
+        """Queue `job`, a run of `agent`, on the pool `runs.agents` routes it to; when none of the
+        agent's workers is alive, on one of its pools anyway (the run was accepted: it waits for one)."""
+        pool = await self._route(agent, strict=False)
+        await self.queue.enqueue(dataclasses.replace(job, pool=pool, trace=job.trace or tracing.carrier()))
+
+    async def _route(self, agent: str, *, strict: bool) -> str:
+        if self.agents is None:
+            return agent
+        try:
+            return (await self.agents.route(agent)).pool
+        except (UnknownAgent, AgentUnavailable):
+            if strict:
+                raise
+            pools = [r.pool for r in await self.agents.routes() if r.name == agent]
+            return pools[0] if pools else agent
+
+    async def pools_of(self, agents: set[str]) -> list[str]:
+        """The pools of `agents` (where their runs' jobs may be)."""
+        if self.agents is None:
+            return sorted(agents)
+        return sorted({r.pool for r in await self.agents.routes() if r.name in agents} | agents)
+
+    async def all_pools(self) -> list[str] | None:
+        """Every pool there is (admission weighs the whole queue); None: the queue's own."""
+        if self.agents is None:
+            return None
+        return sorted({r.pool for r in await self.agents.routes()})
 
     # Human in the loop
 

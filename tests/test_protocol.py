@@ -1,15 +1,21 @@
-"""Parsing client frames: every malformed frame is a ProtocolError with a useful code, never a crash."""
+"""Parsing client frames: every malformed frame is a ProtocolError with a useful code, never a crash.
+Encoding `run.custom` events: any JSON value within the limits, anything else refused."""
 
 from __future__ import annotations
 
 import json
+import re
+import reprlib
 
+import jsonschema
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import protocol
-from protocol import Auth, Cancel, ErrorCode, Ping, ProtocolError, Send, parse_command
+from protocol import Auth, Cancel, ErrorCode, Ping, ProtocolError, Send, event_body, parse_command
+from protocol import schema as protocol_schema
+from protocol.events import MAX_CUSTOM_BYTES, MAX_CUSTOM_DEPTH, RunCustom, custom_value
 
 
 def parse(raw: str | bytes) -> protocol.Command:
@@ -119,3 +125,63 @@ def test_server_frames_are_compact_json() -> None:
     assert json.loads(frame) == {"type": "hello", "node": "n", "user": "u", "device": "d", "epoch": "e",
                                  "seq": 3, "heartbeat": 25, "protocol": 1, "devices": []}
     assert json.loads(protocol.encode(protocol.Error(ErrorCode.NOT_FOUND, "no", "c1")))["code"] == "not_found"
+
+
+# run.custom: a graph's custom stream payload, as any JSON value within limits
+
+CUSTOM_SCHEMA = jsonschema.Draft202012Validator(protocol_schema.schema())
+AT_THE_LIMIT = "x" * (MAX_CUSTOM_BYTES - 2)  # with its quotes, exactly MAX_CUSTOM_BYTES of JSON
+
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("value", [
+    {"step": 2, "of": 5, "sources": [{"title": "Dune", "pages": [3, 4]}]},
+    ["a", 1, 2.5, True, None], "searching", 0, -1.25, False, None,
+    AT_THE_LIMIT, "é" * ((MAX_CUSTOM_BYTES - 2) // 2),  # two bytes each in UTF-8
+    nested(MAX_CUSTOM_DEPTH), 2**63 - 1, -(2**63), "a\u0000b \u2028 \U0001f600",
+], ids=reprlib.repr)
+def test_a_custom_event_carries_any_json_value_within_the_limits(value: object) -> None:
+    assert custom_value(value) == value
+    frame = json.loads('{"seq":7,' + event_body("c_1", "r_1", RunCustom(value=value), ts_ms=1)[1:])
+    assert frame["event"] == "run.custom" and frame["data"] == {"value": value}
+    CUSTOM_SCHEMA.validate(frame)
+    parsed = protocol.EventFrame.from_json(frame)
+    assert (parsed.event, parsed.data) == (protocol.Event.RUN_CUSTOM, {"value": value})
+
+
+def test_a_custom_payload_is_converted_to_its_json_form() -> None:
+    assert custom_value((1, (2, "x"))) == [1, [2, "x"]]
+    assert custom_value({1: "one", None: "none", 2.5: True}) == {"1": "one", "null": "none", "2.5": True}
+    assert custom_value({"at": {3, 4}}, default=sorted) == {"at": [3, 4]}
+
+
+@pytest.mark.parametrize(("payload", "fragment"), [
+    (object(), "no JSON form"),
+    ({"at": {3, 4}}, "no JSON form"),  # a set, and no `default` to convert it
+    (float("nan"), "no JSON form"),
+    ([float("inf")], "no JSON form"),
+    ("\ud800", "no JSON form"),  # a lone surrogate: not UTF-8
+    ({(1, 2): "a tuple key"}, "no JSON form"),
+    (AT_THE_LIMIT + "x", f"{MAX_CUSTOM_BYTES + 1} bytes of JSON, over the {MAX_CUSTOM_BYTES} allowed"),
+    ("é" * (MAX_CUSTOM_BYTES // 2), "over the"),
+    (nested(MAX_CUSTOM_DEPTH + 1), f"nested deeper than {MAX_CUSTOM_DEPTH}"),
+    ({"deep": nested(MAX_CUSTOM_DEPTH)}, "nested deeper"),
+    (nested(5000), "no JSON form"),  # deeper than json itself recurses
+    (2**63, "64 bits"),
+    ([-(2**63) - 1], "64 bits"),
+], ids=reprlib.repr)
+def test_a_custom_payload_without_a_json_form_or_over_a_limit_is_refused(payload: object, fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        custom_value(payload)
+
+
+@pytest.mark.parametrize("data", [{}, {"value": 1, "extra": 2}], ids=["no value", "extra member"])
+def test_the_schema_refuses_a_custom_event_without_exactly_a_value(data: dict[str, object]) -> None:
+    frame = json.loads('{"seq":7,' + event_body("c_1", "r_1", RunCustom(value=1), ts_ms=1)[1:])
+    assert not CUSTOM_SCHEMA.is_valid({**frame, "data": data})

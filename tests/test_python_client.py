@@ -222,6 +222,21 @@ def test_a_restarted_run_shows_only_its_last_attempt_and_a_rolled_back_one_disap
     assert store.messages("c1") == [] and store.runs["r1"].rolled_back
 
 
+def test_a_runs_custom_events_are_kept_in_order_once_and_begin_again_with_a_restart() -> None:
+    store = Store()
+    store.apply(event(1, Event.RUN_QUEUED, {"behind": None, "position": 1}))
+    store.apply(event(2, Event.RUN_STARTED, {"message": "m1", "attempt": 1, "worker": "w1"}))
+    values: list[tuple[int, Any]] = [(3, {"step": 1}), (4, "searching"), (4, "searching"), (5, None), (3, {"step": 1})]
+    for seq, value in values:
+        store.apply(event(seq, Event.RUN_CUSTOM, {"value": value}))  # seqs 4 and 3 again: already applied
+    run = store.runs["r1"]
+    assert (run.custom, run.status, run.text) == (({"step": 1}, "searching", None), RunStatus.RUNNING, "")
+    store.apply(event(6, Event.RUN_STARTED, {"message": "m1", "attempt": 2, "worker": "w2"}))
+    store.apply(event(7, Event.RUN_CUSTOM, {"value": [2]}))
+    store.apply(event(8, Event.RUN_COMPLETED, {"message": "m2", "text": "done"}))
+    assert store.runs["r1"].custom == ([2],) and store.runs["r1"].text == "done"
+
+
 def test_presence_is_replaced_by_hello_and_applied_idempotently() -> None:
     store = Store()
     assert store.set_devices([{"device": "phone", "node": "a"}])

@@ -1,5 +1,6 @@
-"""MCP tools end to end: a real MCP server (the `mcp` package's), our httpx client, the agent
-registry, and ChatOpenAI against the fake LLM asking for tool calls in OpenAI's streaming format."""
+"""MCP tools end to end: a real MCP server (the `mcp` package's), our client over the package's
+ClientSession, the agent registry, and ChatOpenAI against the fake LLM asking for tool calls in
+OpenAI's streaming format. The session's life (restarts, cancellation) is in test_mcp_session.py."""
 
 from __future__ import annotations
 
@@ -341,9 +342,10 @@ async def test_describe_lists_agents_models_and_tools_without_secrets(
         await registry.aclose()
 
     assert described == [
-        {"name": "default", "description": "", "model": "fake-model", "tools": [], "tools_error": None},
-        {"name": "weather", "description": "Knows the weather", "model": "fake-model",
-         "tools": ["add", "lookup_weather", "crash", "slow"], "tools_error": None},
+        {"pool": "default", "version": None, "weight": 1.0, "name": "default", "description": "",
+         "model": "fake-model", "tools": [], "tools_error": None},
+        {"pool": "weather", "version": None, "weight": 1.0, "name": "weather", "description": "Knows the weather",
+         "model": "fake-model", "tools": ["add", "lookup_weather", "crash", "slow"], "tools_error": None},
     ]
     shown = json.dumps(described)
     assert "sk-secret" not in shown and "secret prompt" not in shown and "127.0.0.1" not in shown
@@ -400,7 +402,7 @@ def test_agents_file_is_read(tmp_path: Path) -> None:
     ('["x"]', "agent #1: expected an object, got str"),
     ('[{"description": "no name"}]', "agent #1: name must match"),
     ('[{"name": "has space"}]', "agent #1: name must match"),
-    ('[{"name": "a"}, {"name": "a"}]', "two agents are named 'a'"),
+    ('[{"name": "a"}, {"name": "a"}]', "two agents are 'a'"),
     ('[{"name": "a", "prompt": "typo"}]', "agent #1 (a): unknown keys ['prompt']"),
     ('[{"name": "a", "max_tool_rounds": "3"}]', "agent #1 (a): max_tool_rounds must be an integer"),
     ('[{"name": "a", "max_tool_rounds": 99}]', "agent #1 (a): max_tool_rounds must be an integer 0..50"),

@@ -148,8 +148,13 @@ async def test_a_run_that_keeps_killing_workers_is_dead_lettered_and_fails(crash
         assert end["event"] == "run.failed"
         assert end["data"]["code"] == "run_dead_lettered"
         assert end["data"]["message"]
-        dead = await redis.xrange(Keys().runs_dead)
-        assert run in [fields["run"] for _, fields in dead]
+        # The worker publishes the run's end before it sets the job aside: wait for that, bounded.
+        for _ in range(200):
+            if run in [fields["run"] for _, fields in await redis.xrange(Keys().runs_dead)]:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"run {run} was not dead-lettered within 10 s")
         assert device.gaps == [] and device.duplicates == 0
     finally:
         await redis.aclose()

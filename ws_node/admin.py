@@ -96,7 +96,7 @@ async def runs_in_flight(request: web.Request, svc: Services) -> web.Response:
         raise RestError(400, "bad_request", "user must be 1-128 printable characters")
     limit = _limit(request)
     rows = await svc.store.admin_runs_in_flight(user=user, limit=limit)
-    backlog = await svc.runs.queue.backlog()
+    backlog = await svc.runs.queue.backlog(await svc.runs.all_pools())
     queue = {"depth": backlog.depth, "oldest_s": round(backlog.oldest_s, 3), "taken": backlog.taken}
     return json_response({"runs": [_run_json(r) for r in rows], "limit": limit, "queue": queue})
 

@@ -10,13 +10,16 @@ from fanout.broker import Fenced
 from persistence.records import SendRecord
 from persistence.store import Conflict, NotFound
 from protocol import Ack, Auth, Cancel, Command, ErrorCode, Ping, Pong, ProtocolError, Respond, Send, encode
-from runs.agents import UnknownAgent
+from runs.agents import AgentUnavailable, UnknownAgent
 from runs.lifecycle import AlreadyAnswered, NotWaiting, Overloaded, RunEnded, TooManyRuns
 from ws_node.auth import AuthUnavailable, Forbidden, TokenLease, Unauthorized
 from ws_node.connection import Connection
 from ws_node.services import Services
 
 _tracer = trace.get_tracer("chorus.ws_node")
+
+# A send to an agent with no live worker: when to try again (a restarting worker is back in seconds).
+AGENT_RETRY_AFTER_MS = 5_000
 
 
 async def execute(svc: Services, conn: Connection, cmd: Command, lease: TokenLease) -> str:
@@ -83,6 +86,9 @@ async def _accept(svc: Services, user: str, device: str, cmd: Send) -> tuple[Sen
                             retry_after_ms=exc.retry_after_ms) from None
     except UnknownAgent as exc:
         raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc), cmd.id) from None
+    except AgentUnavailable as exc:
+        raise ProtocolError(ErrorCode.AGENT_UNAVAILABLE, str(exc), cmd.id,
+                            retry_after_ms=AGENT_RETRY_AFTER_MS) from None
     except NotFound:
         raise ProtocolError(ErrorCode.NOT_FOUND, f"no conversation {cmd.conversation}", cmd.id) from None
     except Conflict as exc:

@@ -53,7 +53,8 @@ WRITE_TIMEOUT_S = 30.0  # a client that takes no bytes for this long is gone
 _STATUS = {
     ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.FORBIDDEN: 403,
     ErrorCode.NOT_FOUND: 404, ErrorCode.CONFLICT: 409, ErrorCode.TOO_LARGE: 413, ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.OVERLOADED: 503, ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500,
+    ErrorCode.OVERLOADED: 503, ErrorCode.UNAVAILABLE: 503, ErrorCode.AGENT_UNAVAILABLE: 503,
+    ErrorCode.INTERNAL: 500,
 }
 
 

@@ -55,10 +55,10 @@ export interface Error {
 }
 
 /** The `code` of an `error` frame (and of REST errors). */
-export type ErrorCode = "bad_request" | "unauthorized" | "not_found" | "forbidden" | "conflict" | "rate_limited" | "overloaded" | "too_large" | "unavailable" | "internal";
+export type ErrorCode = "bad_request" | "unauthorized" | "not_found" | "forbidden" | "conflict" | "rate_limited" | "overloaded" | "agent_unavailable" | "too_large" | "unavailable" | "internal";
 
 /** The `event` of an event frame (docs/protocol.md, the events table). */
-export type Event = "message.created" | "run.queued" | "run.started" | "token" | "run.resumed" | "tool.started" | "tool.completed" | "run.input_required" | "run.input_received" | "run.completed" | "run.cancelled" | "run.failed";
+export type Event = "message.created" | "run.queued" | "run.started" | "token" | "run.resumed" | "tool.started" | "tool.completed" | "run.custom" | "run.input_required" | "run.input_received" | "run.completed" | "run.cancelled" | "run.failed";
 
 /** The members every EventFrame has. */
 export interface EventFrameBase {
@@ -78,6 +78,7 @@ export type EventFrame =
   | (EventFrameBase & { data: RunResumed; event: "run.resumed" })
   | (EventFrameBase & { data: ToolStarted; event: "tool.started" })
   | (EventFrameBase & { data: ToolCompleted; event: "tool.completed" })
+  | (EventFrameBase & { data: RunCustom; event: "run.custom" })
   | (EventFrameBase & { data: RunInputRequired; event: "run.input_required" })
   | (EventFrameBase & { data: RunInputReceived; event: "run.input_received" })
   | (EventFrameBase & { data: RunCompleted; event: "run.completed" })
@@ -93,6 +94,7 @@ export interface EventFrameMap {
   "run.resumed": RunResumed;
   "tool.started": ToolStarted;
   "tool.completed": ToolCompleted;
+  "run.custom": RunCustom;
   "run.input_required": RunInputRequired;
   "run.input_received": RunInputReceived;
   "run.completed": RunCompleted;
@@ -183,6 +185,11 @@ export interface RunCompleted {
   rolled_back?: boolean;
   text: string;
   usage?: TokenUsage;
+}
+
+/** Something the agent's graph wrote to its custom stream (LangGraph `get_stream_writer()`), in order with the run's tokens and tool calls. `value` is any JSON value (at most 16 KiB encoded); Chorus gives it no meaning. */
+export interface RunCustom {
+  value: unknown;
 }
 
 /** `message` is the readable reason, as in every error; the partial answer (if any was stored) is `answer_message`. */

@@ -49,6 +49,8 @@ import { Event, Role, RunStatus } from "./vocabulary.js";
  * @property {number | null} position its place in the queue for a worker (1: next)
  * @property {{ request: string, prompt: string } | null} input the question it waits on (human in the loop)
  * @property {ToolCall[]} tools
+ * @property {unknown[]} custom the values of its `run.custom` events (what the agent's graph wrote to its custom
+ *   stream) this device saw, in order; a restart begins them again. Not stored: REST does not return them.
  * @property {{ code: string, message: string } | null} error why it failed
  * @property {number | null} stoppedAt the seq of the last token of a cancelled run
  * @property {boolean} rolledBack discarded by a `rollback` with the message that started it
@@ -214,7 +216,7 @@ export class Store extends Emitter {
         break;
       case Event.RUN_STARTED:
         Object.assign(run, { status: RunStatus.RUNNING, attempt: frame.data.attempt, message: frame.data.message,
-                             behind: null, position: null, input: null, tools: [] });
+                             behind: null, position: null, input: null, tools: [], custom: [] });
         break;
       case Event.TOKEN:
         run.status = RunStatus.RUNNING;
@@ -235,6 +237,10 @@ export class Store extends Emitter {
           : [...run.tools, { ...done, arguments: null }];
         break;
       }
+      case Event.RUN_CUSTOM:
+        run.status = RunStatus.RUNNING;
+        run.custom = [...run.custom, frame.data.value];
+        break;
       case Event.RUN_INPUT_REQUIRED:
         run.input = { request: frame.data.request, prompt: frame.data.prompt };
         break;
@@ -453,7 +459,8 @@ export class Store extends Emitter {
 function newRun(id, conversation) {
   return {
     id, conversation, message: null, status: RunStatus.QUEUED, text: "", attempt: 1, seq: -1, answerMessage: null,
-    behind: null, position: null, input: null, tools: [], error: null, stoppedAt: null, rolledBack: false,
+    behind: null, position: null, input: null, tools: [], custom: [], error: null, stoppedAt: null,
+    rolledBack: false,
   };
 }
 

@@ -95,6 +95,22 @@ test("queue, tools and a question are tracked on the run", () => {
   assert.deepEqual([run.status, run.text, run.answerMessage, run.error], ["failed", "part", "a1", { code: "llm_timeout", message: "slow model" }]);
 });
 
+test("a run's custom events are kept in order, once, and begin again with a restart", () => {
+  const store = new Store();
+  store.apply(ev(1, "run.queued", { behind: null, position: 1 }));
+  store.apply(ev(2, "run.started", { message: "m1", attempt: 1, worker: "w1" }));
+  for (const [seq, value] of [[3, { step: 1 }], [4, "searching"], [4, "searching"], [5, null], [3, { step: 1 }]]) {
+    store.apply(ev(seq, "run.custom", { value })); // seqs 4 and 3 again: already applied
+  }
+  const run = store.run("r1");
+  assert.deepEqual([run.custom, run.status, run.text], [[{ step: 1 }, "searching", null], "running", ""]);
+  store.apply(ev(6, "run.started", { message: "m1", attempt: 2, worker: "w2" }));
+  store.apply(ev(7, "run.custom", { value: [2] }));
+  store.apply(ev(8, "run.completed", { message: "m2", text: "done" }));
+  assert.deepEqual([store.run("r1").custom, store.run("r1").text], [[[2]], "done"]);
+  assert.deepEqual(run.custom, [{ step: 1 }, "searching", null], "a change replaces the run, never mutates it");
+});
+
 test("a rolled-back run disappears with the message that started it", () => {
   const store = new Store();
   store.apply(created(1));

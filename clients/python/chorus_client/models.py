@@ -47,7 +47,9 @@ class Run:
     message that started it, `answer_message` the stored answer once it ended with text; `behind` is
     the run it waits behind (double-texting), `position` its place in the queue for a worker (1:
     next); `stopped_at` the seq of a cancelled run's last token; `rolled_back`: discarded by a
-    `rollback`, with the message that started it."""
+    `rollback`, with the message that started it; `custom` the `value` of each `run.custom` event
+    this device saw, in order (what the agent's graph wrote to its custom stream; a restart begins
+    them again; REST does not return them)."""
 
     id: str
     conversation: str
@@ -61,6 +63,7 @@ class Run:
     position: int | None = None
     input: InputRequest | None = None
     tools: tuple[ToolCall, ...] = ()
+    custom: tuple[Any, ...] = ()
     error: RunError | None = None
     stopped_at: int | None = None
     rolled_back: bool = False

@@ -256,7 +256,8 @@ def _run_change(run: Run, name: str, data: Mapping[str, Any]) -> dict[str, Any] 
         return change
     if name == Event.RUN_STARTED:
         return {"status": RunStatus.RUNNING, "attempt": data.get("attempt", 1),
-                "message": data.get("message"), "behind": None, "position": None, "input": None, "tools": ()}
+                "message": data.get("message"), "behind": None, "position": None, "input": None, "tools": (),
+                "custom": ()}
     if name == Event.TOKEN:
         return {"status": RunStatus.RUNNING}
     if name == Event.RUN_RESUMED:
@@ -269,6 +270,8 @@ def _run_change(run: Run, name: str, data: Mapping[str, Any]) -> dict[str, Any] 
             return {"tools": tuple(dataclasses.replace(t, summary=summary, error=error, done=True)
                                    if t.call == data["call"] else t for t in run.tools)}
         return {"tools": (*run.tools, ToolCall(data["call"], data["name"], None, summary, error, done=True))}
+    if name == Event.RUN_CUSTOM:
+        return {"status": RunStatus.RUNNING, "custom": (*run.custom, data.get("value"))}
     if name == Event.RUN_INPUT_REQUIRED:
         return {"input": InputRequest(data["request"], data["prompt"])}
     if name == Event.RUN_INPUT_RECEIVED:
