@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mappin
 from typing import Any
 
 from aiohttp import web
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from prometheus_client.core import Metric
 from redis.asyncio import Redis
 
-from agent_worker import heartbeat
+from agent_worker import checkpoints, heartbeat
 from agent_worker import metrics as worker_metrics
 from agent_worker.agents import AgentRegistry, agents_from_env
+from agent_worker.graph import Resumption
 from agent_worker.metrics import WorkerStats
 from agent_worker.model import ModelConfig
 from agent_worker.resilience import BreakerRegistry, RetryPolicy, endpoint_key, resilient
@@ -70,7 +72,7 @@ class Agents:
                    breakers=BreakerRegistry(settings.breaker_failures, settings.breaker_reset_s), pools=pools)
 
     def answer(
-        self, agent: str, history: Sequence[tuple[str, str]], thread: str, resume: str | None
+        self, agent: str, history: Sequence[tuple[str, str]], thread: str, resume: Resumption | None
     ) -> AsyncIterator[object]:
         spec = self.primary.spec(agent)  # UnknownAgent: the run fails with a clear code
         fallback = self.fallback
@@ -94,10 +96,14 @@ class Agents:
         )
         return wrapped(history)
 
-    def forget(self, thread: str) -> None:
-        self.primary.forget(thread)
+    async def forget(self, thread: str) -> None:
+        await self.primary.forget(thread)  # the fallback shares the checkpointer (see `serve`)
+
+    def use(self, checkpointer: BaseCheckpointSaver[str]) -> None:
+        """Keep the graphs' state within runs in `checkpointer` (set before the first run)."""
+        self.primary.checkpointer = checkpointer
         if self.fallback is not None:
-            self.fallback.forget(thread)
+            self.fallback.checkpointer = checkpointer
 
     async def aclose(self) -> None:
         await self.primary.aclose()
@@ -152,7 +158,10 @@ async def serve(settings: WorkerSettings, agents: Agents) -> None:
     broker = RedisBroker(redis, keys, history_max=settings.history_max, ttl_s=settings.history_ttl_s)
     directory = AgentDirectory(redis, keys)
     runs = Runs(store, broker, RedisRunQueue(redis, keys, agents.pools), store_retry_s=settings.store_retry_s,
-                answer_ttl_s=settings.history_ttl_s, agents=directory)
+                agents=directory)
+    saved = await checkpoints.connect(settings.database_url,
+                                      statement_cache_size=settings.database_statement_cache_size)
+    agents.use(saved.saver)
     answer: AnswerStream = agents.answer
     stats = WorkerStats()
     agents.on_result = stats.llm_request
@@ -173,6 +182,7 @@ async def serve(settings: WorkerSettings, agents: Agents) -> None:
     if health is not None:
         await health.cleanup()
     await agents.aclose()
+    await saved.close()
     await store.close()
     await broker.aclose()
     await redis.aclose()

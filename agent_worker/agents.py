@@ -55,6 +55,7 @@ from typing import Any, cast
 from langchain_core.language_models import BaseChatModel
 from langchain_core.tools import BaseTool, StructuredTool, ToolException
 from langchain_openai import ChatOpenAI
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import StateGraph
 from langgraph.pregel import Pregel
@@ -64,6 +65,7 @@ from agent_worker.graph import (
     DEFAULT_MAX_TOOL_ROUNDS,
     AgentGraph,
     Item,
+    Resumption,
     build_graph,
     stream_answer,
     stream_model,
@@ -126,6 +128,7 @@ class AgentRegistry:
         *,
         mcp_timeout_s: float = DEFAULT_MCP_TIMEOUT_S,
         relist_after_s: float = DEFAULT_RELIST_AFTER_S,
+        checkpointer: BaseCheckpointSaver[str] | None = None,
     ) -> None:
         if not specs:
             raise ValueError("at least one agent is needed")
@@ -142,8 +145,9 @@ class AgentRegistry:
         self._server_tools: dict[str, list[BaseTool]] = {}  # by server URL, once listed
         self._listing: dict[str, asyncio.Lock] = {}
         self._failed_at: dict[str, float] = {}  # server URL -> loop time of its last failed listing
-        # Runs paused for the user (ask_user), by thread; shared so a rebuilt graph resumes them.
-        self._paused = InMemorySaver()
+        # The graphs' state within a run (ask_user pauses), by thread (the run): in memory unless
+        # the worker sets its Postgres checkpointer before the first run, so any worker resumes it.
+        self.checkpointer: BaseCheckpointSaver[str] = checkpointer or InMemorySaver()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AgentRegistry:
@@ -208,7 +212,7 @@ class AgentRegistry:
 
     def answer(
         self, agent: str | None, history: Sequence[tuple[str, str]], *, thread: str | None = None,
-        resume: str | None = None,
+        resume: Resumption | None = None,
     ) -> AsyncGenerator[Item, None]:
         """Run agent pool ``agent`` (``None``: the default) over ``history``; see ``graph.stream_answer``.
 
@@ -217,9 +221,9 @@ class AgentRegistry:
         """
         return self._answer(self.spec(agent or DEFAULT_AGENT), history, thread, resume)
 
-    def forget(self, thread: str) -> None:
-        """Drop a finished run's paused state (ask_user)."""
-        self._paused.delete_thread(thread)
+    async def forget(self, thread: str) -> None:
+        """Drop a run's saved graph state (it ended, or starts over)."""
+        await self.checkpointer.adelete_thread(thread)
 
     async def aclose(self) -> None:
         """End MCP sessions and close the models' HTTP clients; the registry is done after."""
@@ -235,7 +239,8 @@ class AgentRegistry:
     # -- internals ------------------------------------------------------------------------
 
     async def _answer(
-        self, spec: AgentSpec, history: Sequence[tuple[str, str]], thread: str | None, resume: str | None
+        self, spec: AgentSpec, history: Sequence[tuple[str, str]], thread: str | None,
+        resume: Resumption | None,
     ) -> AsyncGenerator[Item, None]:
         if spec.graph is None and not spec.mcp_servers and not spec.ask_user and resume is None:
             # One model call and nothing else: the graph would only add its overhead per token.
@@ -247,7 +252,10 @@ class AgentRegistry:
             return
         graph = await self._graph(spec)
         node = AGENT_NODE if spec.graph is None else None  # an own graph: every node's answer
-        async with aclosing(stream_answer(graph, history, thread=thread, resume=resume, node=node)) as items:
+        streamed = stream_answer(graph, history, thread=thread, node=node,
+                                 resume=resume.answer if resume else None,
+                                 checkpoint=resume.checkpoint if resume else None)
+        async with aclosing(streamed) as items:
             async for item in items:
                 yield item
 
@@ -262,12 +270,12 @@ class AgentRegistry:
         if graph is not None:
             return graph
         if spec.graph is not None:
-            graph = self._graphs[spec.pool] = own_graph(spec, self._paused)
+            graph = self._graphs[spec.pool] = own_graph(spec, self.checkpointer)
             return graph
         tools, missing = await self._tools(spec)
         graph = build_graph(self._model(spec), system_prompt=spec.system_prompt, tools=tools,
                             max_tool_rounds=spec.max_tool_rounds, ask_user=spec.ask_user,
-                            checkpointer=self._paused)
+                            checkpointer=self.checkpointer)
         if not missing:  # a graph short of tools is rebuilt next run, when its servers may be back
             self._graphs[spec.pool] = graph
         return graph
@@ -502,7 +510,7 @@ def load_graph_attribute(path: object) -> object:
     return found
 
 
-def own_graph(spec: AgentSpec, checkpointer: InMemorySaver) -> AgentGraph:
+def own_graph(spec: AgentSpec, checkpointer: BaseCheckpointSaver[str]) -> AgentGraph:
     """The agent's own graph: a compiled graph as it is; a `StateGraph` compiled here, with the
     worker's checkpointer (so an ``interrupt`` pauses the run for the user and resumes it); a
     factory called with the agent's `AgentSpec` (its model, prompt, ...), returning either."""

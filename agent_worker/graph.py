@@ -11,8 +11,9 @@ tool that fails is answered with its error (the model reads it and carries on), 
 After ``max_tool_rounds`` rounds the model is called with ``tool_choice="none"``, so a run
 always ends in a text answer however eager the model is.
 
-The graph is compiled without a checkpointer: the conversation lives in Postgres and is
-passed in whole for every run, so LangGraph holds no state between runs.
+The conversation lives in Postgres and is passed in whole for every run, so LangGraph holds no
+state between runs. Within a run, a graph that may ask its user (``ask_user``) keeps its state in
+a checkpointer, per run (the worker's: Postgres, so a paused run resumes on any worker).
 
 :func:`stream_answer` reads the graph with ``stream_mode=["messages", "custom", "updates"]``:
 LangGraph forwards every ``AIMessageChunk`` of the ``agent`` node's model calls as it arrives
@@ -66,6 +67,7 @@ from langchain_core.messages import (
 )
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool, tool
+from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.config import get_stream_writer
 from langgraph.errors import GraphBubbleUp
@@ -117,10 +119,21 @@ class ToolCompleted:
 @dataclass(frozen=True)
 class InputRequired:
     """The graph paused for the user (LangGraph ``interrupt``): resume it with the answer to
-    ``prompt`` by calling :func:`stream_answer` again with the same ``thread`` and ``resume``."""
+    ``prompt`` by calling :func:`stream_answer` again with the same ``thread``, ``resume`` and
+    ``checkpoint`` (the checkpoint the graph paused at: resuming from it again, after a worker
+    died mid-way, replays the same step with the same answer)."""
 
     request: str
     prompt: str
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class Resumption:
+    """How a paused run goes on: its user's ``answer`` to the question asked at ``checkpoint``."""
+
+    answer: str
+    checkpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +175,7 @@ def build_graph(
     tools: Sequence[BaseTool] = (),
     max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS,
     ask_user: bool = False,
-    checkpointer: InMemorySaver | None = None,
+    checkpointer: BaseCheckpointSaver[str] | None = None,
 ) -> AgentGraph:
     """Compile the agent graph over ``MessagesState``.
 
@@ -175,7 +188,8 @@ def build_graph(
         max_tool_rounds: how many times one run may go through ``tools``; the model
             call after the last round may not call tools.
         ask_user: offer the ``ask_user`` tool, which pauses the run for the user (human in
-            the loop); the graph then keeps its state in `checkpointer` (memory), per ``thread``.
+            the loop); the graph then keeps its state in `checkpointer` (in memory when None),
+            per ``thread``.
     """
     prefix: list[BaseMessage] = [SystemMessage(system_prompt)] if system_prompt else []
     builder = StateGraph(MessagesState)
@@ -305,7 +319,7 @@ def to_messages(history: Sequence[tuple[str, str]]) -> list[AnyMessage]:
 
 async def stream_answer(
     graph: AgentGraph, history: Sequence[tuple[str, str]], *, thread: str | None = None,
-    resume: str | None = None, node: str | None = AGENT_NODE,
+    resume: str | None = None, checkpoint: str | None = None, node: str | None = AGENT_NODE,
 ) -> AsyncGenerator[Item, None]:
     """Run ``graph`` over ``history`` and yield the answer's text and tool calls as they happen.
 
@@ -337,8 +351,9 @@ async def stream_answer(
     :func:`build_graph`'s ``tools`` node does) is yielded once, whichever comes first.
 
     Human in the loop: with a graph built with ``ask_user=True``, the stream ends with an
-    :class:`InputRequired` when the model asks the user; pass the same ``thread`` (one per run
-    attempt) and the user's answer as ``resume`` to continue from there.
+    :class:`InputRequired` when the model asks the user; pass the same ``thread`` (one per run),
+    the user's answer as ``resume`` and the question's ``checkpoint`` to continue from there (in
+    this process or any other sharing the checkpointer).
 
     Cancelling the task while it awaits the next item, or ``aclose()``-ing this
     generator, cancels the node and closes the model's HTTP response (or the tool's
@@ -348,7 +363,10 @@ async def stream_answer(
     collection.
     """
     config: RunnableConfig = {"configurable": {"thread_id": thread}} if thread else {}
+    if thread and checkpoint and resume is not None:
+        config["configurable"]["checkpoint_id"] = checkpoint
     start: Any = Command(resume=resume) if resume is not None else {"messages": to_messages(history)}
+    questions: list[InputRequired] = []
     # astream is an async generator function, though annotated as an AsyncIterator.
     stream = cast(
         AsyncGenerator[Any, None],
@@ -364,7 +382,8 @@ async def stream_answer(
                 if mode == "updates":
                     for paused in payload.get("__interrupt__", ()) if isinstance(payload, dict) else ():
                         value = paused.value if isinstance(paused.value, dict) else {"question": paused.value}
-                        yield InputRequired(request=paused.id, prompt=str(value.get("question", "")))
+                        question = InputRequired(request=paused.id, prompt=str(value.get("question", "")))
+                        questions.append(question)
                     if node is None:
                         for call in calls.returned(payload):
                             yield call
@@ -397,6 +416,14 @@ async def stream_answer(
                     yield Text(text)
                 if message.usage_metadata:
                     yield usage_of(message)
+            if questions and thread:
+                # The graph stopped at its interrupt: the checkpoint it stopped at is where the
+                # answer resumes it (read after the stream, when LangGraph has saved it).
+                paused_at = (await graph.aget_state({"configurable": {"thread_id": thread}})).config
+                at = paused_at.get("configurable", {}).get("checkpoint_id")
+                questions = [dataclasses.replace(q, checkpoint=at) for q in questions]
+            for question in questions:
+                yield question
         except TimeoutError as exc:
             # langchain-openai's stream_chunk_timeout raises a bare TimeoutError
             # subclass; keep the contract "every LLM failure is a ModelError".

@@ -3,7 +3,8 @@
 The nodes' admin API (`GET /v1/admin/workers`, `ws_node.admin`) lists the records of the hash
 `Keys.workers`, field = the worker's consumer name, value = JSON::
 
-    {"worker", "agents": [names], "busy" (runs in progress), "concurrency", "paused", "draining",
+    {"worker", "agents": [pools], "busy" (runs in progress), "concurrency", "pauses" (runs it paused
+     for their user's answer, in all), "draining",
      "started_at", "updated_at", "expires_at" (ms)}
 
 rewritten every `HEARTBEAT_S` (`common.heartbeat`, which the nodes' records share). A record past
@@ -47,7 +48,7 @@ async def _beat(redis: Redis, keys: Keys, worker: Worker, agents: list[str], sto
                 started_at: str) -> None:
     while True:
         record = {"worker": worker.consumer, "agents": agents, "busy": len(worker.running),
-                  "concurrency": worker.settings.concurrency, "paused": worker.stats.paused,
+                  "concurrency": worker.settings.concurrency, "pauses": worker.stats.pauses,
                   "draining": stop.is_set(), "started_at": started_at}
         try:
             await beat(redis, keys.workers, worker.consumer, record)

@@ -42,7 +42,8 @@ class WorkerStats:
         self.dead_lettered = 0
         self.requeued = 0  # runs whose job was lost, queued again by the sweep
         self.llm_requests = Tally()  # (model, result: ok or the failure code)
-        self.paused = 0  # runs waiting for a person's answer now
+        self.pauses = 0  # runs this process paused for a person's answer (they then hold no worker)
+        self.paused = 0  # runs paused now, all workers' (read every QUEUE_EVERY_S)
         self.backlog = Backlog(depth=0, oldest_s=0.0)
         self.loop_lag = LoopLag()
 
@@ -65,12 +66,14 @@ def families(stats: WorkerStats, *, slots: int, running: int,
     yield counter("chorus_tokens_streamed", "Model text chunks streamed to devices", stats.tokens)
     yield gauge("chorus_worker_slots", "Runs this process may hold at once (WORKER_CONCURRENCY)", slots)
     yield gauge("chorus_runs_running", "Runs this process holds now", running)
-    yield gauge("chorus_runs_paused", "Runs waiting for a person's answer (human in the loop)", stats.paused)
-    yield gauge("chorus_run_queue_depth", "Runs waiting for a worker (all workers; read every "
-                f"{QUEUE_EVERY_S:g} s)", stats.backlog.depth)
+    yield gauge("chorus_runs_paused", "Runs waiting for a person's answer, holding no worker (all workers; "
+                f"read every {QUEUE_EVERY_S:g} s)", stats.paused)
+    yield counter("chorus_run_pauses", "Times a run paused here for a person's answer", stats.pauses)
+    yield gauge("chorus_run_queue_depth", "Runs waiting for a worker in this worker's pools (WORKER_AGENTS; "
+                f"read every {QUEUE_EVERY_S:g} s)", stats.backlog.depth)
     yield gauge("chorus_run_queue_oldest_seconds", "How long the oldest waiting run has waited",
                 stats.backlog.oldest_s)
-    yield gauge("chorus_run_queue_pending", "Runs taken by workers and not finished (all workers)",
+    yield gauge("chorus_run_queue_pending", "Runs of this worker's pools taken by workers and not finished",
                 stats.backlog.taken)
     yield counter("chorus_runs_reclaimed", "Runs taken over from a worker that stopped renewing them",
                   stats.reclaimed)

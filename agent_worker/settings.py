@@ -100,7 +100,7 @@ class WorkerSettings(SharedSettings):
     input_timeout_s: float = setting(
         "INPUT_TIMEOUT_SECONDS", "3600", number(low=1.0),
         "how long a paused run waits for a device's answer before it ends `run.failed` with "
-        "`input_timeout` (at least 1). The waiting run keeps its worker slot")
+        "`input_timeout` (at least 1). A paused run holds no worker: it waits in Postgres")
     mcp_timeout_s: float = setting(
         "MCP_TIMEOUT_SECONDS", "30", number(low=0.1), "timeout of a call to an MCP server (at least 0.1)")
     agents_json: str | None = optional(

@@ -17,14 +17,23 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from agent_worker.graph import InputRequired, InputTimeout, Text, ToolCompleted, ToolStarted, Usage
+from agent_worker.graph import (
+    InputRequired,
+    InputTimeout,
+    Resumption,
+    Text,
+    ToolCompleted,
+    ToolStarted,
+    Usage,
+)
 from agent_worker.metrics import QUEUE_EVERY_S, WorkerStats
 from agent_worker.resilience import failure_code
 from agent_worker.settings import WorkerSettings
@@ -32,7 +41,7 @@ from common import logs, tracing
 from common.backoff import delays_s, retrying
 from common.redis_client import TRANSIENT
 from fanout.broker import Fenced
-from persistence.records import Finished, RunClaim
+from persistence.records import Finished, Question, RunClaim
 from persistence.store import Store, Unavailable
 from protocol import events as ev
 from protocol.text import shown_text
@@ -45,9 +54,13 @@ log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("chorus.agent_worker")
 
 
-# (agent, history, thread, resume) -> the answer's items (graph.Text, ToolStarted, ToolCompleted,
-# InputRequired) as they stream; `thread` names the attempt, `resume` answers its InputRequired.
-AnswerStream = Callable[[str, Sequence[tuple[str, str]], str, str | None], AsyncIterator[object]]
+# (agent pool, history, thread, resume) -> the answer's items (graph.Text, ToolStarted, ToolCompleted,
+# InputRequired, ...) as they stream; `thread` is the run, `resume` goes on from its question.
+AnswerStream = Callable[[str, Sequence[tuple[str, str]], str, Resumption | None], AsyncIterator[object]]
+
+
+async def _forget_nothing(thread: str) -> None:
+    return None
 
 STALE_SWEEP_S = 15.0
 # Runs waiting this long for a worker are told their position (`run.queued`), again as it changes;
@@ -63,7 +76,7 @@ class Worker:
     settings: WorkerSettings
     runs: Runs
     answer: AnswerStream
-    forget: Callable[[str], None] = lambda thread: None  # drop an ended attempt's paused state
+    forget: Callable[[str], Awaitable[None]] = _forget_nothing  # drop a run's saved graph state
     running: dict[str, Delivery] = field(default_factory=dict)  # entry id -> job in progress
     stats: WorkerStats = field(default_factory=WorkerStats)
 
@@ -192,19 +205,23 @@ class Worker:
             since_sweep_s += interval_s
             try:
                 await self._renew_leases()
+                await self._expire_pauses()  # an indexed read: every tick, so a deadline is kept to lease_s/3
                 if since_sweep_s >= STALE_SWEEP_S:
                     since_sweep_s = 0.0
                     await self._requeue_lost()
+                    await self.store.prune_checkpoints()
             except (Unavailable, *TRANSIENT) as exc:
                 log.warning("maintenance deferred: %r", exc)
             except Exception:
                 log.exception("maintenance failed")
 
     async def _watch_queue(self, stop: asyncio.Event) -> None:
-        """Keep the queue's depth for the metrics (a scrape must not wait on Redis)."""
+        """Keep the queue's depth and the paused runs' count for the metrics (a scrape must not wait
+        on Redis or Postgres)."""
         while not stop.is_set():
             try:
                 self.stats.backlog = await self.queue.backlog()
+                self.stats.paused = await self.store.count_paused()
             except (Unavailable, *TRANSIENT) as exc:
                 log.debug("reading the queue's depth deferred: %r", exc)
             await asyncio.sleep(QUEUE_EVERY_S)
@@ -273,6 +290,18 @@ class Worker:
         await self.queue.dead_letter(delivery)
         self.stats.dead_lettered += 1
 
+    async def _expire_pauses(self) -> None:
+        """Paused runs nobody answered within `INPUT_TIMEOUT_SECONDS` end failed (`input_timeout`),
+        keeping what they said before asking."""
+        code, message = failure_code(InputTimeout())
+        for row in await self.store.expired_pauses():
+            finished = await self.store.finish_run(row["id"], status=RunStatus.FAILED, text=row["partial"],
+                                                   worker=None, tools=orjson.loads(row["partial_tools"]),
+                                                   error_code=code, error_message=message)
+            if finished is not None:
+                log.info("run %s ended: nobody answered its question in time", row["id"])
+                await self.runs.publish_unpublished_end(row["id"])
+
     async def _requeue_lost(self) -> None:
         """Runs acked to a user whose job is gone (Redis lost its data) are queued again, and a
         conversation whose next run was never started (its starter crashed) gets it started."""
@@ -296,6 +325,14 @@ class Worker:
             self.stats.requeued += 1
 
 
+def _stored(question: InputRequired) -> Question:
+    return Question(question.request, question.prompt, question.checkpoint)
+
+
+class Released(Exception):
+    """The worker no longer holds the run (its lease ran out and another took it): stop, quietly."""
+
+
 class RunExecution:
     """One attempt at one run: start, stream coalesced tokens, end."""
 
@@ -308,9 +345,11 @@ class RunExecution:
         self._tool_spans: dict[str, trace.Span] = {}
         self.producer = f"run:{claim.run}:{claim.attempts}"
         self.pseq = 0
-        self.text: list[str] = []
-        self.shown = ""  # the text devices show for this attempt (protocol.text)
-        self.tools: list[dict[str, Any]] = []  # tool calls of this attempt, stored with the answer
+        resumed = claim.resume
+        # A paused run goes on with what it said and did before asking.
+        self.text: list[str] = [resumed.text] if resumed and resumed.text else []
+        self.shown = resumed.text if resumed else ""  # the text devices show (protocol.text)
+        self.tools: list[dict[str, Any]] = list(resumed.tools) if resumed else []  # stored with the answer
         self.question: InputRequired | None = None  # what the model asked the user, if it paused
         self.usage: Usage | None = None  # the tokens this attempt's model calls counted, if reported
         self.last_seq: int | None = None
@@ -346,16 +385,34 @@ class RunExecution:
         if self.span.is_recording():
             self.span.set_attributes({"chorus.agent": c.agent, "chorus.attempt": c.attempts})
         try:
-            # attempt > 1: a restart after a worker died; devices drop this run's partial text.
-            await self.publish(ev.RunStarted(message=c.message, attempt=c.attempts, worker=worker.consumer))
             resume = None
+            if c.resume is not None:
+                # Its question was answered: on from there. The text devices show is set to what
+                # it was at the question (a worker that died after resuming may have shown more).
+                resume = Resumption(c.resume.answer, c.resume.question.checkpoint)
+                await self.publish(ev.RunResumed(text=self.shown, attempt=c.attempts))
+            else:
+                # attempt > 1: a restart after a worker died; devices drop this run's partial text,
+                # and the graph starts over rather than from the dead attempt's saved state.
+                await worker.forget(c.run)
+                started = ev.RunStarted(message=c.message, attempt=c.attempts, worker=worker.consumer)
+                await self.publish(started)
             while (question := await self._stream(history, resume)) is not None:
-                resume = await self._await_answer(question)
+                answer = await self._pause(question)
+                if answer is None:
+                    # Paused (or no longer ours): the answer queues it again, for any worker. A
+                    # cancel that came as it paused found it running: it ends here instead.
+                    if await self._fenced_now():
+                        raise Fenced(c.run)
+                    return
+                resume = Resumption(answer, question.checkpoint)
             if await retrying(lambda: worker.runs.broker.is_fenced(c.user, c.run), retry_on=TRANSIENT,
                               deadline_s=worker.settings.store_retry_s, what=f"checking run {c.run}'s fence"):
                 raise Fenced(c.run)
         except Fenced:
             await self._end(RunStatus.CANCELLED)
+        except Released:
+            log.info("run %s is no longer this worker's (its lease ran out)", c.run)
         except (Unavailable, *TRANSIENT):
             raise  # infrastructure: leave the run to be retried under its lease
         except asyncio.CancelledError:
@@ -365,8 +422,6 @@ class RunExecution:
             await self._end(RunStatus.FAILED, error=failure_code(exc))
         else:
             await self._end(RunStatus.COMPLETED)
-        finally:
-            worker.forget(self.producer)
 
     def _ended(self, status: RunStatus) -> None:
         stats = self.worker.stats
@@ -403,6 +458,10 @@ class RunExecution:
                         stopped_at=self.last_seq if status == RunStatus.CANCELLED else None,
                         usage=ev.TokenUsage(usage.prompt_tokens, usage.completion_tokens) if usage else None)
         await worker.runs.end(c.user, c.conversation, c.run, ending)
+        try:
+            await worker.forget(c.run)  # its graph state; the sweep deletes what this leaves
+        except Exception as exc:
+            log.debug("deleting run %s's graph state deferred: %r", c.run, exc)
 
     async def _fenced_now(self) -> bool:
         """Whether the run was cancelled, checked while the model is quiet. Redis being away for a
@@ -429,22 +488,40 @@ class RunExecution:
         self._checkpointed_at = loop.time()
         try:
             await self.worker.store.save_partial(
-                self.claim.run, "".join(self.text), self.last_seq, self.epoch
+                self.claim.run, "".join(self.text), self.last_seq, self.epoch, self.tools
             )
         except Unavailable as exc:
             log.debug("checkpoint of run %s skipped: %r", self.claim.run, exc)
 
-    async def _await_answer(self, question: InputRequired) -> str:
-        """Wait for the first answer from any device; a cancel still stops the run while it
-        waits. No answer in time fails the run."""
-        c, timeout_s = self.claim, self.worker.settings.input_timeout_s
-        self.worker.stats.paused += 1
-        try:
-            answer = await self.worker.runs.wait_answer(c.user, c.run, question.request, timeout_s=timeout_s)
-        finally:
-            self.worker.stats.paused -= 1
-        if answer is None:
-            raise InputTimeout(f"no answer to {question.prompt!r} within {timeout_s:g}s")
+    async def _ask(self, question: InputRequired) -> None:
+        """Store the question before devices see it: answers are taken to it alone."""
+        c, worker = self.claim, self.worker
+
+        async def ask() -> bool:
+            return await worker.store.ask_run(c.run, worker=worker.consumer, question=_stored(question),
+                                              text="".join(self.text), tools=self.tools)
+
+        if not await retrying(ask, retry_on=(Unavailable,), deadline_s=worker.settings.store_retry_s,
+                              what=f"storing run {c.run}'s question"):
+            raise Released(c.run)
+
+    async def _pause(self, question: InputRequired) -> str | None:
+        """Let the run wait for its user's answer in Postgres, freeing this worker's slot: None.
+        The answer when it came already (a device answered as the question went out): the run
+        goes on here. None too when the run is no longer this worker's (its lease ran out)."""
+        c, worker = self.claim, self.worker
+
+        async def pause() -> tuple[bool, str | None]:
+            return await worker.store.pause_run(
+                c.run, worker=worker.consumer, question=_stored(question),
+                text="".join(self.text), tools=self.tools, seq=self.last_seq, epoch=self.epoch,
+                timeout_s=worker.settings.input_timeout_s)
+
+        held, answer = await retrying(pause, retry_on=(Unavailable,),
+                                      deadline_s=worker.settings.store_retry_s, what=f"pausing run {c.run}")
+        if held and answer is None:
+            worker.stats.pauses += 1
+            log.info("run paused for its user's answer", extra={"agent": c.agent, "attempt": c.attempts})
         return answer
 
     async def _forward(self, items: list[object]) -> None:
@@ -473,6 +550,7 @@ class RunExecution:
             elif isinstance(item, ev.RunCustom):  # a graph's custom stream payload, already the event
                 await self.publish(item)
             elif isinstance(item, InputRequired):
+                await self._ask(item)
                 await self.publish(ev.RunInputRequired(request=item.request, prompt=item.prompt))
                 self.question = item
             elif isinstance(item, Usage):
@@ -491,7 +569,8 @@ class RunExecution:
                         call.update(summary=item.summary, error=item.error)
         await self._checkpoint()
 
-    async def _stream(self, history: Sequence[tuple[str, str]], resume: str | None) -> InputRequired | None:
+    async def _stream(self, history: Sequence[tuple[str, str]], resume: Resumption | None
+                      ) -> InputRequired | None:
         """Forward the model's text as `token` events, coalesced over `coalesce_s` so a fast
         model costs a few publishes a second per run, not one per token; the first token of an
         attempt is not held back. A cancel fence stops
@@ -510,7 +589,8 @@ class RunExecution:
                     span.set_attribute("chorus.model.chunks", self.worker.stats.tokens - chunks_before)
 
     async def _stream_into(self, buffer: list[object], arrived: asyncio.Event,
-                           history: Sequence[tuple[str, str]], resume: str | None) -> InputRequired | None:
+                           history: Sequence[tuple[str, str]], resume: Resumption | None
+                           ) -> InputRequired | None:
 
         async def produce() -> None:
             # A model stream whose bytes are already buffered yields chunk after chunk without
@@ -520,7 +600,7 @@ class RunExecution:
             # item and then at least every TURN_S.
             loop = asyncio.get_running_loop()
             turn_ends = 0.0
-            async for item in self.worker.answer(self.claim.agent, history, self.producer, resume):
+            async for item in self.worker.answer(self.claim.agent, history, self.claim.run, resume):
                 buffer.append(item)
                 arrived.set()
                 if loop.time() >= turn_ends:

@@ -23,14 +23,6 @@ class Keys(StreamKeys):
         shared by all nodes (ws_node/ratelimit.lua); expires once it would be full again."""
         return self.user_key(user, "rl:cmd")
 
-    def answers(self, user: str, run: str) -> str:
-        """List: the user's answers to a run's questions (human in the loop), read by its worker."""
-        return self.user_key(user, f"answers:{run}")
-
-    def answered(self, user: str, run: str) -> str:
-        """Hash request -> device: who answered each question of a run first."""
-        return self.user_key(user, f"answered:{run}")
-
     @property
     def agents(self) -> str:
         """Hash pool -> JSON entry: the agents (and versions) the workers serve (`runs.agents`)."""

@@ -35,11 +35,14 @@ def load() -> tuple[dict[str, Any], dict[str, Any]]:
 
 def keys(schema: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
     """(dotted path, schema) of every key the schema names, a parent before its children, in the
-    schema's order. The entries of a free-form map (`additionalProperties`) are not keys."""
+    schema's order; the keys of a list's entries as `list[].key`. The entries of a free-form map
+    (`additionalProperties`) are not keys."""
     for name, sub in schema.get("properties", {}).items():
         path = f"{prefix}{name}"
         yield path, sub
         yield from keys(sub, f"{path}.")
+        if isinstance(sub.get("items"), dict):
+            yield from keys(sub["items"], f"{path}[].")
 
 
 def undescribed(schema: Mapping[str, Any]) -> list[str]:
@@ -48,6 +51,8 @@ def undescribed(schema: Mapping[str, Any]) -> list[str]:
 
 
 def type_of(sub: Mapping[str, Any]) -> str:
+    if "$ref" in sub:  # "#/properties/worker/properties/resources" -> as `worker.resources`
+        return "as `" + ".".join(sub["$ref"].split("/")[2::2]) + "`"
     if "enum" in sub:
         return "one of " + ", ".join(f"`{json.dumps(v)}`" for v in sub["enum"])
     kinds = sub.get("type", "any")
@@ -59,8 +64,9 @@ def type_of(sub: Mapping[str, Any]) -> str:
 
 
 def default_of(path: str, sub: Mapping[str, Any], values: Mapping[str, Any]) -> str:
-    """The default as values.yaml sets it, in JSON; blank for an object whose keys follow."""
-    if "properties" in sub:
+    """The default as values.yaml sets it, in JSON; blank for an object whose keys follow, and for
+    the keys of a list's entries (values.yaml has no entry)."""
+    if "properties" in sub or "[]" in path:
         return ""
     value: Any = values
     for part in path.split("."):

@@ -80,11 +80,41 @@ class RunClaim:
     message: str
     attempts: int
     agent: str = "default"
+    # Resuming a paused run (its question has its answer): where it paused, the answer, and its
+    # text and tool calls so far. None: the run starts (over).
+    resume: Resume | None = None
+
+
+@dataclass(frozen=True)
+class Question:
+    """What a run asked its user: `checkpoint` is the LangGraph checkpoint it paused at."""
+
+    request: str
+    prompt: str
+    checkpoint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"request": self.request, "prompt": self.prompt, "checkpoint": self.checkpoint}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Question:
+        return cls(request=obj["request"], prompt=obj["prompt"], checkpoint=obj.get("checkpoint"))
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A paused run's answered question, and what it had said and done before asking."""
+
+    question: Question
+    answer: str
+    text: str
+    tools: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class RunInFlight:
-    """A queued or running run as Postgres has it."""
+    """A queued, running or paused run as Postgres has it: its last checkpoint (text and tool calls
+    as of `partial_seq`) and, while paused, its question."""
 
     run: str
     conversation: str
@@ -92,6 +122,8 @@ class RunInFlight:
     partial: str
     partial_seq: int | None
     partial_epoch: str | None
+    tools: tuple[dict[str, Any], ...] = ()
+    question: Question | None = None
 
 
 @dataclass(frozen=True)

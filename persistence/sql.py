@@ -23,7 +23,7 @@ RETURNING id
 """
 ACTIVE_RUNS = """
 SELECT id FROM runs
-WHERE conversation_id = $1 AND status IN ('waiting', 'queued', 'running') ORDER BY created_at
+WHERE conversation_id = $1 AND status IN ('waiting', 'queued', 'running', 'paused') ORDER BY created_at
 """
 INSERT_RUN = """
 INSERT INTO runs (id, conversation_id, user_id, message_id, status, policy, behind, supersedes)
@@ -60,15 +60,76 @@ UPDATE runs SET status = 'cancelled', updated_at = now()
 WHERE user_id = $1 AND id = $2 AND status IN ('waiting', 'queued')
 RETURNING conversation_id, message_id, discard
 """
-# A run is claimable when queued, or running under a lease that ran out (its worker died).
-CLAIM_RUN = """
+# A run is claimable when queued, or running under a lease that ran out (its worker died). One
+# whose last question has its answer resumes from the question (what it had said and done then is
+# kept with the question); any other starts over.
+_RESUMING = "(question IS NOT NULL AND answer->>'request' = question->>'request')"
+CLAIM_RUN = f"""
 UPDATE runs SET status = 'running', attempts = attempts + 1, worker = $2,
     lease_until = now() + make_interval(secs => $3), updated_at = now(), agent_version = $4,
-    partial = '', partial_seq = NULL, partial_epoch = NULL
+    partial = CASE WHEN {_RESUMING} THEN partial ELSE '' END,
+    partial_tools = CASE WHEN {_RESUMING} THEN partial_tools ELSE '[]' END,
+    partial_seq = CASE WHEN {_RESUMING} THEN partial_seq END,
+    partial_epoch = CASE WHEN {_RESUMING} THEN partial_epoch END,
+    question = CASE WHEN {_RESUMING} THEN question END,
+    answer = CASE WHEN {_RESUMING} THEN answer END
 WHERE id = $1 AND (status = 'queued' OR (status = 'running' AND lease_until < now()))
 RETURNING user_id, conversation_id, message_id, attempts,
+    (SELECT agent FROM conversations c WHERE c.id = runs.conversation_id) AS agent, question, answer
+"""
+# A run's question is stored before devices see it, so only answers to it are taken; an answer to
+# the run's question before is forgotten (the run goes on from this one).
+ASK_RUN = """
+UPDATE runs SET question = $3::jsonb, answer = NULL, updated_at = now()
+WHERE id = $1 AND worker = $2 AND status = 'running'
+RETURNING id
+"""
+# The worker holding a run that asked its user a question lets it go: paused, no lease, until the
+# answer (or the deadline). $3: the question, with the run's text and tool calls when it asked. If
+# the answer came first (a device answered as the question went out), the run stays running and
+# the worker goes on with it (the answer is returned).
+PAUSE_RUN = """
+UPDATE runs SET question = $3::jsonb, partial = $4, partial_tools = $5::jsonb, partial_seq = $6,
+    partial_epoch = $7, updated_at = now(),
+    status = CASE WHEN answer->>'request' = $3::jsonb->>'request' THEN 'running' ELSE 'paused' END,
+    lease_until = CASE WHEN answer->>'request' = $3::jsonb->>'request' THEN lease_until END,
+    paused_until = now() + make_interval(secs => $8)
+WHERE id = $1 AND worker = $2 AND status = 'running'
+RETURNING status, answer->>'text' AS answer
+"""
+# A device's answer to the run's question: the first one counts. A paused run goes back on the
+# queue; a running one (its question just went out) finds it when it pauses. The answering device
+# repeating itself changes nothing (a retry); another device's answer to a question already
+# answered, or an answer to a question the run is not asking, is refused (no row).
+ANSWER_RUN = """
+UPDATE runs SET updated_at = now(), paused_until = NULL,
+    answer = CASE WHEN answer->>'request' = $3 THEN answer
+             ELSE jsonb_build_object('request', $3::text, 'text', $4::text, 'by', $5::text) END,
+    status = CASE WHEN status = 'paused' THEN 'queued' ELSE status END
+WHERE user_id = $1 AND id = $2 AND question->>'request' = $3
+  AND (answer IS NULL OR answer->>'request' <> $3 OR answer->>'by' = $5)
+  AND status IN ('running', 'paused', 'queued')
+RETURNING status, conversation_id, answer->>'text' AS text,
     (SELECT agent FROM conversations c WHERE c.id = runs.conversation_id) AS agent
 """
+RUN_ANSWER = "SELECT status, answer FROM runs WHERE user_id = $1 AND id = $2"
+# Paused runs whose answer did not come in time, for the worker's sweep to end failed.
+EXPIRED_PAUSES = """
+SELECT id, partial, partial_tools FROM runs WHERE status = 'paused' AND paused_until < now() LIMIT $1
+"""
+# A run that asked its user a question and holds no worker: paused, or queued again with the answer.
+PAUSED_RUN = """
+SELECT id, conversation_id, partial, partial_tools, partial_seq FROM runs
+WHERE user_id = $1 AND id = $2 AND (status = 'paused' OR (status = 'queued' AND question IS NOT NULL))
+"""
+COUNT_PAUSED = "SELECT count(*) FROM runs WHERE status = 'paused'"
+# LangGraph's saved state of ended runs (the worker deletes a run's as it ends it; a run ended
+# elsewhere, cancelled while paused or expired, leaves it to this sweep).
+PRUNE_CHECKPOINTS = [
+    f"DELETE FROM {table} t USING runs r "
+    "WHERE t.thread_id = r.id AND r.status IN ('completed', 'cancelled', 'failed')"
+    for table in ("checkpoint_writes", "checkpoint_blobs", "checkpoints")
+]
 RENEW_LEASE = """
 UPDATE runs SET lease_until = now() + make_interval(secs => $3)
 WHERE id = $1 AND worker = $2 AND status = 'running' RETURNING id
@@ -91,8 +152,8 @@ FROM runs r JOIN messages u ON u.id = r.message_id WHERE r.id = $5
 DELETE_MESSAGE = "DELETE FROM messages WHERE id = $1"
 FINISH_RUN = """
 UPDATE runs SET status = $2, partial = $3, answer_message_id = $4, error_code = $5, error_message = $6,
-    prompt_tokens = $7, completion_tokens = $8, lease_until = NULL, updated_at = now()
-WHERE id = $1 AND status IN ('waiting', 'queued', 'running')
+    prompt_tokens = $7, completion_tokens = $8, lease_until = NULL, paused_until = NULL, updated_at = now()
+WHERE id = $1 AND status IN ('waiting', 'queued', 'running', 'paused')
 """
 LOCK_RUN = """
 SELECT user_id, conversation_id, message_id, status, worker, discard FROM runs WHERE id = $1 FOR UPDATE
@@ -101,7 +162,7 @@ SELECT user_id, conversation_id, message_id, status, worker, discard FROM runs W
 PROMOTE_NEXT = """
 UPDATE runs SET status = 'queued', updated_at = now()
 WHERE id = (SELECT id FROM runs WHERE conversation_id = $1 AND status = 'waiting' ORDER BY created_at LIMIT 1)
-  AND NOT EXISTS (SELECT 1 FROM runs WHERE conversation_id = $1 AND status IN ('queued', 'running'))
+  AND NOT EXISTS (SELECT 1 FROM runs WHERE conversation_id = $1 AND status IN ('queued', 'running', 'paused'))
 RETURNING id, user_id, (SELECT agent FROM conversations c WHERE c.id = runs.conversation_id) AS agent
 """
 LOCK_CONVERSATION_BY_ID = "SELECT id FROM conversations WHERE id = $1 FOR UPDATE"
@@ -110,12 +171,13 @@ STRANDED_CONVERSATIONS = """
 SELECT DISTINCT w.conversation_id FROM runs w
 WHERE w.status = 'waiting' AND w.updated_at < now() - make_interval(secs => $1)
   AND NOT EXISTS (SELECT 1 FROM runs a WHERE a.conversation_id = w.conversation_id
-                  AND a.status IN ('queued', 'running'))
+                  AND a.status IN ('queued', 'running', 'paused'))
 LIMIT $2
 """
 SET_TERMINAL_SEQ = "UPDATE runs SET terminal_seq = $2 WHERE id = $1"
 SAVE_PARTIAL = """
-UPDATE runs SET partial = $2, partial_seq = $3, partial_epoch = $4 WHERE id = $1 AND status = 'running'
+UPDATE runs SET partial = $2, partial_seq = $3, partial_epoch = $4, partial_tools = $5::jsonb
+WHERE id = $1 AND status = 'running'
 """
 # Every run not yet ended counts: waiting, queued or running (index runs_user_status).
 COUNT_RUNS_IN_FLIGHT = """
@@ -124,8 +186,8 @@ SELECT (SELECT count(*) FROM runs
        EXISTS (SELECT 1 FROM messages WHERE user_id = $1 AND client_id = $2) AS seen
 """
 RUNS_IN_FLIGHT = """
-SELECT id, conversation_id, status, partial, partial_seq, partial_epoch FROM runs
-WHERE user_id = $1 AND status IN ('queued', 'running') ORDER BY created_at
+SELECT id, conversation_id, status, partial, partial_seq, partial_epoch, partial_tools, question FROM runs
+WHERE user_id = $1 AND status IN ('queued', 'running', 'paused') ORDER BY created_at
 """
 # Runs whose job may have been lost: queued for a while, or running on an expired lease.
 STALE_RUNS = """
@@ -144,7 +206,7 @@ ADMIN_RUNS_IN_FLIGHT = """
 SELECT id, user_id, conversation_id, status, worker, attempts, lease_until, created_at,
     extract(epoch FROM now() - created_at)::float8 AS age_s
 FROM runs
-WHERE status IN ('waiting', 'queued', 'running') AND ($1::text IS NULL OR user_id = $1)
+WHERE status IN ('waiting', 'queued', 'running', 'paused') AND ($1::text IS NULL OR user_id = $1)
 ORDER BY created_at LIMIT $2
 """
 RUN_STATUSES = "SELECT id, status, error_code FROM runs WHERE id = ANY($1::text[])"

@@ -15,10 +15,22 @@ import orjson
 
 from common.backoff import delays_s
 from persistence import sql
-from persistence.records import Conversation, Finished, Message, RunClaim, RunInFlight, RunView, SendRecord
+from persistence.records import (
+    Conversation,
+    Finished,
+    Message,
+    Question,
+    Resume,
+    RunClaim,
+    RunInFlight,
+    RunView,
+    SendRecord,
+)
 from protocol.vocabulary import DoubleTexting, RunStatus
 
 log = logging.getLogger(__name__)
+
+IN_FLIGHT = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.PAUSED)  # what finish_run may end
 
 # asyncpg raises these when Postgres is down, restarting or unreachable.
 # asyncpg's per-query timeout; an operation (connection, queries, release) gets a little more.
@@ -225,8 +237,78 @@ class Store:
             row = await conn.fetchrow(sql.CLAIM_RUN, run, worker, float(lease_s), version)
         if row is None:
             return None
+        resume = None
+        if row["question"] is not None and row["answer"] is not None:
+            # What it had said and done when it asked (kept with the question: `partial` moves on
+            # with the checkpoints of an attempt that went on after the answer and then died).
+            asked = orjson.loads(row["question"])
+            answer = str(orjson.loads(row["answer"])["text"])
+            resume = Resume(question=Question.from_json(asked), answer=answer,
+                            text=str(asked.get("text", "")), tools=list(asked.get("tools", [])))
         return RunClaim(run=run, user=row["user_id"], conversation=row["conversation_id"],
-                        message=row["message_id"], attempts=row["attempts"], agent=row["agent"])
+                        message=row["message_id"], attempts=row["attempts"], agent=row["agent"],
+                        resume=resume)
+
+    async def ask_run(self, run: str, *, worker: str, question: Question, text: str,
+                      tools: list[dict[str, Any]]) -> bool:
+        """Record the question `worker`'s run asks its user (before devices are told), with what
+        it had said and done by then; False when the worker no longer holds the run."""
+        asked = orjson.dumps({**question.to_json(), "text": text, "tools": tools}).decode()
+        async with self._conn() as conn:
+            return await conn.fetchval(sql.ASK_RUN, run, worker, asked) is not None
+
+    async def pause_run(self, run: str, *, worker: str, question: Question, text: str,
+                        tools: list[dict[str, Any]], seq: int | None, epoch: str, timeout_s: float
+                        ) -> tuple[bool, str | None]:
+        """Let `worker`'s run wait for its user's answer to `question` (paused, no lease) until
+        `timeout_s` from now, saving its text and tool calls so far (as of `seq`). Returns (held,
+        answer): held False when the worker no longer holds the run; an answer when it had come
+        already (the run then stays running, with this worker)."""
+        async with self._conn() as conn:
+            asked = orjson.dumps({**question.to_json(), "text": text, "tools": tools}).decode()
+            row = await conn.fetchrow(sql.PAUSE_RUN, run, worker, asked, text, orjson.dumps(tools).decode(),
+                                      seq, epoch or None, float(timeout_s))
+        if row is None:
+            return False, None
+        return True, row["answer"] if row["status"] == RunStatus.RUNNING else None
+
+    async def answer_run(self, user: str, run: str, request: str, text: str, *, device: str
+                         ) -> asyncpg.Record | str | None:
+        """Record `device`'s answer to a run's question, if it is the first (or `device` repeats
+        itself): (status, conversation_id, text, agent) after it, `text` the answer that counts and
+        status `queued` when the run was paused on it (queue its job). Else the device whose answer
+        counts (str), or None when the run waits on no such question (ended, or another one)."""
+        async with self._conn() as conn:
+            row = await conn.fetchrow(sql.ANSWER_RUN, user, run, request, text, device)
+            if row is not None:
+                return row
+            state = await conn.fetchrow(sql.RUN_ANSWER, user, run)
+        answer = orjson.loads(state["answer"]) if state is not None and state["answer"] else None
+        if answer is not None and answer["request"] == request:
+            return str(answer.get("by") or "another device")
+        return None
+
+    async def paused_run(self, user: str, run: str) -> asyncpg.Record | None:
+        """The user's run if it asked a question and holds no worker (paused, or queued again with
+        its answer): id, conversation_id, partial, partial_tools, partial_seq."""
+        async with self._conn() as conn:
+            return await conn.fetchrow(sql.PAUSED_RUN, user, run)
+
+    async def count_paused(self) -> int:
+        """How many runs wait for their user's answer now (all users')."""
+        async with self._conn() as conn:
+            return int(await conn.fetchval(sql.COUNT_PAUSED))
+
+    async def expired_pauses(self, *, limit: int = 100) -> list[asyncpg.Record]:
+        """Paused runs past their answer's deadline: id, partial, partial_tools."""
+        async with self._conn() as conn:
+            return list(await conn.fetch(sql.EXPIRED_PAUSES, limit))
+
+    async def prune_checkpoints(self) -> None:
+        """Delete LangGraph's saved state of runs that ended."""
+        async with self._conn() as conn:
+            for statement in sql.PRUNE_CHECKPOINTS:
+                await conn.execute(statement)
 
     async def renew_lease(self, run: str, *, worker: str, lease_s: float) -> bool:
         async with self._conn() as conn:
@@ -253,7 +335,7 @@ class Store:
         the endpoint reported them. None when it was not ended here."""
         async with self._conn() as conn, conn.transaction():
             state = await conn.fetchrow(sql.LOCK_RUN, run)
-            if state is None or state["status"] not in (RunStatus.QUEUED, RunStatus.RUNNING):
+            if state is None or state["status"] not in IN_FLIGHT:
                 return None
             if worker is not None and state["worker"] != worker:
                 return None
@@ -274,10 +356,11 @@ class Store:
         async with self._conn() as conn:
             await conn.execute(sql.SET_TERMINAL_SEQ, run, seq)
 
-    async def save_partial(self, run: str, text: str, seq: int, epoch: str) -> None:
-        """Checkpoint a running run's answer so far, as of `seq` in history `epoch`."""
+    async def save_partial(self, run: str, text: str, seq: int, epoch: str,
+                           tools: list[dict[str, Any]] | None = None) -> None:
+        """Checkpoint a running run's answer (and tool calls) so far, as of `seq` in history `epoch`."""
         async with self._conn() as conn:
-            await conn.execute(sql.SAVE_PARTIAL, run, text, seq, epoch)
+            await conn.execute(sql.SAVE_PARTIAL, run, text, seq, epoch, orjson.dumps(tools or []).decode())
 
     async def count_runs_in_flight(self, user: str, client_id: str) -> tuple[int, bool]:
         """The user's runs not yet ended, and whether `client_id` was already sent."""
@@ -290,7 +373,9 @@ class Store:
             rows = await conn.fetch(sql.RUNS_IN_FLIGHT, user)
         return [
             RunInFlight(run=r["id"], conversation=r["conversation_id"], status=r["status"],
-                        partial=r["partial"], partial_seq=r["partial_seq"], partial_epoch=r["partial_epoch"])
+                        partial=r["partial"], partial_seq=r["partial_seq"], partial_epoch=r["partial_epoch"],
+                        tools=tuple(orjson.loads(r["partial_tools"])),
+                        question=Question.from_json(orjson.loads(r["question"])) if r["question"] else None)
             for r in rows
         ]
 

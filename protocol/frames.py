@@ -92,13 +92,37 @@ class Reconnect(Frame):
 
 
 @dataclass(frozen=True)
+class PendingInput:
+    """The question a paused run asked (its `run.input_required`), for `respond`."""
+
+    request: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class ToolCallState:
+    """One tool call of a run so far: started (`done` false) or ended (`summary`, or `error`)."""
+
+    call: str
+    name: str
+    arguments: dict[str, Any]
+    done: bool
+    summary: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class RunSnapshot:
-    """One run in flight as every device shows it at the snapshot's seq."""
+    """One run in flight as every device shows it at the snapshot's seq: its text, its tool calls
+    so far and, while it is `paused`, the question it waits on (so a device that just connected
+    can answer it)."""
 
     run: str
     conversation: str
     status: RunStatus
     text: str
+    input: PendingInput | None = None
+    tools: tuple[ToolCallState, ...] = ()
 
 
 @dataclass(frozen=True)

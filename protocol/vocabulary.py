@@ -54,11 +54,13 @@ class Event(enum.StrEnum):
 
 class RunStatus(enum.StrEnum):
     """A run's status as stored (and shown in snapshots). `waiting`: behind another run of its
-    conversation; `queued`: on the run queue; `running`: a worker holds it."""
+    conversation; `queued`: on the run queue; `running`: a worker holds it; `paused`: it asked
+    its user a question and waits for the answer, holding no worker."""
 
     WAITING = "waiting"
     QUEUED = "queued"
     RUNNING = "running"
+    PAUSED = "paused"
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"

@@ -4,8 +4,9 @@
                        \\--(a run in flight)--> waiting --(its predecessor ends)--> start_next
     cancel: fence the run's events; a run no worker took is ended here, a running one by its
             worker when the fence stops it
-    respond (human in the loop): the first answer from any device is told to every device,
-            then handed to the run's worker (`wait_answer`)
+    respond (human in the loop): a run that asked its user a question is `paused` in Postgres,
+            holding no worker; the first answer from any device is told to every device, stored,
+            and queues the run again: any worker resumes it from LangGraph's checkpoint
 
 Every step is idempotent under its id (the client's send id, the run id, the question's id):
 each event is published under a producer id of its own, so a step retried after any failure
@@ -21,14 +22,13 @@ Errors for the caller to translate (the node into `error` frames):
     runs.agents.UnknownAgent     a send that starts a conversation names an agent no worker serves
     runs.agents.AgentUnavailable a send to an agent none of whose workers is alive
     RunEnded                     cancelling a run that already ended
-    NotWaiting                   answering a run that is not running
+    NotWaiting                   answering a run that waits on no question
     AlreadyAnswered              another device answered that question first
     fanout.broker.Fenced         the run was cancelled (answering it)
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import time
@@ -55,7 +55,7 @@ from protocol.events import (
 )
 from protocol.vocabulary import ENDED, DoubleTexting, RunStatus
 from runs.agents import DEFAULT, AgentDirectory, AgentUnavailable, UnknownAgent
-from runs.queue import Answer, Backlog, Job, RunQueue
+from runs.queue import Backlog, Job, RunQueue
 
 
 class TooManyRuns(Exception):
@@ -120,7 +120,6 @@ class Runs:
     broker: Broker
     queue: RunQueue
     store_retry_s: float = 600.0  # how long ending a run waits for Postgres to come back
-    answer_ttl_s: int = 86_400
     agents: AgentDirectory | None = None  # checks the agent a new conversation names
     max_in_flight: int = 0  # runs not yet ended per user; 0: no limit
     max_queue_depth: int = 0  # runs waiting for a worker before new sends are refused; 0: no limit
@@ -150,11 +149,7 @@ class Runs:
         backlog = await self._admit(user, client_id)
         pool = DEFAULT
         if self.agents is not None:
-            # Routed before anything is stored: an agent no worker serves refuses the send.
-            name = agent or DEFAULT
-            if conversation is not None:
-                name = await self.store.conversation_agent(user, conversation)
-            pool = await self._route(name, strict=True)
+            pool = await self._route_send(user, client_id, conversation, agent)
         client_id = client_id or new_id("s")
         record = await self.store.accept_send(user, client_id=client_id, conversation=conversation, text=text,
                                               device=device, agent=agent or DEFAULT, policy=policy)
@@ -166,6 +161,25 @@ class Runs:
         await self._double_text(user, device, record, backlog, pool)
         await self.store.set_message_seq(user, record.message, published.seq)
         return record, published.seq
+
+    async def _route_send(self, user: str, client_id: str | None, conversation: str | None,
+                          agent: str | None) -> str:
+        """The pool of a send's run, chosen before anything is stored: a send to an agent with no
+        live worker is refused (`AgentUnavailable`), unless it repeats one already stored (its
+        client gets its ack). A conversation's agent that no worker advertises any more (all its
+        workers gone for longer than the directory keeps them) is unavailable too, not unknown."""
+        assert self.agents is not None
+        name = agent or DEFAULT
+        if conversation is not None:
+            name = await self.store.conversation_agent(user, conversation)
+        try:
+            return await self._route(name, strict=True)
+        except (UnknownAgent, AgentUnavailable) as exc:
+            if client_id and (await self.store.count_runs_in_flight(user, client_id))[1]:
+                return name  # a retry: accept_send returns what was stored, nothing is queued
+            if conversation is not None and isinstance(exc, UnknownAgent):
+                raise AgentUnavailable(name) from None
+            raise
 
     async def _admit(self, user: str, client_id: str | None) -> Backlog | None:
         """Refuse a new send that would start one run more than `max_in_flight` runs not yet ended
@@ -246,10 +260,24 @@ class Runs:
         """Fence the run so no later event of it gets a seq; a run no worker took yet is ended here
         (and the next one started), a running one by its worker when the fence stops it."""
         await self.broker.fence(user, run)
-        cancelled = await self.store.cancel_queued_run(user, run)
-        if cancelled is not None:
-            ending = Ending(RunStatus.CANCELLED, text="", message=None, discarded=cancelled["discard"], by=by)
-            await self.end(user, cancelled["conversation_id"], run, ending)
+        paused = await self.store.paused_run(user, run)
+        if paused is None:
+            cancelled = await self.store.cancel_queued_run(user, run)
+            if cancelled is not None:
+                ending = Ending(RunStatus.CANCELLED, text="", message=None, discarded=cancelled["discard"],
+                                by=by)
+                await self.end(user, cancelled["conversation_id"], run, ending)
+        else:
+            # No worker holds it: it ends here, keeping what it said before it asked. (A worker
+            # pausing it, or taking it, right now is stopped by the fence: one end wins.)
+            text, tools = paused["partial"], orjson.loads(paused["partial_tools"])
+            finished = await self.store.finish_run(run, status=RunStatus.CANCELLED, text=text, worker=None,
+                                                   tools=tools)
+            if finished is not None:
+                ending = Ending(RunStatus.CANCELLED, text="" if finished.discarded else text,
+                                message=finished.message, discarded=finished.discarded, by=by,
+                                stopped_at=paused["partial_seq"])
+                await self.end(user, paused["conversation_id"], run, ending)
 
     async def end(self, user: str, conversation: str, run: str, ending: Ending) -> None:
         """Publish a run's one end event (its end is already stored), then start the conversation's
@@ -328,31 +356,21 @@ class Runs:
         who answered (`run.input_received`) before the worker gets it. Repeating one's own answer
         (a retry) is harmless: the event is deduped and the worker takes one answer per question."""
         row = await self.store.get_run(user, run)
-        if row["status"] != RunStatus.RUNNING:
+        if row["status"] not in (RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.QUEUED):
             raise NotWaiting(run, row["status"])
-        by = await self.queue.first_answer(user, run, request, device=device, ttl_s=self.answer_ttl_s)
-        if by != device:
-            raise AlreadyAnswered(by)
-        received = RunInputReceived(request=request, text=text, by=device)
+        # Postgres decides which answer counts (the first), and holds it for whichever worker resumes
+        # the run; a run still running (its question just went out) finds it as its worker pauses it.
+        answered = await self.store.answer_run(user, run, request, text, device=device)
+        if isinstance(answered, str):
+            raise AlreadyAnswered(answered)
+        if answered is None:
+            raise NotWaiting(run, f"{row['status']} and not waiting on {request}")
+        received = RunInputReceived(request=request, text=answered["text"], by=device)
         await self.publish(user, row["conversation_id"], run, received, producer=f"run:{run}:input:{request}",
                            fenced=True)
-        await self.queue.put_answer(user, run, Answer(request=request, text=text), ttl_s=self.answer_ttl_s)
-
-    async def wait_answer(self, user: str, run: str, request: str, *, timeout_s: float) -> str | None:
-        """The first device's answer to `request`, or None after `timeout_s`. A cancel still stops
-        the run while it waits (`Fenced`)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
-            wait_s = min(1.0, max(0.01, deadline - loop.time()))
-            answer = await self.queue.next_answer(user, run, timeout_s=wait_s)
-            if answer is not None:
-                if answer.request == request:
-                    return answer.text
-                continue  # an answer to an earlier question of this run, repeated
-            if await self.broker.is_fenced(user, run):
-                raise Fenced(run)
-        return None
+        if answered["status"] == RunStatus.QUEUED:  # after the devices were told
+            await self.enqueue(Job(run=run, user=user, conversation=answered["conversation_id"]),
+                               answered["agent"])
 
 
 def compact_json(frame: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""`RunQueue`: how runs reach workers, and how a device's answer reaches a paused run.
+"""`RunQueue`: how runs reach workers.
 
 The queue only delivers, at least once; a run's Postgres row is the truth (a worker claims it
 with a lease before doing anything, so a second delivery is harmless). The shape follows
@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-import orjson
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
@@ -97,12 +96,6 @@ class Backlog:
     taken: int = 0  # jobs taken by workers and not acked yet (runs in progress, or of dead workers)
 
 
-@dataclass(frozen=True)
-class Answer:
-    """A device's answer to a paused run's question (human in the loop)."""
-
-    request: str
-    text: str
 
 
 class RunQueue(Protocol):
@@ -152,20 +145,11 @@ class RunQueue(Protocol):
         """The first `limit` jobs of `pool` waiting for a worker, the next one first, with the
         seconds each has waited."""
 
-    async def first_answer(self, user: str, run: str, request: str, *, device: str, ttl_s: int) -> str:
-        """Record `device` as answering `request` unless a device did already; returns the
-        device whose answer counts (the first)."""
 
-    async def put_answer(self, user: str, run: str, answer: Answer, *, ttl_s: int) -> None:
-        """Hand `answer` to the run's worker (after `first_answer` chose it)."""
-
-    async def next_answer(self, user: str, run: str, *, timeout_s: float) -> Answer | None:
-        """The next answer handed to `run`, waiting up to `timeout_s`."""
 
 
 class RedisRunQueue:
-    """A Redis Stream per pool, read by the consumer group of the workers serving it; answers in a
-    list per run."""
+    """A Redis Stream per pool, read by the consumer group of the workers serving it."""
 
     def __init__(self, redis: Redis, keys: Keys, pools: Sequence[str] = ()) -> None:
         self.redis = redis
@@ -324,27 +308,7 @@ class RedisRunQueue:
     async def drop_dead_letter(self, entry: str) -> bool:
         return bool(await self.redis.xdel(self.keys.runs_dead, entry))
 
-    async def first_answer(self, user: str, run: str, request: str, *, device: str, ttl_s: int) -> str:
-        answered = self.keys.answered(user, run)
-        by = device
-        if not await self.redis.hsetnx(answered, request, device):
-            by = await self.redis.hget(answered, request) or device  # type: ignore[assignment]
-        await self.redis.expire(answered, ttl_s)
-        return by
 
-    async def put_answer(self, user: str, run: str, answer: Answer, *, ttl_s: int) -> None:
-        answers = self.keys.answers(user, run)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(answers, orjson.dumps({"request": answer.request, "text": answer.text}))
-            pipe.expire(answers, ttl_s)
-            await pipe.execute()
-
-    async def next_answer(self, user: str, run: str, *, timeout_s: float) -> Answer | None:
-        popped = await self.redis.blpop([self.keys.answers(user, run)], timeout=timeout_s)
-        if popped is None:
-            return None
-        answer = orjson.loads(popped[1])
-        return Answer(request=str(answer["request"]), text=str(answer["text"]))
 
 
 def _dead_letter(entry: str | bytes, fields: dict[str, str]) -> DeadLetter:
@@ -373,8 +337,6 @@ class MemoryRunQueue:
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
     _enqueued: dict[str, float] = field(default_factory=dict)  # entry -> monotonic time queued
-    _answered: dict[tuple[str, str, str], str] = field(default_factory=dict)
-    _answers: dict[tuple[str, str], asyncio.Queue[Answer]] = field(default_factory=dict)
 
     async def create(self) -> None:
         return None
@@ -459,19 +421,3 @@ class MemoryRunQueue:
         before = len(self.dead)
         self.dead[:] = [d for d in self.dead if d.entry != entry]
         return len(self.dead) < before
-
-    async def first_answer(self, user: str, run: str, request: str, *, device: str, ttl_s: int) -> str:
-        return self._answered.setdefault((user, run, request), device)
-
-    async def put_answer(self, user: str, run: str, answer: Answer, *, ttl_s: int) -> None:
-        self._mailbox(user, run).put_nowait(answer)
-
-    async def next_answer(self, user: str, run: str, *, timeout_s: float) -> Answer | None:
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self._mailbox(user, run).get()
-        except TimeoutError:
-            return None
-
-    def _mailbox(self, user: str, run: str) -> asyncio.Queue[Answer]:
-        return self._answers.setdefault((user, run), asyncio.Queue())

@@ -100,6 +100,15 @@ def worker_deployment(objects: list[Manifest]) -> Manifest:
     return one(objects, "Deployment", f"{RELEASE}-chorus-worker")
 
 
+def worker_deployments(objects: list[Manifest]) -> list[Manifest]:
+    """The default worker's Deployment and every pool's (`workerPools`)."""
+    return [d for d in find(objects, "Deployment") if container(d)["name"] == "agent-worker"]
+
+
+def pool_count(case: str) -> int:
+    return len(load_values(case).get("workerPools", []))
+
+
 def container(workload: Manifest) -> Manifest:
     containers = workload["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
@@ -146,7 +155,7 @@ def test_lint_strict_passes(case: str, kube_version: str) -> None:
 
 
 def test_values_files_exist() -> None:
-    assert {"minimal", "production"} <= {path.stem for path in VALUES_FILES}
+    assert {"minimal", "production", "pools"} <= {path.stem for path in VALUES_FILES}
 
 
 # --- Kubernetes schema validation ----------------------------------------------------------
@@ -381,9 +390,10 @@ def test_node_drains_within_grace_period(rendered: dict[str, list[Manifest]], ca
 @pytest.mark.parametrize("case", CASES)
 def test_worker_drains_within_grace_period(rendered: dict[str, list[Manifest]], case: str) -> None:
     objects = rendered[case]
-    worker = worker_deployment(objects)
-    drain_s = int(config_data(objects, worker)["WORKER_DRAIN_SECONDS"])
-    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain_s
+    assert len(worker_deployments(objects)) == 1 + pool_count(case)
+    for worker in worker_deployments(objects):
+        drain_s = int(config_data(objects, worker)["WORKER_DRAIN_SECONDS"])
+        assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain_s
 
 
 # --- containers -----------------------------------------------------------------------------
@@ -452,10 +462,16 @@ def test_every_env_name_the_chart_sets_is_read_by_its_component(
     for workload in workloads(objects):
         ctr = container(workload)
         names = {env["name"] for env in ctr.get("env", [])}
+        read: set[str] = set()
         for source in ctr.get("envFrom", []):
-            names |= one(objects, "ConfigMap", source["configMapRef"]["name"])["data"].keys()
+            data = one(objects, "ConfigMap", source["configMapRef"]["name"])["data"]
+            names |= data.keys()
+            # An agent's key is read from the variable its `api_key_env` names.
+            read |= {agent["api_key_env"] for agent in json.loads(data.get("AGENTS_JSON", "[]"))
+                     if "api_key_env" in agent}
         component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
-        unread = names - names_read_by(component)
+        component = component.removesuffix("-pool")  # a worker pool runs the agent worker too
+        unread = names - names_read_by(component) - read
         name = workload["metadata"]["name"]
         assert unread == set(), f"{name} sets {sorted(unread)}, which {component} never reads"
 
@@ -514,7 +530,7 @@ def test_nothing_depends_on_metrics_by_default(rendered: dict[str, list[Manifest
 
 @pytest.mark.parametrize("case", CASES)
 def test_probes_use_internal_port(rendered: dict[str, list[Manifest]], case: str) -> None:
-    for workload in (node_deployment(rendered[case]), worker_deployment(rendered[case])):
+    for workload in (node_deployment(rendered[case]), *worker_deployments(rendered[case])):
         ctr = container(workload)
         assert ctr["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "internal"}
         assert ctr["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "internal"}
@@ -523,7 +539,8 @@ def test_probes_use_internal_port(rendered: dict[str, list[Manifest]], case: str
 @pytest.mark.parametrize("case", CASES)
 def test_security_contexts_and_resources(rendered: dict[str, list[Manifest]], case: str) -> None:
     objects = rendered[case]
-    assert len(workloads(objects)) == 3  # ws-node, agent-worker, migration Job
+    # ws-node, agent-worker, migration Job, and a worker Deployment per pool
+    assert len(workloads(objects)) == 3 + pool_count(case)
     for workload in workloads(objects):
         pod = workload["spec"]["template"]["spec"]
         name = workload["metadata"]["name"]
@@ -771,6 +788,217 @@ def test_network_policy_public_port_open_to_all_by_default(chart: helm.Chart) ->
     assert "from" not in public
 
 
+# --- agent pools -----------------------------------------------------------------------------
+# tests/helm_values/pools.yaml: the default worker serves `default,writer@1`; the pool `researchers`
+# (its own concurrency, drain, resources, env, Secret key, HPA) the researcher; `writer-canary`
+# (one pod, no budget) writer@2; NetworkPolicies on. Every generic test above runs on it too
+# (kubernetes-validate, lint, env names, probes, security contexts).
+
+POOLS = {"researchers": f"{RELEASE}-chorus-worker-researchers", "writer-canary": f"{RELEASE}-chorus-worker-writer-canary"}
+
+
+def pods_selected(objects: list[Manifest], selector: dict[str, str]) -> list[str]:
+    """The Deployments whose pods carry every label of `selector`."""
+    return sorted(d["metadata"]["name"] for d in find(objects, "Deployment")
+                  if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items())
+
+
+def test_each_pool_is_a_worker_deployment_serving_its_agents(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["pools"]
+    workers = {d["metadata"]["name"]: d for d in worker_deployments(objects)}
+    assert set(workers) == {f"{RELEASE}-chorus-worker", *POOLS.values()}
+    serves = {name: config_data(objects, d).get("WORKER_AGENTS") for name, d in workers.items()}
+    assert serves == {f"{RELEASE}-chorus-worker": "default,writer@1", POOLS["researchers"]: "researcher",
+                      POOLS["writer-canary"]: "writer@2"}
+    # Nothing set for a worker serving every agent: its ConfigMap is what it was before pools.
+    assert "WORKER_AGENTS" not in config_data(rendered["production"], worker_deployment(rendered["production"]))
+    for name, deployment in workers.items():
+        assert container(deployment)["command"] == ["python", "-m", "agent_worker"]
+        assert container(deployment)["envFrom"] == [{"configMapRef": {"name": name}}]
+
+    # A pool inherits what it does not set (AGENTS_JSON: every worker needs every agent's entry) ...
+    configs = {name: config_data(objects, d) for name, d in workers.items()}
+    assert len({config["AGENTS_JSON"] for config in configs.values()}) == 1
+    assert {config["LLM_MODEL"] for config in configs.values()} == {"gpt-4o-mini"}
+    # ... and what it sets is its own; maps merge key by key, 0/false/null included.
+    researchers, canary = configs[POOLS["researchers"]], configs[POOLS["writer-canary"]]
+    assert (researchers["WORKER_CONCURRENCY"], researchers["WORKER_DRAIN_SECONDS"]) == ("4", "120")
+    assert researchers["LLM_TIMEOUT_SECONDS"] == "300" and "LLM_TIMEOUT_SECONDS" not in canary
+    assert (canary["WORKER_CONCURRENCY"], canary["WORKER_DRAIN_SECONDS"]) == ("8", "30")
+    research = workers[POOLS["researchers"]]
+    assert container(research)["resources"] == {"requests": {"cpu": "500m", "memory": "384Mi"},
+                                                 "limits": {"cpu": "1", "memory": "1Gi"}}
+    assert research["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 150
+    assert secret_refs(container(research))["RESEARCHER_LLM_KEY"] == ("chorus-credentials", "researcher-llm-key")
+    assert "RESEARCHER_LLM_KEY" not in secret_refs(container(workers[POOLS["writer-canary"]]))
+    assert "replicas" not in research["spec"]  # its HPA owns the count
+    assert workers[POOLS["writer-canary"]]["spec"]["replicas"] == 1
+    assert workers[f"{RELEASE}-chorus-worker"]["spec"]["replicas"] == 2
+
+
+def test_pool_selectors_never_select_another_workers_pods(rendered: dict[str, list[Manifest]]) -> None:
+    """A Deployment's selector is immutable and the default worker's predates pools: pool pods must
+    fall outside it, and outside each other's, or the default worker's budget, metrics Service and
+    NetworkPolicy would count them (and two Deployments would fight over pods)."""
+    objects = rendered["pools"]
+    for deployment in find(objects, "Deployment"):
+        name = deployment["metadata"]["name"]
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items(), name
+        assert pods_selected(objects, selector) == [name]
+    pool_selector = worker_deployments(objects)[1]["spec"]["selector"]["matchLabels"]
+    assert pool_selector["app.kubernetes.io/component"] == "agent-worker-pool"
+    assert pool_selector["chorus/worker-pool"] in POOLS
+
+    selecting = {"PodDisruptionBudget": lambda o: o["spec"]["selector"]["matchLabels"],
+                 "Service": lambda o: o["spec"]["selector"],
+                 "NetworkPolicy": lambda o: o["spec"]["podSelector"]["matchLabels"]}
+    for kind, selector_of in selecting.items():
+        for obj in find(objects, kind):
+            name = obj["metadata"]["name"]
+            # Each selects the pods of the Deployment of its name (the public Service: the nodes').
+            own = {f"{RELEASE}-chorus": f"{RELEASE}-chorus-ws-node"}.get(name, name.removesuffix("-internal"))
+            assert pods_selected(objects, selector_of(obj)) == [own], (kind, name)
+    budgets = {pdb["metadata"]["name"] for pdb in find(objects, "PodDisruptionBudget")}
+    assert budgets == {f"{RELEASE}-chorus-worker", POOLS["researchers"]}  # the canary turned its off
+    policies = {np["metadata"]["name"]: np["spec"] for np in find(objects, "NetworkPolicy")}
+    assert set(policies) == {f"{RELEASE}-chorus-ws-node", f"{RELEASE}-chorus-worker", *POOLS.values()}
+    for name in POOLS.values():  # a pool's workers reach the LLM, like the default worker's
+        assert policies[name]["egress"] == policies[f"{RELEASE}-chorus-worker"]["egress"]
+
+
+def test_pool_autoscaler_scales_on_its_own_runs(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["pools"]
+    (hpa,) = find(objects, "HorizontalPodAutoscaler")
+    assert hpa["metadata"]["name"] == hpa["spec"]["scaleTargetRef"]["name"] == POOLS["researchers"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 8)
+    (external,) = [m["external"] for m in hpa["spec"]["metrics"] if m["type"] == "External"]
+    # Each pool's workers report their own pools' queue: the pool's series, by its metrics Service.
+    internal = f"{POOLS['researchers']}-internal"
+    assert external["metric"]["selector"] == {"matchLabels": {"service": internal}}
+    assert one(objects, "Service", internal)["metadata"]["labels"]["chorus/scrape"] == "true"
+    assert external["target"] == {"type": "AverageValue", "averageValue": "3"}
+
+
+def test_pools_are_scraped_and_alerted_on(chart: helm.Chart) -> None:
+    values = {**load_values("pools"), "serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
+    objects = render(chart, values)
+    (monitor,) = find(objects, "ServiceMonitor")
+    wanted = monitor["spec"]["selector"]["matchLabels"].items()
+    scraped = {svc["metadata"]["name"] for svc in find(objects, "Service") if wanted <= svc["metadata"]["labels"].items()}
+    workers = {f"{RELEASE}-chorus-worker-internal", *(f"{name}-internal" for name in POOLS.values())}
+    assert scraped == {f"{RELEASE}-chorus-ws-node-internal", *workers}
+    (rule,) = find(objects, "PrometheusRule")
+    exprs = "\n".join(r["expr"] for group in rule["spec"]["groups"] for r in group["rules"])
+    # The worker alerts' job regex selects every worker's Service; the per-process alerts' every one.
+    jobs = set(re.findall(r'job=~"([^"]+)"', exprs))
+    selected = {frozenset(name for name in scraped if re.fullmatch(job, name)) for job in jobs}
+    assert selected == {frozenset(workers), frozenset(scraped)}
+
+
+def test_pools_leave_the_default_worker_alone(chart: helm.Chart) -> None:
+    """Adding a pool, or changing one, neither changes nor restarts the default worker (its
+    objects, checksum included, render as without pools); a pool's own checksum follows its config."""
+    base = load_values("production")
+
+    def worker_objects(values: dict[str, Any]) -> list[Manifest]:
+        return [o for o in render(chart, values)
+                if o["metadata"]["labels"].get("app.kubernetes.io/component") == "agent-worker"]
+
+    def checksums(values: dict[str, Any]) -> dict[str, str]:
+        return {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+                for d in worker_deployments(render(chart, values))}
+
+    pool = {"name": "researchers", "agents": "researcher"}
+    with_pool = {**base, "workerPools": [pool]}
+    assert worker_objects(with_pool) == worker_objects(base)
+    before = checksums(with_pool)
+    after = checksums({**base, "workerPools": [{**pool, "concurrency": 2}]})
+    assert after[f"{RELEASE}-chorus-worker"] == before[f"{RELEASE}-chorus-worker"]
+    assert after[POOLS["researchers"]] != before[POOLS["researchers"]]
+    # worker.* is every pool's default: changing it rolls the pools that inherit it.
+    changed = checksums({**with_pool, "worker": {**base["worker"], "concurrency": 12}})
+    assert all(changed[name] != before[name] for name in before)
+
+
+def test_a_pool_may_say_zero_false_and_null(chart: helm.Chart) -> None:
+    # sprig's merge would keep the worker's value for 0, false and null; the chart's overlay does not.
+    values = {"worker": {"podDisruptionBudget": {"enabled": True, "minAvailable": 1, "maxUnavailable": None},
+                         "nodeSelector": {"pool": "general"}},
+              "workerPools": [{"name": "idle", "agents": "default", "replicas": 0,
+                               "podDisruptionBudget": {"minAvailable": None, "maxUnavailable": 1},
+                               "nodeSelector": {"gpu": "true"}}]}
+    objects = render(chart, values)
+    idle = one(objects, "Deployment", f"{RELEASE}-chorus-worker-idle")
+    assert idle["spec"]["replicas"] == 0
+    assert idle["spec"]["template"]["spec"]["nodeSelector"] == {"gpu": "true"}  # replaced, not merged
+    budget = one(objects, "PodDisruptionBudget", f"{RELEASE}-chorus-worker-idle")["spec"]
+    assert budget["maxUnavailable"] == 1 and "minAvailable" not in budget
+
+
+def test_the_default_worker_can_be_left_out(chart: helm.Chart) -> None:
+    values = {"worker": {"enabled": False, "autoscaling": {"enabled": True}},
+              "workerPools": [{"name": "all", "agents": "default"}], "prometheusRule": {"enabled": True}}
+    objects = render(chart, values)
+    assert [d["metadata"]["name"] for d in worker_deployments(objects)] == [f"{RELEASE}-chorus-worker-all"]
+    assert not [o for o in objects if o["metadata"]["name"] in (f"{RELEASE}-chorus-worker",
+                                                                f"{RELEASE}-chorus-worker-internal")]
+    assert [h["metadata"]["name"] for h in find(objects, "HorizontalPodAutoscaler")] == [
+        f"{RELEASE}-chorus-worker-all"]  # the pool inherits the worker's autoscaling
+    (rule,) = find(objects, "PrometheusRule")
+    exprs = "\n".join(r["expr"] for group in rule["spec"]["groups"] for r in group["rules"])
+    assert f'chorus_worker_slots{{namespace="{NAMESPACE}", job="{RELEASE}-chorus-worker-all-internal"}}' in exprs
+    with pytest.raises(helm.HelmRenderError, match=r"worker\.enabled is false and workerPools is empty"):
+        render_raw(chart, {"worker": {"enabled": False}})
+
+
+@pytest.mark.parametrize(
+    ("pool", "message"),
+    [
+        ({"name": "researchers"}, "missing property 'agents'"),
+        ({"agents": "researcher"}, "missing property 'name'"),
+        ({"name": "r", "agents": "researcher", "replica": 2}, "additional properties 'replica' not allowed"),
+        ({"name": "Research_Team", "agents": "researcher"}, "/workerPools/0/name"),
+        ({"name": "r", "agents": ""}, "/workerPools/0/agents"),
+        ({"name": "r", "agents": "writer@"}, "/workerPools/0/agents"),
+        ({"name": "r", "agents": "researcher writer"}, "/workerPools/0/agents"),
+        ({"name": "r", "agents": "researcher", "replicas": "two"}, "/workerPools/0/replicas"),
+        ({"name": "r", "agents": "researcher", "resources": {"request": {"cpu": 1}}},
+         "additional properties 'request' not allowed"),
+        ({"name": "r", "agents": "researcher", "extraEnv": {"WORKER_AGENTS": "writer"}},
+         "invalid propertyName 'WORKER_AGENTS'"),
+    ],
+)
+def test_schema_rejects_a_bad_pool_entry(chart: helm.Chart, pool: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(message)):
+        render_raw(chart, {"workerPools": [pool]})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"workerPools": [{"name": "r", "agents": "a"}, {"name": "r", "agents": "b"}]},
+         'workerPools[1]: another pool is already named "r"'),
+        ({"workerPools": [{"name": "r", "agents": "a", "drainSeconds": 60}]},
+         r"workerPools[0].terminationGracePeriodSeconds (45) must be greater than workerPools[0].drainSeconds (60)"),
+        ({"workerPools": [{"name": "r", "agents": "a", "podDisruptionBudget": {"enabled": True, "minAvailable": 1}}]},
+         "workerPools[0].podDisruptionBudget: set exactly one of minAvailable and maxUnavailable"),
+        ({"fullnameOverride": "f" * 40, "workerPools": [{"name": "researchers", "agents": "a"}]},
+         "would be named " + "f" * 40 + "-worker-researchers-internal, 68 characters; Kubernetes allows 63"),
+    ],
+)
+def test_pool_values_are_checked_when_rendering(chart: helm.Chart, values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
+        render_raw(chart, values)
+
+
+def test_worker_agents_must_be_agent_names(chart: helm.Chart) -> None:
+    objects = render(chart, {"worker": {"agents": "default, writer@2"}})
+    assert config_data(objects, worker_deployment(objects))["WORKER_AGENTS"] == "default, writer@2"
+    with pytest.raises(helm.HelmValuesError, match="/worker/agents"):
+        render_raw(chart, {"worker": {"agents": "writer@2;researcher"}})
+
+
 # --- labels and notes -----------------------------------------------------------------------
 
 
@@ -787,6 +1015,7 @@ def test_standard_labels(rendered: dict[str, list[Manifest]], case: str) -> None
         assert workload["metadata"]["labels"]["app.kubernetes.io/component"] in {
             "ws-node",
             "agent-worker",
+            "agent-worker-pool",
             "migration",
         }
 
@@ -799,7 +1028,13 @@ def test_notes_say_how_to_connect(chart: helm.Chart) -> None:
     assert 'algorithm="HS256"' in notes
     assert "WARNING" not in notes
 
+    notes = render_raw(chart, load_values("pools"))["chorus/templates/NOTES.txt"]
+    assert "agent-worker: 2 replicas, 8 concurrent runs each, serving default,writer@1" in notes
+    assert "worker pool researchers: 2-8 (HPA) replicas, 4 concurrent runs each, serving researcher" in notes
+    assert "worker pool writer-canary: 1 replicas, 8 concurrent runs each, serving writer@2" in notes
+
     notes = render_raw(chart, {})["chorus/templates/NOTES.txt"]
+    assert "agent-worker: 2 replicas, 8 concurrent runs each, serving every agent" in notes
     assert "kubectl port-forward -n chat svc/rel-chorus 8080:80" in notes
     assert "ws://127.0.0.1:8080/ws" in notes
     assert "secrets.databaseUrl" in notes  # empty credentials are called out

@@ -12,11 +12,12 @@ from typing import Any
 import orjson
 import pytest
 
-from agent_worker.graph import InputRequired, Text
+from agent_worker.graph import InputRequired, Resumption, Text
 from agent_worker.settings import WorkerSettings
 from agent_worker.worker import Worker
 from fanout.memory_broker import MemoryBroker, MemoryPubSub
 from loadtest.cluster import LocalCluster
+from persistence.records import Question, Resume
 from persistence.store import Conflict, NotFound, Store
 from protocol import DoubleTexting, Event, RunStatus
 from runs.lifecycle import AlreadyAnswered, Ending, NotWaiting, Overloaded, RunEnded, Runs
@@ -146,28 +147,76 @@ async def test_interrupt_cancels_the_run_in_flight_and_reject_refuses(runs: Runs
         await send(runs, user, "third", conversation=first.conversation, policy=DoubleTexting.REJECT)
 
 
-async def test_the_first_answer_from_any_device_reaches_the_paused_run(runs: Runs, user: str) -> None:
+QUESTION = Question("q1", "colour?", checkpoint="cp-1")
+SAID = [{"call": "c1", "name": "ask_user", "arguments": {"question": "colour?"}}]
+
+
+async def test_the_first_answer_from_any_device_queues_the_paused_run_again(runs: Runs, user: str) -> None:
     record, _ = await send(runs, user, "ask me")
-    with pytest.raises(NotWaiting):
+    with pytest.raises(NotWaiting):  # queued: it asked nothing yet
         await runs.respond(user, record.run, request="q1", text="yes", device="phone")
-    assert await runs.store.claim_run(record.run, worker="w", lease_s=30) is not None
-    waiting = asyncio.create_task(runs.wait_answer(user, record.run, "q1", timeout_s=WAIT_S))
+    claim = await runs.store.claim_run(record.run, worker="w", lease_s=30)
+    assert claim is not None and claim.resume is None
+    paused = await runs.store.pause_run(record.run, worker="w", question=QUESTION, text="Let me ask. ", tools=SAID,
+                                        seq=7, epoch="e1", timeout_s=60)
+    assert paused == (True, None)
+    assert (await runs.store.get_run(user, record.run))["status"] == RunStatus.PAUSED
+    with pytest.raises(NotWaiting):  # paused on q1, not on q2
+        await runs.respond(user, record.run, request="q2", text="no", device="phone")
+    jobs_before = queued(runs).count(record.run)
     await runs.respond(user, record.run, request="q1", text="blue", device="laptop")
     await runs.respond(user, record.run, request="q1", text="blue", device="laptop")  # a retry: harmless
     with pytest.raises(AlreadyAnswered):
         await runs.respond(user, record.run, request="q1", text="red", device="phone")
-    assert await asyncio.wait_for(waiting, WAIT_S) == "blue"
+    assert queued(runs).count(record.run) > jobs_before, "the answered run is queued again"
     received = [e for e in await events(runs, user) if e["event"] == Event.RUN_INPUT_RECEIVED]
     assert [e["data"] for e in received] == [{"request": "q1", "text": "blue", "by": "laptop"}]
-    assert await runs.wait_answer(user, record.run, "q2", timeout_s=0.05) is None
+    # Any worker takes it on from the question, with what it had said and done.
+    resumed = await runs.store.claim_run(record.run, worker="w2", lease_s=30)
+    assert resumed is not None
+    assert resumed.resume == Resume(question=QUESTION, answer="blue", text="Let me ask. ", tools=SAID)
+    assert await runs.store.claim_run(record.run, worker="w3", lease_s=30) is None  # one holder
+
+
+async def test_an_answer_that_beats_the_pause_keeps_the_run_with_its_worker(runs: Runs, user: str) -> None:
+    record, _ = await send(runs, user, "ask me")
+    assert await runs.store.claim_run(record.run, worker="w", lease_s=30) is not None
+    with pytest.raises(NotWaiting):  # nothing asked yet: no answer is taken
+        await runs.respond(user, record.run, request="q1", text="blue", device="phone")
+    assert await runs.store.ask_run(record.run, worker="w", question=QUESTION, text="", tools=[])
+    # The question went out and a device answered before the worker stored the pause.
+    await runs.respond(user, record.run, request="q1", text="blue", device="phone")
+    with pytest.raises(NotWaiting):  # only the question asked is answered
+        await runs.respond(user, record.run, request="q0", text="red", device="laptop")
+    paused = await runs.store.pause_run(record.run, worker="w", question=QUESTION, text="", tools=[], seq=None,
+                                        epoch="", timeout_s=60)
+    assert paused == (True, "blue")
+    assert (await runs.store.get_run(user, record.run))["status"] == RunStatus.RUNNING
+    # A worker that lost the run asks and pauses nothing.
+    assert not await runs.store.ask_run(record.run, worker="someone-else", question=QUESTION, text="", tools=[])
+    assert await runs.store.pause_run(record.run, worker="someone-else", question=QUESTION, text="", tools=[],
+                                      seq=None, epoch="", timeout_s=60) == (False, None)
+
+
+async def test_cancelling_a_paused_run_ends_it_with_what_it_said(runs: Runs, user: str) -> None:
+    record, _ = await send(runs, user, "ask me")
+    assert await runs.store.claim_run(record.run, worker="w", lease_s=30) is not None
+    await runs.store.pause_run(record.run, worker="w", question=QUESTION, text="Let me ask. ", tools=SAID, seq=7,
+                               epoch="e1", timeout_s=60)
+    await runs.cancel(user, record.run, by="phone")
+    [end] = [e for e in await events(runs, user) if e["run"] == record.run and e["event"] == Event.RUN_CANCELLED]
+    assert end["data"]["text"] == "Let me ask. " and end["data"]["stopped_at"] == 7 and end["data"]["by"] == "phone"
+    assert (await runs.store.get_run(user, record.run))["status"] == RunStatus.CANCELLED
+    with pytest.raises(NotWaiting):
+        await runs.respond(user, record.run, request="q1", text="too late", device="phone")
 
 
 def scripted(answers: dict[str, Sequence[object]]) -> Any:
     """An answer stream: the items a model would produce, per last user message."""
 
     async def answer(agent: str, history: Sequence[tuple[str, str]], thread: str,
-                     resume: str | None) -> AsyncIterator[object]:
-        items = answers[history[-1][1]] if resume is None else [Text(f" you said {resume}")]
+                     resume: Resumption | None) -> AsyncIterator[object]:
+        items = answers[history[-1][1]] if resume is None else [Text(f" you said {resume.answer}")]
         for item in items:
             await asyncio.sleep(0)
             yield item
@@ -225,7 +274,7 @@ async def test_the_first_token_is_published_at_once_however_long_the_coalescing_
     release = asyncio.Event()
 
     async def answer(agent: str, history: Sequence[tuple[str, str]], thread: str,
-                     resume: str | None) -> AsyncIterator[object]:
+                     resume: Resumption | None) -> AsyncIterator[object]:
         yield Text("first")
         await release.wait()  # the model goes on only once the device has seen the first token
         yield Text(" second")
@@ -266,7 +315,7 @@ async def test_runs_waiting_for_a_worker_are_told_their_place_as_it_moves(
     gates = {text: asyncio.Event() for text in ("a", "b", "c")}
 
     async def answer(agent: str, history: Sequence[tuple[str, str]], thread: str,
-                     resume: str | None) -> AsyncIterator[object]:
+                     resume: Resumption | None) -> AsyncIterator[object]:
         await gates[history[-1][1]].wait()
         yield Text(f"done {history[-1][1]}")
 

@@ -195,6 +195,23 @@ def test_the_store_applies_snapshots_live_events_and_rest_pages_in_any_mix_once(
     assert store.messages("c1")[0].client_id == "k1" and store.conversations["c1"].loaded
 
 
+def test_a_snapshot_of_a_paused_run_carries_its_question_so_a_late_device_can_answer() -> None:
+    store = Store()
+    store.apply_snapshot(20, [{"run": "r1", "conversation": "c1", "status": "paused", "text": "Found 3. ",
+                               "input": {"request": "q1", "prompt": "Which?"},
+                               "tools": [{"call": "k1", "name": "search", "arguments": {"q": "x"}, "done": True,
+                                          "summary": "3 hits", "error": None}]}])
+    run = store.runs["r1"]
+    assert (run.status, run.text) == (RunStatus.PAUSED, "Found 3. ")
+    assert run.input is not None and (run.input.request, run.input.prompt) == ("q1", "Which?")
+    assert [(t.call, t.summary, t.done) for t in run.tools] == [("k1", "3 hits", True)]
+    store.apply(event(21, Event.RUN_INPUT_RECEIVED, {"request": "q1", "text": "the second", "by": "phone"}))
+    store.apply(event(22, Event.RUN_RESUMED, {"text": "Found 3. ", "attempt": 2}))
+    store.apply(event(23, Event.TOKEN, {"text": "The second it is."}))
+    run = store.runs["r1"]
+    assert (run.status, run.input, run.text) == (RunStatus.RUNNING, None, "Found 3. The second it is.")
+
+
 def test_a_run_in_flight_follows_a_new_epoch() -> None:
     """Redis lost the history: the new epoch counts seqs from 1 again, so the run's old seq (812)
     must not hold back the new epoch's snapshot and events."""

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from persistence.records import RunInFlight
+from persistence.records import Question, RunInFlight
 from runs.snapshot import build as build_runs
 from runs.snapshot import scan_after
 
 
 def build(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-    return [asdict(run) for run in build_runs(*args, **kwargs)]
+    """The snapshot's runs as dicts, without `input` and `tools` while they are empty."""
+    return [{k: v for k, v in asdict(run).items() if v or k not in ("input", "tools")}
+            for run in build_runs(*args, **kwargs)]
 
 
 def token(seq: int, run: str, text: str) -> dict[str, Any]:
@@ -83,3 +85,41 @@ def test_queued_runs_and_an_exact_checkpoint_need_no_history() -> None:
     assert build([queued], [], epoch="e", seq=9, first_seq=1, scanned_after=None)[0]["text"] == ""
     at_seq = [running("r1", "done so far", 9)]
     assert build(at_seq, [], epoch="e", seq=9, first_seq=0, scanned_after=None)[0]["text"] == "done so far"
+
+
+def tool(seq: int, run: str, event: str, **data: Any) -> dict[str, Any]:
+    return {"seq": seq, "run": run, "event": event, "data": data}
+
+
+def test_a_paused_run_comes_with_its_question_and_tool_calls() -> None:
+    asked = [{"call": "c1", "name": "search", "arguments": {"q": "x"}, "summary": "3 hits", "error": None},
+             {"call": "c2", "name": "ask_user", "arguments": {"question": "Which?"}}]
+    paused = RunInFlight(run="r1", conversation="c", status="paused", partial="Found 3. ", partial_seq=20,
+                         partial_epoch="e", tools=tuple(asked), question=Question("q1", "Which?", "cp"))
+    [snap] = build([paused], [], epoch="e", seq=20, first_seq=5, scanned_after=20)
+    assert snap["status"] == "paused" and snap["text"] == "Found 3. "
+    assert snap["input"] == {"request": "q1", "prompt": "Which?"}
+    assert snap["tools"] == (
+        {"call": "c1", "name": "search", "arguments": {"q": "x"}, "done": True, "summary": "3 hits", "error": None},
+        {"call": "c2", "name": "ask_user", "arguments": {"question": "Which?"}, "done": False, "summary": None,
+         "error": None})
+
+
+def test_tool_calls_after_the_checkpoint_come_from_the_history() -> None:
+    runs = [running("r1", "Hi ", 10)]
+    events = [tool(11, "r1", "tool.started", call="c1", name="search", arguments={"q": "x"}),
+              tool(12, "r1", "tool.started", call="c2", name="fetch", arguments={}),
+              tool(13, "r1", "tool.completed", call="c1", name="search", summary=None, error="timed out")]
+    [snap] = build(runs, events, epoch="e", seq=13, first_seq=5, scanned_after=10)
+    assert [(t["call"], t["done"], t["error"]) for t in snap["tools"]] == [("c1", True, "timed out"),
+                                                                          ("c2", False, None)]
+    assert "input" not in snap, "a running run waits on no question"
+
+
+def test_a_run_queued_again_after_its_answer_shows_what_it_said() -> None:
+    resumed = RunInFlight(run="r1", conversation="c", status="queued", partial="Found 3. ", partial_seq=20,
+                          partial_epoch="e", question=Question("q1", "Which?"))
+    events = [tool(21, "r1", "run.input_received", request="q1", text="the second", by="phone")]
+    assert scan_after([resumed], epoch="e", seq=21, first_seq=5) == 20
+    [snap] = build([resumed], events, epoch="e", seq=21, first_seq=5, scanned_after=20)
+    assert (snap["status"], snap["text"]) == ("queued", "Found 3. ") and "input" not in snap

@@ -328,7 +328,7 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
         stats = NodeStats()
         hub = Hub(broker, observe=stats.published)
         agents = AgentDirectory(redis, keys)
-        runs = Runs(store, broker, RedisRunQueue(redis, keys), answer_ttl_s=settings.history_ttl_s,
+        runs = Runs(store, broker, RedisRunQueue(redis, keys),
                     agents=agents, max_in_flight=settings.max_runs_in_flight,
                     max_queue_depth=settings.max_queue_depth, max_queue_age_s=settings.max_queue_age_s)
         presences = Presences(redis, keys, broker.channel, node=settings.node_id,

@@ -113,12 +113,18 @@ async def cancel_run(svc: Services, user: str, device: str, cmd: Cancel) -> None
 
 
 async def respond(svc: Services, conn: Connection, cmd: Respond) -> str:
+    await respond_run(svc, conn.user, conn.device, cmd)
+    return encode(Ack(cmd.id, run=cmd.run, request=cmd.request))
+
+
+async def respond_run(svc: Services, user: str, device: str, cmd: Respond) -> None:
+    """Answer `user`'s run's question from `device` (the WebSocket's and HTTP's one path); raises
+    `ProtocolError` with the code the client gets."""
     try:
-        await svc.runs.respond(conn.user, cmd.run, request=cmd.request, text=cmd.text, device=conn.device)
+        await svc.runs.respond(user, cmd.run, request=cmd.request, text=cmd.text, device=device)
     except NotFound:
         raise ProtocolError(ErrorCode.NOT_FOUND, f"no run {cmd.run}", cmd.id) from None
     except (NotWaiting, AlreadyAnswered) as exc:
         raise ProtocolError(ErrorCode.CONFLICT, str(exc), cmd.id) from None
     except Fenced:
         raise ProtocolError(ErrorCode.CONFLICT, f"run {cmd.run} was cancelled", cmd.id) from None
-    return encode(Ack(cmd.id, run=cmd.run, request=cmd.request))

@@ -33,7 +33,7 @@ from fanout.hub import Unavailable as HubUnavailable
 from fanout.recovery import UNSEQUENCED, Gate, Offer, frame_seq, plan_resume
 from persistence.records import RunInFlight, RunView
 from persistence.store import NotFound
-from protocol import Ack, Cancel, ErrorCode, ProtocolError, ResyncReason, Send
+from protocol import Ack, Cancel, ErrorCode, ProtocolError, Respond, ResyncReason, Send
 from protocol.frames import to_json
 from protocol.vocabulary import END_EVENTS, FrameType, RunStatus
 from ws_node import commands
@@ -146,12 +146,8 @@ class RunStream:
 async def post_message(request: web.Request) -> web.Response:
     """A `send` to the conversation in the path: 201 with the ack, 200 with the same ack again."""
     svc, user = await _command(request)
-    raw = await request.read()
-    try:
-        body = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError:
-        raise RestError(400, "bad_request", "body is not valid JSON") from None
-    if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+    body = await _body(request)
+    if not isinstance(body.get("id"), str):
         raise RestError(400, "bad_request", "body must be a JSON object with an id (the idempotency key)")
     frame = {**body, "type": FrameType.SEND, "conversation": request.match_info["id"]}
     try:  # the `send` frame's own parser: the same checks, the same codes
@@ -181,6 +177,32 @@ async def cancel_run(request: web.Request) -> web.Response:
         raise _refusal(exc) from None
     view = await svc.store.run_view(user, run)
     return json_response({**to_json(Ack(None, run=run)), "status": view.status}, 200 if view.ended else 202)
+
+
+async def post_input(request: web.Request) -> web.Response:
+    """A `respond`: the answer `{"request", "text"}` to the question the run waits on (its
+    `run.input_required`); 200 with the ack, also when repeated. The first answer from any device
+    counts; a later one is 409 `conflict`."""
+    svc, user = await _command(request)
+    frame = {**await _body(request), "type": FrameType.RESPOND, "run": _run_id(request)}
+    try:  # the `respond` frame's own parser and path
+        cmd = protocol.parse_command(orjson.dumps(frame).decode(), max_text_chars=svc.settings.max_text_chars)
+        assert isinstance(cmd, Respond)
+        await commands.respond_run(svc, user, DEVICE, cmd)
+    except ProtocolError as exc:
+        raise _refusal(exc) from None
+    return json_response(to_json(Ack(cmd.id, run=cmd.run, request=cmd.request)))
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        raise RestError(400, "bad_request", "body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RestError(400, "bad_request", "body must be a JSON object")
+    return body
 
 
 async def run_events(request: web.Request) -> web.StreamResponse:
@@ -380,4 +402,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/conversations/{id}/messages", post_message)
     app.router.add_get("/v1/runs/{id}", get_run)
     app.router.add_post("/v1/runs/{id}/cancel", cancel_run)
+    app.router.add_post("/v1/runs/{id}/input", post_input)
     app.router.add_get("/v1/runs/{id}/events", run_events)

@@ -126,6 +126,12 @@ export interface MessageCreated {
   text: string;
 }
 
+/** The question a paused run asked (its `run.input_required`), for `respond`. */
+export interface PendingInput {
+  prompt: string;
+  request: string;
+}
+
 export interface Ping {
   id?: string | null;
   type: "ping";
@@ -227,12 +233,14 @@ export interface RunResumed {
   text: string;
 }
 
-/** One run in flight as every device shows it at the snapshot's seq. */
+/** One run in flight as every device shows it at the snapshot's seq: its text, its tool calls so far and, while it is `paused`, the question it waits on (so a device that just connected can answer it). */
 export interface RunSnapshot {
   conversation: string;
+  input: PendingInput | null;
   run: string;
   status: RunStatus;
   text: string;
+  tools: Array<ToolCallState>;
 }
 
 export interface RunStarted {
@@ -241,8 +249,8 @@ export interface RunStarted {
   worker: string;
 }
 
-/** A run's status as stored (and shown in snapshots). `waiting`: behind another run of its conversation; `queued`: on the run queue; `running`: a worker holds it. */
-export type RunStatus = "waiting" | "queued" | "running" | "completed" | "cancelled" | "failed";
+/** A run's status as stored (and shown in snapshots). `waiting`: behind another run of its conversation; `queued`: on the run queue; `running`: a worker holds it; `paused`: it asked its user a question and waits for the answer, holding no worker. */
+export type RunStatus = "waiting" | "queued" | "running" | "paused" | "completed" | "cancelled" | "failed";
 
 export interface Send {
   agent?: string | null;
@@ -281,6 +289,16 @@ export interface Token {
 export interface TokenUsage {
   completion_tokens: number;
   prompt_tokens: number;
+}
+
+/** One tool call of a run so far: started (`done` false) or ended (`summary`, or `error`). */
+export interface ToolCallState {
+  arguments: Record<string, unknown>;
+  call: string;
+  done: boolean;
+  error: string | null;
+  name: string;
+  summary: string | null;
 }
 
 export interface ToolCompleted {

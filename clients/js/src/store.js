@@ -242,10 +242,14 @@ export class Store extends Emitter {
         run.custom = [...run.custom, frame.data.value];
         break;
       case Event.RUN_INPUT_REQUIRED:
+        run.status = RunStatus.PAUSED;
         run.input = { request: frame.data.request, prompt: frame.data.prompt };
         break;
       case Event.RUN_INPUT_RECEIVED:
-        if (run.input?.request === frame.data.request) run.input = null;
+        if (run.input?.request === frame.data.request) {
+          run.status = RunStatus.RUNNING;
+          run.input = null;
+        }
         break;
       case Event.RUN_COMPLETED:
       case Event.RUN_CANCELLED:
@@ -294,7 +298,12 @@ export class Store extends Emitter {
       this._conversation(item.conversation);
       const before = this.runs.get(item.run) ?? newRun(item.run, item.conversation);
       if (before.seq > snapshot.seq) continue;
-      this._putRun({ ...before, status: item.status, text: item.text, seq: snapshot.seq });
+      // A paused run comes with the question it waits on: this device can answer it.
+      const input = item.input ? { request: item.input.request, prompt: item.input.prompt } : null;
+      const tools = (item.tools ?? []).map((tool) => ({ call: tool.call, name: tool.name, arguments: tool.arguments,
+                                                        summary: tool.summary ?? null, error: tool.error ?? null,
+                                                        done: Boolean(tool.done) }));
+      this._putRun({ ...before, status: item.status, text: item.text, seq: snapshot.seq, input, tools });
     }
   }
 

@@ -86,11 +86,12 @@ export const Role = Object.freeze(/** @type {const} */ ({
   ASSISTANT: "assistant",
 }));
 
-/** A run's status as stored (and shown in snapshots). `waiting`: behind another run of its conversation; `queued`: on the run queue; `running`: a worker holds it. */
+/** A run's status as stored (and shown in snapshots). `waiting`: behind another run of its conversation; `queued`: on the run queue; `running`: a worker holds it; `paused`: it asked its user a question and waits for the answer, holding no worker. */
 export const RunStatus = Object.freeze(/** @type {const} */ ({
   WAITING: "waiting",
   QUEUED: "queued",
   RUNNING: "running",
+  PAUSED: "paused",
   COMPLETED: "completed",
   CANCELLED: "cancelled",
   FAILED: "failed",

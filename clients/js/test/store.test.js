@@ -75,6 +75,20 @@ test("a snapshot is exact as of its seq: events at or below it are skipped, late
   assert.deepEqual(store.messages("c1").map((m) => [m.role, m.text]), [["assistant", "so far and more"]]);
 });
 
+test("a snapshot of a paused run carries its question and tool calls, so a late device can answer", () => {
+  const store = new Store();
+  store.applySnapshot({ type: "snapshot", seq: 20, epoch: "e", runs: [{
+    run: "r1", conversation: "c1", status: "paused", text: "Found 3. ", input: { request: "q1", prompt: "Which?" },
+    tools: [{ call: "k1", name: "search", arguments: { q: "x" }, done: true, summary: "3 hits", error: null }] }] });
+  const run = store.run("r1");
+  assert.deepEqual([run.status, run.text, run.input], ["paused", "Found 3. ", { request: "q1", prompt: "Which?" }]);
+  assert.deepEqual(run.tools, [{ call: "k1", name: "search", arguments: { q: "x" }, summary: "3 hits", error: null, done: true }]);
+  store.apply(ev(21, "run.input_received", { request: "q1", text: "the second", by: "phone" }));
+  store.apply(ev(22, "run.resumed", { text: "Found 3. ", attempt: 2 }));
+  store.apply(ev(23, "token", { text: "The second it is." }));
+  assert.deepEqual([store.run("r1").input, store.run("r1").text], [null, "Found 3. The second it is."]);
+});
+
 test("queue, tools and a question are tracked on the run", () => {
   const store = new Store();
   store.apply(ev(1, "run.queued", { behind: "r0", policy: "enqueue", message: "m1" }));
@@ -87,8 +101,10 @@ test("queue, tools and a question are tracked on the run", () => {
   assert.deepEqual(store.run("r1").tools, [{ call: "k1", name: "add", arguments: { a: 1 }, summary: "2", error: null, done: true }]);
   store.apply(ev(6, "run.input_required", { request: "q1", prompt: "Which city?" }));
   assert.deepEqual(store.run("r1").input, { request: "q1", prompt: "Which city?" });
+  assert.equal(store.run("r1").status, "paused");
   store.apply(ev(7, "run.input_received", { request: "q1", text: "Paris", by: "laptop" }));
   assert.equal(store.run("r1").input, null);
+  assert.equal(store.run("r1").status, "running");
   store.apply(ev(8, "future.event", { anything: true }));
   store.apply(ev(9, "run.failed", { code: "llm_timeout", message: "slow model", text: "part", answer_message: "a1" }));
   const run = store.run("r1");

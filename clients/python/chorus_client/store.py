@@ -115,14 +115,20 @@ class Store:
         return self._take()
 
     def apply_snapshot(self, seq: int, runs: Iterable[Mapping[str, Any]]) -> list[Change]:
-        """A `snapshot`: each run in flight with its text exact as of `seq`."""
+        """A `snapshot`: each run in flight with its text and tool calls exact as of `seq`, and the
+        question a paused run waits on (so this device can answer it)."""
         for item in runs:
             self._conversation(item["conversation"])
             before = self.runs.get(item["run"]) or Run(item["run"], item["conversation"])
             if before.seq > seq:
                 continue
             status = _status(item["status"])
-            self._put_run(dataclasses.replace(before, status=status, text=item["text"], seq=seq))
+            asked = item.get("input")
+            tools = tuple(ToolCall(t["call"], t["name"], t.get("arguments"), t.get("summary"), t.get("error"),
+                                   bool(t.get("done"))) for t in item.get("tools") or ())
+            self._put_run(dataclasses.replace(
+                before, status=status, text=item["text"], seq=seq, tools=tools,
+                input=InputRequest(asked["request"], asked["prompt"]) if asked else None))
         return self._take()
 
     def set_devices(self, devices: Iterable[Mapping[str, Any]]) -> list[Change]:
@@ -273,9 +279,10 @@ def _run_change(run: Run, name: str, data: Mapping[str, Any]) -> dict[str, Any] 
     if name == Event.RUN_CUSTOM:
         return {"status": RunStatus.RUNNING, "custom": (*run.custom, data.get("value"))}
     if name == Event.RUN_INPUT_REQUIRED:
-        return {"input": InputRequest(data["request"], data["prompt"])}
+        return {"status": RunStatus.PAUSED, "input": InputRequest(data["request"], data["prompt"])}
     if name == Event.RUN_INPUT_RECEIVED:
-        return {"input": None} if run.input and run.input.request == data.get("request") else {}
+        answered = run.input and run.input.request == data.get("request")
+        return {"status": RunStatus.RUNNING, "input": None} if answered else {}
     if name in END_EVENTS:
         # The end event's text is the whole answer (of the last attempt): equal to the tokens shown
         # when nothing was missed, and right even when this device joined after the run began.

@@ -30,7 +30,8 @@ Truncated to 45 characters so the longest suffix ("-ws-node-internal", 17) still
 {{- end }}
 
 {{/*
-Labels on every object. Call with (dict "ctx" $ "component" "ws-node").
+Labels on every object. Call with (dict "ctx" $ "component" "ws-node"), and "pool" for the objects
+of a worker pool.
 */}}
 {{- define "chorus.labels" -}}
 helm.sh/chart: {{ include "chorus.chart" .ctx }}
@@ -44,13 +45,16 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 
 {{/*
 Selector labels: immutable on a Deployment, so nothing here may ever change between upgrades.
-Call with (dict "ctx" $ "component" "ws-node").
+Call with (dict "ctx" $ "component" "ws-node"); a worker pool's (chorus.workers) add "pool".
 */}}
 {{- define "chorus.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "chorus.name" .ctx }}
 app.kubernetes.io/instance: {{ .ctx.Release.Name }}
 {{- if .component }}
 app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- if .pool }}
+chorus/worker-pool: {{ .pool }}
 {{- end }}
 {{- end }}
 
@@ -119,14 +123,32 @@ needs up to chorus.nodeExitTailSeconds to exit (see that helper).
 {{- if lt (int $node.terminationGracePeriodSeconds) (int $nodeNeeds) }}
 {{- fail (printf "node.terminationGracePeriodSeconds (%d) must be at least node.preStopSleepSeconds (%d) + node.drainSeconds (%d) + %d s for the node to exit after its drain window = %d, or ws-node pods are killed before their sockets finish draining" (int $node.terminationGracePeriodSeconds) (int $node.preStopSleepSeconds) (int $node.drainSeconds) $tail (int $nodeNeeds)) }}
 {{- end }}
-{{- $worker := .Values.worker }}
+{{- $workers := (include "chorus.workers" . | fromJson).workers }}
+{{- range $w := $workers }}
+{{- $worker := $w.values }}
 {{- if le (int $worker.terminationGracePeriodSeconds) (int $worker.drainSeconds) }}
-{{- fail (printf "worker.terminationGracePeriodSeconds (%d) must be greater than worker.drainSeconds (%d), or agent-worker pods are killed with runs still in flight; set it to at least %d" (int $worker.terminationGracePeriodSeconds) (int $worker.drainSeconds) (add $worker.drainSeconds 10)) }}
+{{- fail (printf "%s.terminationGracePeriodSeconds (%d) must be greater than %s.drainSeconds (%d), or agent-worker pods are killed with runs still in flight; set it to at least %d" $w.path (int $worker.terminationGracePeriodSeconds) $w.path (int $worker.drainSeconds) (add $worker.drainSeconds 10)) }}
 {{- end }}
-{{- range $component := list "node" "worker" }}
-{{- $pdb := (get $.Values $component).podDisruptionBudget }}
+{{- end }}
+{{- range $c := (include "chorus.components" . | fromJson).components }}
+{{- $pdb := $c.values.podDisruptionBudget }}
 {{- if and $pdb.enabled (eq (kindIs "invalid" $pdb.minAvailable) (kindIs "invalid" $pdb.maxUnavailable)) }}
-{{- fail (printf "%s.podDisruptionBudget: set exactly one of minAvailable and maxUnavailable (the other to null)" $component) }}
+{{- fail (printf "%s.podDisruptionBudget: set exactly one of minAvailable and maxUnavailable (the other to null)" $c.path) }}
+{{- end }}
+{{- end }}
+{{- if not $workers }}
+{{- fail "worker.enabled is false and workerPools is empty: no agent worker would run, and every run would wait for ever" }}
+{{- end }}
+{{- $fullname := include "chorus.fullname" . }}
+{{- $seen := list }}
+{{- range $i, $pool := .Values.workerPools }}
+{{- if has $pool.name $seen }}
+{{- fail (printf "workerPools[%d]: another pool is already named %q; pool names must be unique" $i $pool.name) }}
+{{- end }}
+{{- $seen = append $seen $pool.name }}
+{{- $service := printf "%s-worker-%s-internal" $fullname $pool.name }}
+{{- if gt (len $service) 63 }}
+{{- fail (printf "workerPools[%d]: the pool's metrics Service would be named %s, %d characters; Kubernetes allows 63: shorten the pool's name (or fullnameOverride)" $i $service (len $service)) }}
 {{- end }}
 {{- end }}
 {{- end }}
