@@ -224,7 +224,7 @@ async def test_an_agent_with_no_live_worker_is_refused_at_send_time(
     await device.connect()
     researcher = next(w for w in pools.workers if w.name == "worker-2")
     try:
-        ack = await device.send("before", agent="researcher")
+        ack = await device.send("before", agent="researcher", id="send-before")
         assert (await device.wait_run_end(ack["run"], 30))["event"] == "run.completed"
         researcher.stop()  # a graceful stop removes its heartbeat at once
         agents = await wait_agents(http, pools, token, {"researcher": False, "default": True})
@@ -237,6 +237,9 @@ async def test_an_agent_with_no_live_worker_is_refused_at_send_time(
         with pytest.raises(ChorusError) as refused_again:  # the conversation's agent, not the frame's
             await device.send("hello again", conversation=ack["conversation"])
         assert refused_again.value.code == "agent_unavailable"
+        # A resend of a send already stored still gets its ack (nothing new is queued).
+        resent = await device.send("before", agent="researcher", id="send-before")
+        assert resent["run"] == ack["run"] and resent["seq"] == ack["seq"]
         status, body = await rest(http, base, token, "POST", f"/v1/conversations/{ack['conversation']}/messages",
                                   json={"id": unique("s"), "text": "over HTTP"})
         assert status == 503 and body["error"]["code"] == "agent_unavailable", body
