@@ -22,9 +22,12 @@ from redis.asyncio import Redis
 from agent_worker.agents import AgentRegistry, agents_from_env
 from common.config import SettingError
 from common.keys import Keys
+from fanout.redis_broker import RedisBroker
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import RedisServer
-from runs.agents import AgentUnavailable, Route, UnknownAgent, choose, parse_pool, pool_of
+from persistence.store import Store
+from runs.agents import AgentDirectory, AgentUnavailable, Route, UnknownAgent, choose, parse_pool, pool_of
+from runs.lifecycle import Runs
 from runs.queue import Job, MemoryRunQueue, RedisRunQueue
 from tests.fake_llm import FakeLLM
 from tests.support import rest, unique
@@ -258,3 +261,26 @@ async def test_an_agent_with_no_live_worker_is_refused_at_send_time(
         if not researcher.alive:
             researcher.start()
         await device.close()
+
+
+async def test_a_conversation_whose_agent_no_worker_advertises_any_more_is_unavailable(
+    pools: LocalCluster,
+) -> None:
+    """All of an agent's workers gone longer than the directory keeps entries: its conversations'
+    sends are `agent_unavailable` (it was an agent; it may come back), not an unknown agent."""
+    store = await Store.connect(pools.database_url)
+    redis = Redis.from_url(pools.redis_url, decode_responses=True)
+    try:
+        keys = Keys()
+        runs = Runs(store, RedisBroker(redis, keys), RedisRunQueue(redis, keys), agents=AgentDirectory(redis, keys))
+        user = unique("alice")
+        gone = await store.create_conversation(user, title="old", agent="retired")
+        with pytest.raises(AgentUnavailable, match="retired"):
+            await runs.accept_send(user, "phone", client_id=unique("s"), text="hi", conversation=gone.id, agent=None,
+                                   policy=None)
+        with pytest.raises(UnknownAgent):  # a new conversation naming it: unknown
+            await runs.accept_send(user, "phone", client_id=unique("s"), text="hi", conversation=None,
+                                   agent="retired", policy=None)
+    finally:
+        await redis.aclose()
+        await store.close()
