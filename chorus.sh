@@ -64,8 +64,9 @@ case "${1:-}" in
     shift
     install "test"
     # promtool checks the chart's alert rules and dashboard queries; pgbouncer and chromium: the
-    # tests of PgBouncer in transaction mode and of the chat page in a real browser.
-    ensure nginx:nginx promtool:prometheus pgbouncer:pgbouncer chromium:chromium
+    # tests of PgBouncer in transaction mode and of the chat page in a real browser; redis-server
+    # (7, for sharded Pub/Sub; the pip wheel is 6.2): the Redis Cluster tests.
+    ensure nginx:nginx promtool:prometheus pgbouncer:pgbouncer chromium:chromium redis-server:redis-server
     step "linters"
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy" protocol common fanout runs ws_node persistence agent_worker loadtest clients/python/chorus_client

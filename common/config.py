@@ -227,15 +227,22 @@ class SharedSettings:
     prefix and the history bounds must agree between them."""
 
     redis_url: str = required("REDIS_URL", url("redis", "rediss", "unix"),
-                              "`redis://`, `rediss://` or `unix://` URL of the Redis primary")
+                              "`redis://`, `rediss://` or `unix://` URL of the Redis primary; with "
+                              "`REDIS_CLUSTER`, of any node of the cluster (a seed)")
+    redis_cluster: bool = setting(
+        "REDIS_CLUSTER", "false", boolean,
+        "`true`: Redis is a Redis Cluster (7+): the client follows the slots, users' frames go over "
+        "sharded Pub/Sub (`SPUBLISH`/`SSUBSCRIBE`), each to the shard that owns the user. **Nodes and "
+        "workers must agree**")
     database_url: str = required("DATABASE_URL", url("postgresql", "postgres"),
                                  "`postgresql://` or `postgres://` URL; TLS parameters such as `sslmode` are "
                                  "honoured. The migration reads only this")
     database_statement_cache_size: int = setting(
         "DATABASE_STATEMENT_CACHE_SIZE", "100", integer(0, 10_000),
         "prepared statements asyncpg keeps per Postgres connection, 0 to 10000 (100 is asyncpg's own "
-        "default). **0 behind PgBouncer in transaction mode**, which cannot keep a connection's prepared "
-        "statements (see [Postgres, migrations and PgBouncer](#postgres-migrations-and-pgbouncer))")
+        "default); 0 also makes the worker's checkpointer (psycopg) prepare none. **0 behind PgBouncer in "
+        "transaction mode**, which cannot keep a connection's prepared statements (see [Postgres, "
+        "migrations and PgBouncer](#postgres-migrations-and-pgbouncer))")
     internal_port: int | None = setting(
         "INTERNAL_PORT", "0", zero_is_off(integer(0, 65535)),
         "port of the health server (`/healthz`, `/readyz`), 0 to 65535. The chart sets 9090 (node) and "

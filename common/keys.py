@@ -23,6 +23,16 @@ class Keys(StreamKeys):
         shared by all nodes (ws_node/ratelimit.lua); expires once it would be full again."""
         return self.user_key(user, "rl:cmd")
 
+    def rest_bucket(self, user: str) -> str:
+        """Hash ``m``, ``t``: the user's REST rate-limit bucket (``/v1/…`` requests), the same
+        script and shape as `command_bucket`."""
+        return self.user_key(user, "rl:rest")
+
+    def run_slots(self, user: str) -> str:
+        """Hash ``run:<run id>`` / ``send:<client id>`` -> ms: the user's runs in flight, and sends
+        being stored, counted against ``USER_MAX_RUNS_IN_FLIGHT`` (`runs.admission`)."""
+        return self.user_key(user, "runs:slots")
+
     @property
     def agents(self) -> str:
         """Hash pool -> JSON entry: the agents (and versions) the workers serve (`runs.agents`)."""
@@ -30,8 +40,10 @@ class Keys(StreamKeys):
 
     def runs(self, pool: str) -> str:
         """Stream of the run jobs of one agent pool (`runs.agents`), consumed by the consumer group
-        of the workers serving it."""
-        return f"{self.prefix}:runs:pool:{pool}"
+        of the workers serving it. The pools' streams share one hash tag: on a Redis Cluster they
+        are in one slot, so a worker reads all of its pools in one XREADGROUP (runs cost a few
+        commands each, not one per token: one shard carries them easily)."""
+        return f"{self.prefix}:{{{self.prefix}:runs}}:pool:{pool}"
 
     @property
     def runs_dead(self) -> str:

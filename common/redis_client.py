@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -36,9 +36,15 @@ class WaitingPool(BlockingConnectionPool):
         return connection
 
 
-def connect(url: str, *, socket_timeout_s: float, pool_size: int, pool_wait_s: float) -> Redis:
+def connect(url: str, *, socket_timeout_s: float, pool_size: int, pool_wait_s: float, cluster: bool = False
+            ) -> Redis:
     """A client with decoded responses over a pool of at most `pool_size` connections, in which a
     command waits up to `pool_wait_s` for a free connection (`PoolExhausted` after that).
+
+    `cluster`: `url` names one node of a Redis Cluster; the client is redis-py's `RedisCluster`
+    (at most `pool_size` connections per node), which routes each command to the node owning its
+    keys' slot and follows MOVED and failovers. It has the commands of `Redis` that Chorus uses, and
+    is typed as one (`is_cluster` tells them apart).
 
     Under uvloop, the first command on a pooled connection that Redis reset (a restart, a proxy
     RST) fails with a bare RuntimeError ("the handler is closed") before any byte is sent; one
@@ -46,10 +52,25 @@ def connect(url: str, *, socket_timeout_s: float, pool_size: int, pool_wait_s: f
     (tests/test_faults.py, the reset scenario).
     """
     retry = Retry(NoBackoff(), 1, supported_errors=(RuntimeError,))  # type: ignore[arg-type]
+    if cluster:
+        client = RedisCluster.from_url(url, decode_responses=True, socket_timeout=socket_timeout_s,
+                                       socket_connect_timeout=3, max_connections=pool_size)
+        return cast(Redis, client)
     pool = WaitingPool.from_url(url, decode_responses=True, socket_timeout=socket_timeout_s,
                                 socket_connect_timeout=3, health_check_interval=15, retry=retry,
                                 max_connections=pool_size, timeout=pool_wait_s)
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it too
+
+
+def is_cluster(redis: Redis) -> bool:
+    """Whether `redis` is a Redis Cluster client (`connect(..., cluster=True)`)."""
+    return isinstance(redis, RedisCluster)
+
+
+def script_for(redis: Redis, script: str) -> str:
+    """A Lua script's text for `redis`: on a Redis Cluster its publishes go over sharded Pub/Sub
+    (`SPUBLISH`, to the shard owning the channel's slot, which must be the script's keys' slot)."""
+    return script.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',") if is_cluster(redis) else script
 
 
 def as_text(value: str | bytes) -> str:

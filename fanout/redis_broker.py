@@ -1,18 +1,24 @@
-"""`RedisBroker`: users' streams in Redis (one Lua script per publish) and Redis Pub/Sub."""
+"""`RedisBroker`: users' streams in Redis (one Lua script per publish) and Redis Pub/Sub.
+
+On a Redis Cluster (`common.redis_client.connect(..., cluster=True)`) the same, with sharded Pub/Sub:
+the scripts `SPUBLISH` (a user's channel is in the user's slot, as its keys are), the hub
+subscribes through `fanout.cluster_pubsub.ClusterPubSub`, and publishes go through redis-py's
+cluster client (the lean pipelining connection speaks to one server)."""
 
 from __future__ import annotations
 
 import secrets
 import time
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import SSLConnection
 
 from common.backoff import retrying
-from common.redis_client import TRANSIENT, as_text
+from common.redis_client import TRANSIENT, as_text, is_cluster, script_for
 from fanout.broker import Fenced, Position, PublishResult, PubSub
+from fanout.cluster_pubsub import ClusterPubSub
 from fanout.keys import StreamKeys
 from fanout.resp_pipe import RespPipe
 from fanout.resp_pubsub import RespPubSub
@@ -23,6 +29,7 @@ _POSITION_LUA = resources.files("fanout").joinpath("position.lua").read_text()
 
 def new_epoch() -> str:
     return secrets.token_hex(4)
+
 
 
 class RedisBroker:
@@ -43,13 +50,15 @@ class RedisBroker:
         self.history_max = history_max
         self.ttl_s = ttl_s
         self.retry_for_s = retry_for_s
-        self._publish = redis.register_script(_PUBLISH_LUA)
+        self.cluster = is_cluster(redis)
+        self._publish_lua = script_for(redis, _PUBLISH_LUA)
+        self._publish = redis.register_script(self._publish_lua)
         self._position = redis.register_script(_POSITION_LUA)
         # Publishes go through one pipelining connection (fanout.resp_pipe): a fifth of redis-py's
-        # CPU per publish, many per write. TLS (rediss://) keeps redis-py's connections.
-        pool = redis.connection_pool
+        # CPU per publish, many per write. TLS (rediss://) and clusters keep redis-py's connections.
         self._pipe: RespPipe | None = None
-        if not issubclass(pool.connection_class, SSLConnection):
+        if not self.cluster and not issubclass(redis.connection_pool.connection_class, SSLConnection):
+            pool = redis.connection_pool
             params = pool.connection_kwargs
             self._pipe = RespPipe(dict(params), timeout_s=params.get("socket_timeout") or 10.0)
 
@@ -66,7 +75,7 @@ class RedisBroker:
 
         async def once() -> Any:
             if self._pipe is not None:
-                return await self._pipe.evalsha(self._publish.sha, _PUBLISH_LUA, keys, args)
+                return await self._pipe.evalsha(self._publish.sha, self._publish_lua, keys, args)
             return await self._publish(keys=keys, args=args)
 
         status, seq, epoch = await retrying(
@@ -112,6 +121,9 @@ class RedisBroker:
         return self.keys.canary(hub)
 
     def pubsub(self) -> PubSub:
+        if self.cluster:
+            cluster = cast(RedisCluster, self.redis)
+            return ClusterPubSub(cluster, cluster.connection_kwargs)
         params = self.redis.connection_pool.connection_kwargs
         if issubclass(self.redis.connection_pool.connection_class, SSLConnection):
             return self.redis.pubsub()  # TLS: redis-py's connection (slower per message)
@@ -123,4 +135,7 @@ class RedisBroker:
             await self._pipe.aclose()
 
     async def signal(self, channel: str, data: str) -> None:
-        await self.redis.publish(channel, data)
+        if self.cluster:
+            await self.redis.spublish(channel, data)
+        else:
+            await self.redis.publish(channel, data)

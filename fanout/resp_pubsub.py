@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from typing import Any, cast
 
 import hiredis
@@ -24,17 +25,28 @@ from redis.asyncio.connection import parse_url
 from fanout import resp
 from fanout.resp import command as _command
 
-_PUSHED = frozenset({"message", "subscribe", "unsubscribe"})  # what the hub reads as messages
+# What the hub reads as messages, by the kind Redis pushes: sharded Pub/Sub's (`sharded`) read
+# like the classic ones.
+_PUSHED = {"message": "message", "subscribe": "subscribe", "unsubscribe": "unsubscribe",
+           "smessage": "message", "ssubscribe": "subscribe", "sunsubscribe": "unsubscribe"}
 
 
 class RespPubSub(asyncio.Protocol):
     """One subscriber connection (see `fanout.broker.PubSub`); connects on `ping()`."""
 
-    def __init__(self, params: dict[str, Any]) -> None:
-        """`params`: `host` and `port`, or `path` (a unix socket); `username`, `password`."""
+    def __init__(self, params: dict[str, Any], *, sharded: bool = False,
+                 sink: collections.deque[dict[str, Any]] | None = None,
+                 on_push: Callable[[], None] | None = None) -> None:
+        """`params`: `host` and `port`, or `path` (a unix socket); `username`, `password`.
+        `sharded`: subscribe with SSUBSCRIBE (Redis Cluster's sharded Pub/Sub). `sink`: the deque
+        messages go to (one several connections share, `fanout.cluster_pubsub`), `on_push` called
+        after each read that brought some, and when the connection is lost."""
         self._params = params
+        self._subscribe, self._unsubscribe = ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE",
+                                                                                                "UNSUBSCRIBE")
+        self._on_push = on_push
         self._reader = hiredis.Reader(encoding="utf-8", errors="replace")
-        self._messages: collections.deque[dict[str, Any]] = collections.deque()
+        self._messages: collections.deque[dict[str, Any]] = collections.deque() if sink is None else sink
         self._replies: collections.deque[asyncio.Future[Any]] = collections.deque()  # AUTH, PING
         self._transport: asyncio.Transport | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -54,12 +66,14 @@ class RespPubSub(asyncio.Protocol):
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
             if isinstance(reply, list) and len(reply) == 3 and reply[0] in _PUSHED:
-                self._messages.append({"type": reply[0], "channel": reply[1], "data": reply[2]})
+                self._messages.append({"type": _PUSHED[reply[0]], "channel": reply[1], "data": reply[2]})
             elif self._replies:
                 future = self._replies.popleft()
                 if not future.done():
                     future.set_result(reply)
         self._wake()
+        if self._on_push is not None:
+            self._on_push()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = exc or ConnectionError("redis pubsub connection closed")
@@ -68,6 +82,8 @@ class RespPubSub(asyncio.Protocol):
                 future.set_exception(ConnectionError(f"redis pubsub connection lost: {self._lost!r}"))
         self._replies.clear()
         self._wake()
+        if self._on_push is not None:
+            self._on_push()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -82,10 +98,15 @@ class RespPubSub(asyncio.Protocol):
         return await self._request(_command("PING"))
 
     async def subscribe(self, *channels: str) -> None:
-        self._write(_command("SUBSCRIBE", *channels))
+        self._write(_command(self._subscribe, *channels))
 
     async def unsubscribe(self, *channels: str) -> None:
-        self._write(_command("UNSUBSCRIBE", *channels))
+        self._write(_command(self._unsubscribe, *channels))
+
+    @property
+    def lost(self) -> Exception | None:
+        """Why the connection ended, once it did."""
+        return self._lost
 
     async def get_message(self, *, timeout: float | None = 0.0) -> dict[str, Any] | None:  # noqa: ASYNC109
         if not self._messages:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -324,6 +325,116 @@ class RedisServer:
                 (self.data_dir / name).unlink(missing_ok=True)
             shutil.rmtree(self.data_dir / "appendonlydir", ignore_errors=True)
         self.start()
+
+
+def _cluster_port() -> int:
+    """A free port for a cluster node: at most 55535, its bus port (+10000) free too."""
+    while True:
+        port = random.randint(20_000, 55_535)
+        try:
+            for candidate in (port, port + 10_000):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+
+
+class RedisClusterServer:
+    """A Redis Cluster on loopback: `primaries` primaries with `replicas` replicas each, of Debian's
+    redis-server (7+, for sharded Pub/Sub; ``./chorus.sh test`` installs it), each node's data in
+    ``workdir/"redis-cluster"/<port>``. Snapshots are off, as for `RedisServer`; a node's
+    `cluster-node-timeout` is short (2 s), so a killed primary's replica takes over in seconds.
+    ``url`` names the first node: any node is a seed for a cluster client."""
+
+    NODE_TIMEOUT_MS = 2000
+
+    def __init__(self, workdir: Path, *, primaries: int = 3, replicas: int = 1) -> None:
+        binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if binary is None or cli is None:
+            raise FileNotFoundError("redis-server and redis-cli (Debian's redis-server package) are needed")
+        self.cli = cli
+        self.replicas = replicas
+        self.ports = [_cluster_port() for _ in range(primaries * (1 + replicas))]
+        self.url = f"redis://127.0.0.1:{self.ports[0]}/0"
+        self.root = workdir / "redis-cluster"
+        self.procs = {port: Proc(f"redis-{port}", [
+            binary, "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "no",
+            "--daemonize", "no", "--dir", str(self.root / str(port)), "--save", "", "--appendonly", "no",
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
+        ], workdir=workdir) for port in self.ports}  # fmt: skip
+
+    def start(self, timeout_s: float = 30) -> None:
+        """Start every node, join them into a cluster and return once all say `cluster_state:ok`."""
+        for port in self.ports:
+            self.start_node(port)
+        create = subprocess.run(
+            [self.cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            capture_output=True, text=True, timeout=timeout_s, check=False)
+        if create.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}{create.stderr}")
+        self.wait_ok(timeout_s, replicas=len(self.ports) - len(self.ports) // (1 + self.replicas))
+
+    def start_node(self, port: int, timeout_s: float = 15) -> None:
+        """Start (or restart) one node and wait for its PONG; it rejoins with its nodes.conf."""
+        (self.root / str(port)).mkdir(parents=True, exist_ok=True)
+        self.procs[port].start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if _resp_command(port, "PING") == b"+PONG":
+                    return
+            except OSError:
+                pass
+            time.sleep(_POLL_S)
+        raise TimeoutError(f"redis on :{port} no PONG in {timeout_s}s:\n{_tail(self.procs[port].log_text())}")
+
+    def wait_ok(self, timeout_s: float = 30, *, replicas: int = 0) -> None:
+        """Until every running node sees the cluster whole (all slots served, `cluster_state:ok`)
+        and at least `replicas` replicas are attached."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(self._state_ok(port) for port in self.ports if self.procs[port].alive) and \
+                    len(self._nodes("slave")) >= replicas:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"the Redis Cluster is not ok after {timeout_s}s")
+
+    def primaries(self) -> list[int]:
+        """The ports of the nodes that are primaries and serve slots now (as a live node sees it)."""
+        return self._nodes("master", serving=True)
+
+    def _nodes(self, role: str, *, serving: bool = False) -> list[int]:
+        """Ports of the healthy nodes of `role` (``master``/``slave``) by CLUSTER NODES."""
+        seen = next(port for port in self.ports if self.procs[port].alive)
+        out = subprocess.run([self.cli, "-p", str(seen), "cluster", "nodes"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout
+        ports = []
+        for line in out.splitlines():
+            fields = line.split()
+            flags = fields[2].split(",")
+            healthy = "fail" not in flags and "fail?" not in flags
+            if role in flags and healthy and (not serving or len(fields) > 8):
+                ports.append(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
+        return sorted(ports)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node: its unsaved data is gone; a primary's replica takes over."""
+        self.procs[port].kill()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()
+
+    def _state_ok(self, port: int) -> bool:
+        try:
+            info = subprocess.run([self.cli, "-p", str(port), "cluster", "info"], capture_output=True,
+                                  text=True, timeout=5, check=False).stdout
+        except subprocess.TimeoutExpired:
+            return False
+        return "cluster_state:ok" in info
 
 
 def _pg_bin(name: str) -> str:

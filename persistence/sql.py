@@ -109,7 +109,7 @@ UPDATE runs SET updated_at = now(), paused_until = NULL,
 WHERE user_id = $1 AND id = $2 AND question->>'request' = $3
   AND (answer IS NULL OR answer->>'request' <> $3 OR answer->>'by' = $5)
   AND status IN ('running', 'paused', 'queued')
-RETURNING status, conversation_id, answer->>'text' AS text,
+RETURNING status, conversation_id, answer->>'text' AS text, agent_version,
     (SELECT agent FROM conversations c WHERE c.id = runs.conversation_id) AS agent
 """
 RUN_ANSWER = "SELECT status, answer FROM runs WHERE user_id = $1 AND id = $2"

@@ -275,9 +275,9 @@ class Store:
     async def answer_run(self, user: str, run: str, request: str, text: str, *, device: str
                          ) -> asyncpg.Record | str | None:
         """Record `device`'s answer to a run's question, if it is the first (or `device` repeats
-        itself): (status, conversation_id, text, agent) after it, `text` the answer that counts and
-        status `queued` when the run was paused on it (queue its job). Else the device whose answer
-        counts (str), or None when the run waits on no such question (ended, or another one)."""
+        itself): (status, conversation_id, text, agent, agent_version) after it, `text` the answer
+        that counts and status `queued` when the run was paused on it (queue its job). Else the
+        device whose answer counts (str), or None when the run waits on no such question."""
         async with self._conn() as conn:
             row = await conn.fetchrow(sql.ANSWER_RUN, user, run, request, text, device)
             if row is not None:

@@ -94,19 +94,6 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
             return ws
         ident, auth_id = first
     logs.bind(user=ident.user, device=device)  # on every line about this socket, its writer's too
-    try:
-        too_many = await limits.devices_exceeded(svc.redis, svc.keys, ident.user, device,
-                                                 settings.max_devices_per_user)
-    except TRANSIENT as exc:
-        log.warning("cannot serve %s/%s: %r", ident.user, device, exc)
-        await ws.close(code=CloseCode.TRY_AGAIN_LATER, message=b"stream unavailable; reconnect later")
-        return ws
-    if too_many:
-        svc.stats.rate_limited["devices",] += 1
-        await ws.close(code=CloseCode.TOO_MANY_DEVICES,
-                       message=f"at most {settings.max_devices_per_user} devices at once".encode())
-        return ws
-
     conn = Connection(ws, user=ident.user, device=device, broker=svc.broker,
                       queue_max_frames=settings.queue_max_frames, runs_in_flight=svc.store.runs_in_flight,
                       stats=svc.stats,
@@ -121,7 +108,15 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
     try:
         try:
             await svc.hub.attach(conn)
-            devices = await svc.presence.join(conn.user, conn.device, socket_id(conn))
+            # The device limit is checked and the device marked online in one step (presence.lua):
+            # a check before it, as there was, let devices connecting at the same instant all in.
+            devices = await svc.presence.join(conn.user, conn.device, socket_id(conn),
+                                              max_devices=settings.max_devices_per_user)
+            if devices is None:
+                svc.stats.rate_limited["devices",] += 1
+                limit = settings.max_devices_per_user
+                conn.close(CloseCode.TOO_MANY_DEVICES, f"at most {limit} devices at once")
+                return ws  # the close frame goes out as the socket is finished below
             await conn.open(after=after, client_epoch=client_epoch, node=settings.node_id,
                             heartbeat_s=settings.heartbeat_s, devices=devices)
             log.info("socket open", extra={"after": after})
@@ -318,7 +313,7 @@ async def _presence_refresher(svc: Services) -> None:
 
 def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
-        redis = redis_client.connect(settings.redis_url, socket_timeout_s=5,
+        redis = redis_client.connect(settings.redis_url, socket_timeout_s=5, cluster=settings.redis_cluster,
                                      pool_size=settings.redis_pool_size or NODE_POOL_SIZE,
                                      pool_wait_s=settings.redis_pool_wait_s)
         keys = Keys(settings.redis_prefix)
@@ -364,11 +359,12 @@ def build_admission(settings: NodeSettings, redis: Redis, keys: Keys) -> Admissi
         verifier=verifier,
         connections=LocalBucket(Rate(settings.connections_per_s, settings.connections_burst)),
         commands=RedisBuckets(redis, keys, Rate(settings.commands_per_s, settings.commands_burst)),
+        rest=RedisBuckets(redis, keys, Rate(settings.rest_per_s, settings.rest_burst), key=keys.rest_bucket),
     )
 
 
 def create_app(settings: NodeSettings) -> web.Application:
-    app = web.Application(middlewares=[rest.errors_middleware, auth_middleware],
+    app = web.Application(middlewares=[rest.errors_middleware, auth_middleware, rest.rate_limit_middleware],
                           client_max_size=settings.max_frame_bytes)
     app.cleanup_ctx.append(build_services_ctx(settings))
     app.router.add_get("/ws", ws_handler)

@@ -281,9 +281,10 @@ async def _resync(svc: Services, stream: RunStream, reason: ResyncReason, positi
 
 
 async def _text_as_of(svc: Services, user: str, view: RunView, position: Position) -> str:
-    """A running run's text as of `position.seq`: its checkpoint plus its tokens in history after
-    it (`runs.snapshot`, as a socket's snapshot); the checkpoint alone when that cannot be exact."""
-    if view.status != RunStatus.RUNNING:
+    """A run's text as of `position.seq` (running, paused, or queued again after its answer): its
+    checkpoint plus its events in history after it (`runs.snapshot`, as a socket's snapshot); the
+    checkpoint alone when that cannot be exact. Nothing for a run that has not begun."""
+    if view.status == RunStatus.WAITING or (view.status == RunStatus.QUEUED and view.partial_seq is None):
         return ""
     runs = [RunInFlight(run=view.run, conversation=view.conversation, status=view.status, partial=view.text,
                         partial_seq=view.partial_seq, partial_epoch=view.partial_epoch)]

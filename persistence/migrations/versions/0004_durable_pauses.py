@@ -20,6 +20,15 @@ _CHECKPOINT_TABLES = ("checkpoint_writes", "checkpoint_blobs", "checkpoints", "c
 
 
 def upgrade() -> None:
+    # LangGraph's checkpointer tables first, by its own numbered migrations (the worker's `setup()`
+    # at start applies any a later langgraph-checkpoint-postgres adds). CREATE INDEX CONCURRENTLY
+    # cannot run in a transaction; all of it is IF NOT EXISTS, so a migration that fails after
+    # this block runs again cleanly (the block commits on its own).
+    with op.get_context().autocommit_block():
+        op.execute(BasePostgresSaver.MIGRATIONS[0])
+        for version, migration in enumerate(BasePostgresSaver.MIGRATIONS[1:], 1):
+            op.execute(migration)
+            op.execute(f"INSERT INTO checkpoint_migrations (v) VALUES ({version}) ON CONFLICT DO NOTHING")
     op.execute("ALTER TABLE runs DROP CONSTRAINT runs_status_check")
     op.execute("""ALTER TABLE runs ADD CONSTRAINT runs_status_check
                   CHECK (status IN ('waiting', 'queued', 'running', 'paused',
@@ -32,14 +41,6 @@ def upgrade() -> None:
     op.execute("""CREATE INDEX runs_conversation_active ON runs (conversation_id, created_at)
                   WHERE status IN ('waiting', 'queued', 'running', 'paused')""")
     op.execute("CREATE INDEX runs_paused ON runs (paused_until) WHERE status = 'paused'")
-    # LangGraph's checkpointer tables, by its own numbered migrations (the worker's `setup()` at
-    # start applies any a later langgraph-checkpoint-postgres adds). CREATE INDEX CONCURRENTLY
-    # cannot run in a transaction.
-    with op.get_context().autocommit_block():
-        op.execute(BasePostgresSaver.MIGRATIONS[0])
-        for version, migration in enumerate(BasePostgresSaver.MIGRATIONS[1:], 1):
-            op.execute(migration)
-            op.execute(f"INSERT INTO checkpoint_migrations (v) VALUES ({version}) ON CONFLICT DO NOTHING")
 
 
 def downgrade() -> None:

@@ -1,0 +1,114 @@
+"""Chorus on a Redis Cluster (`REDIS_CLUSTER=true`): three primaries with a replica each, Debian's
+redis-server 7 (sharded Pub/Sub), started here on loopback ports.
+
+The core invariants of tests/test_core.py run again, unchanged, against this cluster (the module's
+`cluster` fixture overrides the session's): two devices on two nodes see one identical stream, a
+device resumes on the other node mid-answer, a send repeated by id starts nothing new. Then a
+primary is killed mid-answer: its replica takes over, and the answer still completes on both
+devices with no gap and no duplicate (writes the dead primary had acknowledged but not replicated
+show up as a new epoch, which devices resync from, never as a silent hole)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from chorus_client.testing import RecordingClient as ChorusClient
+from redis.asyncio import RedisCluster
+
+from loadtest.cluster import ClusterConfig, LocalCluster
+from loadtest.procs import RedisClusterServer
+from tests.fake_llm import FakeLLM
+from tests.support import node_ws, unique
+from tests.test_core import (
+    db,
+    test_laptop_moves_to_the_other_node_mid_answer_and_continues_exactly,
+    test_phone_and_laptop_on_two_nodes_see_one_identical_stream,
+)
+
+__all__ = [  # collected here too, against the Redis Cluster (and `db`, the fixture one of them takes)
+    "db",
+    "test_laptop_moves_to_the_other_node_mid_answer_and_continues_exactly",
+    "test_phone_and_laptop_on_two_nodes_see_one_identical_stream",
+]
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServer]:
+    servers = RedisClusterServer(tmp_path_factory.mktemp("redis-cluster"), primaries=3, replicas=1)
+    servers.start()
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, fake_llm: FakeLLM,
+            redis_cluster: RedisClusterServer) -> Iterator[LocalCluster]:
+    config = ClusterConfig(nodes=2, workers=1, nginx=True, redis_url=redis_cluster.url, env={
+        "REDIS_CLUSTER": "true", "LLM_BASE_URL": fake_llm.base_url, "LLM_API_KEY": "test-key"})
+    with LocalCluster(tmp_path_factory.mktemp("on-cluster"), config) as running:
+        yield running
+
+
+async def primary_of(redis_cluster: RedisClusterServer, user: str) -> int:
+    """The port of the primary holding `user`'s slot (its keys and its channel)."""
+    client = RedisCluster.from_url(redis_cluster.url)
+    try:
+        await client.initialize()
+        node = client.get_node_from_key(f"chorus:{{u:{user}}}:ch")
+        assert node is not None
+        return int(node.port)
+    finally:
+        await client.aclose()
+
+
+async def test_users_are_spread_over_the_shards_and_each_gets_only_their_own(
+    cluster: LocalCluster, redis_cluster: RedisClusterServer
+) -> None:
+    users = [unique(f"user{i}") for i in range(6)]
+    shards = {await primary_of(redis_cluster, user) for user in users}
+    assert len(shards) >= 2, "six users all on one shard: the test would not cross shards"
+    devices = [ChorusClient(node_ws(cluster, i % 2), cluster.token(user), device="phone")
+               for i, user in enumerate(users)]
+    await asyncio.gather(*(device.connect() for device in devices))
+    try:
+        acks = await asyncio.gather(*(device.send(f"hello from {i}") for i, device in enumerate(devices)))
+        for device, ack in zip(devices, acks, strict=True):
+            end = await device.wait_run_end(ack["run"], 30)
+            assert end["event"] == "run.completed"
+            assert {e["run"] for e in device.events if e["run"]} == {ack["run"]}, "only its own runs"
+            assert device.gaps == [] and device.duplicates == 0
+    finally:
+        await asyncio.gather(*(device.close() for device in devices))
+
+
+async def test_a_primary_killed_mid_answer_leaves_no_hole(
+    cluster: LocalCluster, redis_cluster: RedisClusterServer
+) -> None:
+    user = unique("alice")
+    token = cluster.token(user)
+    phone = ChorusClient(node_ws(cluster, 0), token, device="phone")
+    laptop = ChorusClient(node_ws(cluster, 1), token, device="laptop")
+    await phone.connect()
+    await laptop.connect()
+    victim = await primary_of(redis_cluster, user)
+    try:
+        ack = await phone.send("[[tokens:80]] [[slow:0.05]] a long answer please")
+        run = ack["run"]
+        await laptop.wait_for(lambda: sum(e["event"] == "token" for e in laptop.events) >= 5, 20)
+        redis_cluster.kill(victim)  # its replica is promoted within a few seconds
+        for device in (phone, laptop):
+            end = await device.wait_run_end(run, 60)
+            assert end["event"] == "run.completed", end
+            words = " ".join(f"word{i}" for i in range(1, 81))
+            assert end["data"]["text"] == words
+            assert device.shown[run] == words, "what the device shows is the whole answer, once"
+            assert device.duplicates == 0
+            # A hole is never silent: any seq the device missed was filled, or it resynced.
+            assert device.gaps == [] or any(f["type"] == "resync" for f in device.frames)
+        assert victim not in redis_cluster.primaries()
+    finally:
+        await asyncio.gather(phone.close(), laptop.close())
+        redis_cluster.start_node(victim)  # it comes back as a replica
+        redis_cluster.wait_ok(60)
