@@ -150,9 +150,7 @@ async def _health(worker: Worker, agents: Agents, redis: Redis, port: int) -> we
 async def serve(settings: WorkerSettings, agents: Agents) -> None:
     # Each run holds at most one connection at a time; the rest is the loop, maintenance and answers.
     pool_size = settings.redis_pool_size or settings.concurrency + 16
-    redis = redis_client.connect(settings.redis_url, socket_timeout_s=10, pool_size=pool_size,
-                                 cluster=settings.redis_cluster,
-                                 pool_wait_s=settings.redis_pool_wait_s)
+    redis = redis_client.client(settings, socket_timeout_s=10, pool_size=pool_size)
     keys = Keys(settings.redis_prefix)
     store = await Store.connect_when_ready(settings.database_url, max_size=20,
                                            statement_cache_size=settings.database_statement_cache_size)

@@ -137,6 +137,16 @@ def comma_list(variable: str, value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+def host_ports(variable: str, value: str) -> tuple[str, ...]:
+    """``a:1, b:2`` -> ``("a:1", "b:2")``, each checked to be ``host:port``."""
+    items = comma_list(variable, value)
+    for item in items:
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingError(f"{variable}: expected host:port items, got {item!r}")
+    return items
+
+
 def boolean(variable: str, value: str) -> bool:
     value = value.lower()
     if value in ("1", "true", "yes", "on"):
@@ -234,6 +244,13 @@ class SharedSettings:
         "`true`: Redis is a Redis Cluster (7+): the client follows the slots, users' frames go over "
         "sharded Pub/Sub (`SPUBLISH`/`SSUBSCRIBE`), each to the shard that owns the user. **Nodes and "
         "workers must agree**")
+    redis_sentinels: tuple[str, ...] = setting(
+        "REDIS_SENTINELS", "", host_ports,
+        "comma-separated `host:port` of Redis Sentinels: the primary is the one they name "
+        "`REDIS_SENTINEL_MASTER`, followed through failovers; `REDIS_URL` then gives only the "
+        "credentials and database number", shown="none")
+    redis_sentinel_master: str = setting(
+        "REDIS_SENTINEL_MASTER", "chorus", text, "the name the Sentinels monitor the primary under")
     database_url: str = required("DATABASE_URL", url("postgresql", "postgres"),
                                  "`postgresql://` or `postgres://` URL; TLS parameters such as `sslmode` are "
                                  "honoured. The migration reads only this")

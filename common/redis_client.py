@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any, cast
 
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import Connection, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+
+from common.config import SharedSettings
 
 # Errors that mean Redis is unreachable right now (restarting, loading, network): the operation
 # may or may not have run, so only what is safe to repeat is retried on them.
@@ -36,8 +40,8 @@ class WaitingPool(BlockingConnectionPool):
         return connection
 
 
-def connect(url: str, *, socket_timeout_s: float, pool_size: int, pool_wait_s: float, cluster: bool = False
-            ) -> Redis:
+def connect(url: str, *, socket_timeout_s: float, pool_size: int, pool_wait_s: float, cluster: bool = False,
+            sentinels: Sequence[str] = (), sentinel_master: str = "chorus") -> Redis:
     """A client with decoded responses over a pool of at most `pool_size` connections, in which a
     command waits up to `pool_wait_s` for a free connection (`PoolExhausted` after that).
 
@@ -46,6 +50,10 @@ def connect(url: str, *, socket_timeout_s: float, pool_size: int, pool_wait_s: f
     keys' slot and follows MOVED and failovers. It has the commands of `Redis` that Chorus uses, and
     is typed as one (`is_cluster` tells them apart).
 
+    `sentinels` (``host:port``): the primary is the one these Redis Sentinels name `sentinel_master`,
+    asked again on every new connection, so a failover is followed (`url` gives the credentials
+    and the database); the pool then fails a command at once when full instead of waiting.
+
     Under uvloop, the first command on a pooled connection that Redis reset (a restart, a proxy
     RST) fails with a bare RuntimeError ("the handler is closed") before any byte is sent; one
     immediate retry on a fresh connection is safe and turns it into a non-event
@@ -53,18 +61,41 @@ def connect(url: str, *, socket_timeout_s: float, pool_size: int, pool_wait_s: f
     """
     retry = Retry(NoBackoff(), 1, supported_errors=(RuntimeError,))  # type: ignore[arg-type]
     if cluster:
+        if sentinels:
+            raise ValueError("a Redis Cluster has no Sentinels: set REDIS_CLUSTER or REDIS_SENTINELS")
         client = RedisCluster.from_url(url, decode_responses=True, socket_timeout=socket_timeout_s,
                                        socket_connect_timeout=3, max_connections=pool_size)
         return cast(Redis, client)
+    if sentinels:
+        credentials: dict[str, Any] = {key: value for key, value in parse_url(url).items()
+                                       if key in ("username", "password", "db")}
+        watchers = [(host, int(port)) for host, _, port in (item.rpartition(":") for item in sentinels)]
+        sentinel = Sentinel(watchers, socket_timeout=socket_timeout_s, socket_connect_timeout=3)  # type: ignore[no-untyped-call]
+        primary: Redis = sentinel.master_for(
+            sentinel_master, decode_responses=True, socket_timeout=socket_timeout_s, socket_connect_timeout=3,
+            health_check_interval=15, retry=retry, max_connections=pool_size, **credentials)
+        return primary
     pool = WaitingPool.from_url(url, decode_responses=True, socket_timeout=socket_timeout_s,
                                 socket_connect_timeout=3, health_check_interval=15, retry=retry,
                                 max_connections=pool_size, timeout=pool_wait_s)
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it too
 
 
+def client(settings: SharedSettings, *, socket_timeout_s: float, pool_size: int) -> Redis:
+    """`connect` as the Redis settings say (`REDIS_URL`, `REDIS_CLUSTER`, `REDIS_SENTINELS`, ...)."""
+    return connect(settings.redis_url, socket_timeout_s=socket_timeout_s, pool_size=pool_size,
+                   pool_wait_s=settings.redis_pool_wait_s, cluster=settings.redis_cluster,
+                   sentinels=settings.redis_sentinels, sentinel_master=settings.redis_sentinel_master)
+
+
 def is_cluster(redis: Redis) -> bool:
     """Whether `redis` is a Redis Cluster client (`connect(..., cluster=True)`)."""
     return isinstance(redis, RedisCluster)
+
+
+def is_sentinel(redis: Redis) -> bool:
+    """Whether `redis` finds its primary through Sentinels (`connect(..., sentinels=...)`)."""
+    return not is_cluster(redis) and isinstance(redis.connection_pool, SentinelConnectionPool)
 
 
 def script_for(redis: Redis, script: str) -> str:

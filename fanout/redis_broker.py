@@ -16,7 +16,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import SSLConnection
 
 from common.backoff import retrying
-from common.redis_client import TRANSIENT, as_text, is_cluster, script_for
+from common.redis_client import TRANSIENT, as_text, is_cluster, is_sentinel, script_for
 from fanout.broker import Fenced, Position, PublishResult, PubSub
 from fanout.cluster_pubsub import ClusterPubSub
 from fanout.keys import StreamKeys
@@ -57,7 +57,7 @@ class RedisBroker:
         # Publishes go through one pipelining connection (fanout.resp_pipe): a fifth of redis-py's
         # CPU per publish, many per write. TLS (rediss://) and clusters keep redis-py's connections.
         self._pipe: RespPipe | None = None
-        if not self.cluster and not issubclass(redis.connection_pool.connection_class, SSLConnection):
+        if self._lean(redis):
             pool = redis.connection_pool
             params = pool.connection_kwargs
             self._pipe = RespPipe(dict(params), timeout_s=params.get("socket_timeout") or 10.0)
@@ -124,10 +124,18 @@ class RedisBroker:
         if self.cluster:
             cluster = cast(RedisCluster, self.redis)
             return ClusterPubSub(cluster, cluster.connection_kwargs)
-        params = self.redis.connection_pool.connection_kwargs
-        if issubclass(self.redis.connection_pool.connection_class, SSLConnection):
-            return self.redis.pubsub()  # TLS: redis-py's connection (slower per message)
-        return RespPubSub(dict(params))
+        if not self._lean(self.redis):
+            return self.redis.pubsub()  # TLS, Sentinels: redis-py's connection (slower per message)
+        return RespPubSub(dict(self.redis.connection_pool.connection_kwargs))
+
+    @staticmethod
+    def _lean(redis: Redis) -> bool:
+        """Whether the lean connections (`RespPipe`, `RespPubSub`) can reach this Redis: one plain
+        server at a fixed address. TLS, a cluster and a primary found through Sentinels keep
+        redis-py's (a Sentinel pool asks for the primary's address on every new connection)."""
+        if is_cluster(redis) or is_sentinel(redis):
+            return False
+        return not issubclass(redis.connection_pool.connection_class, SSLConnection)
 
     async def aclose(self) -> None:
         """Close the publishing connection (the Redis client is its owner's to close)."""

@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -242,14 +243,16 @@ class Proc:
         psutil.wait_procs(descendants, timeout=5)
 
 
+def _encode(*args: str) -> bytes:
+    """One Redis command in RESP."""
+    parts = [a.encode() for a in args]
+    return b"".join([b"*%d\r\n" % len(parts), *(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)])
+
+
 def _resp_command(port: int, *args: str, timeout_s: float = 2) -> bytes:
     """Send one Redis command over RESP and return the first reply line (stdlib only, no client)."""
-    payload = f"*{len(args)}\r\n".encode()
-    for arg in args:
-        raw = arg.encode()
-        payload += b"$%d\r\n%s\r\n" % (len(raw), raw)
     with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
-        sock.sendall(payload)
+        sock.sendall(_encode(*args))
         return sock.makefile("rb").readline().rstrip(b"\r\n")
 
 
@@ -435,6 +438,113 @@ class RedisClusterServer:
         except subprocess.TimeoutExpired:
             return False
         return "cluster_state:ok" in info
+
+
+class RedisSentinelServers:
+    """A Redis primary with one replica, watched by three Sentinels under `master`, of Debian's
+    redis-server, on loopback. The Sentinels call the primary down after 1 s and promote the
+    replica. ``sentinels`` is the ``REDIS_SENTINELS`` value; ``url`` the primary's (at the start)."""
+
+    def __init__(self, workdir: Path, *, master: str = "chorus") -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server (Debian's redis-server package) is needed")
+        self.master = master
+        self.root = workdir / "redis-sentinel"
+        self.primary, self.replica = free_port(), free_port()
+        self.url = f"redis://127.0.0.1:{self.primary}/0"
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        self.procs: dict[int, Proc] = {}
+        for port in (self.primary, self.replica):
+            follow = ["--replicaof", "127.0.0.1", str(self.primary)] if port == self.replica else []
+            self.procs[port] = Proc(f"redis-{port}", [
+                binary, "--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "no",
+                "--daemonize", "no", "--dir", str(self.root / str(port)), "--save", "", "--appendonly", "no",
+                *follow,
+            ], workdir=workdir)  # fmt: skip
+        for port in self.sentinel_ports:
+            conf = self.root / f"sentinel-{port}.conf"
+            self.procs[port] = Proc(f"sentinel-{port}", [binary, str(conf), "--sentinel"], workdir=workdir)
+
+    def start(self, timeout_s: float = 30) -> None:
+        """Start the primary, the replica (once in sync) and the Sentinels (once they see it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for port in (self.primary, self.replica):
+            self.start_node(port)
+        self._until(lambda: b"master_link_status:up" in _info(self.replica, "replication"), timeout_s,
+                    "replica in sync")
+        for port in self.sentinel_ports:
+            (self.root / f"sentinel-{port}.conf").write_text(
+                f"port {port}\nbind 127.0.0.1\nprotected-mode no\n"
+                f"sentinel monitor {self.master} 127.0.0.1 {self.primary} 2\n"
+                f"sentinel down-after-milliseconds {self.master} 1000\n"
+                f"sentinel failover-timeout {self.master} 3000\n")
+            self.procs[port].start()
+        self._until(lambda: all(self._sentinel_sees_replica(port) for port in self.sentinel_ports), timeout_s,
+                    "Sentinels watching")
+
+    def start_node(self, port: int, timeout_s: float = 15) -> None:
+        """Start (or restart) a data node; a restarted old primary is made a replica by the Sentinels."""
+        (self.root / str(port)).mkdir(parents=True, exist_ok=True)
+        self.procs[port].start()
+        self._until(lambda: _pong(port), timeout_s, f"redis on :{port} answering PING")
+
+    def primary_port(self) -> int:
+        """The primary's port, as the Sentinels name it now."""
+        reply = _resp_array(self.sentinel_ports[0], "SENTINEL", "get-master-addr-by-name", self.master)
+        return int(reply[1])
+
+    def kill(self, port: int) -> None:
+        self.procs[port].kill()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()
+
+    def _sentinel_sees_replica(self, port: int) -> bool:
+        try:
+            return _resp_command(port, "SENTINEL", "replicas", self.master) not in (b"*0", b"")
+        except OSError:
+            return False
+
+    @staticmethod
+    def _until(done: Callable[[], bool], timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if done():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{what}: not within {timeout_s}s")
+
+
+def _pong(port: int) -> bool:
+    return _resp_command(port, "PING") == b"+PONG"
+
+
+def _info(port: int, section: str) -> bytes:
+    """The INFO section's text (a bulk reply), read whole."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(_encode("INFO", section))
+        reader = sock.makefile("rb")
+        size = int(reader.readline()[1:])
+        return reader.read(size)
+
+
+def _resp_array(port: int, *args: str) -> list[bytes]:
+    """Send one command and read an array reply of bulk strings (stdlib only)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(_encode(*args))
+        reader = sock.makefile("rb")
+        count = int(reader.readline()[1:])
+        items = []
+        for _ in range(max(count, 0)):
+            size = int(reader.readline()[1:])
+            items.append(reader.read(size + 2)[:-2])
+        return items
 
 
 def _pg_bin(name: str) -> str:
