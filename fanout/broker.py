@@ -82,8 +82,9 @@ class Broker(Protocol):
     def channel(self, user: str) -> str:
         """The Pub/Sub channel carrying `user`'s frames."""
 
-    def canary_channel(self, hub: str) -> str:
-        """A channel of no user's, for a hub to publish to itself (a deaf subscription check)."""
+    def canary_channels(self, hub: str) -> list[str]:
+        """Channels of no user's, for a hub to publish to itself (a deaf subscription check): one
+        per connection its subscriber holds (one per shard on a Redis Cluster), as of now."""
 
     def pubsub(self) -> PubSub:
         """A new subscriber connection."""

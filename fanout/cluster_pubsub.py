@@ -40,6 +40,7 @@ class ClusterPubSub:
 
     async def ping(self) -> Any:
         if not self._shards:
+            await self._cluster.initialize()  # once per client: its command table too
             await self._cluster.nodes_manager.initialize()  # the slots as they are now
             for node in self._cluster.get_primaries():
                 self._shards[node.name] = RespPubSub({**self._params, "host": node.host, "port": node.port},

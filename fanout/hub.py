@@ -10,7 +10,8 @@ the history is not.
 
 A connection can also go deaf while its TCP looks fine (python-socketio and Channels users have
 lost a day of messages that way). So the hub publishes a canary to a channel of its own every
-`canary_interval_s`; when one has not come back within `canary_timeout_s`, the hub reports itself
+`canary_interval_s` (one per shard on a Redis Cluster, `Broker.canary_channels`, as the subscriber
+holds a connection per shard); when one has not come back within `canary_timeout_s`, the hub reports itself
 unhealthy (the node's /readyz turns 503), drops the connection and subscribes everything again
 on a new one, and is healthy again once a canary comes back.
 """
@@ -74,9 +75,11 @@ class Hub:
         self._subscribe_timeout_s = subscribe_timeout_s
         self._canary_interval_s = canary_interval_s
         self._canary_timeout_s = canary_timeout_s
-        self._canary_channel = broker.canary_channel(secrets.token_hex(8))
+        self._name = secrets.token_hex(8)
+        self._canary_channels: frozenset[str] = frozenset()  # as of the last connect
         self._canary_numbers = itertools.count(1)
-        self._canaries_unheard: dict[int, float] = {}  # canary number -> monotonic time sent
+        # (canary channel, number) -> monotonic time sent
+        self._canaries_unheard: dict[tuple[str, int], float] = {}
         self._deaf = False
         self._redial = False
         self._subs: dict[str, set[Subscriber]] = {}
@@ -192,8 +195,9 @@ class Hub:
                 self.connected = True
                 self._connected_event.set()
                 channels = list(self._users_by_channel)
-                await pubsub.subscribe(self._canary_channel, *channels)
                 self._canaries_unheard.clear()
+                self._canary_channels = frozenset(self._broker.canary_channels(self._name))
+                await pubsub.subscribe(*self._canary_channels, *channels)
                 delays = delays_s(base_s=0.1, cap_s=2.0)
                 log.info("pubsub connected; %d channels subscribed again", len(channels))
                 while not self._redial:
@@ -226,21 +230,22 @@ class Hub:
                 self._canaries_unheard.clear()
                 continue
             number = next(self._canary_numbers)
-            self._canaries_unheard[number] = now
-            with contextlib.suppress(*TRANSIENT):
-                await self._broker.signal(self._canary_channel, str(number))
+            for channel in self._canary_channels:
+                self._canaries_unheard[channel, number] = now
+                with contextlib.suppress(*TRANSIENT):
+                    await self._broker.signal(channel, str(number))
 
-    def _heard_canary(self, number: int) -> None:
-        for sent in [n for n in self._canaries_unheard if n <= number]:
+    def _heard_canary(self, channel: str, number: int) -> None:
+        for sent in [key for key in self._canaries_unheard if key[0] == channel and key[1] <= number]:
             del self._canaries_unheard[sent]
         self._deaf = False
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         channel = as_text(message["channel"])
-        if channel == self._canary_channel:
+        if channel in self._canary_channels:
             if kind == "message":
-                self._heard_canary(int(as_text(message["data"])))
+                self._heard_canary(channel, int(as_text(message["data"])))
             return
         if kind == "message":
             data = as_text(message["data"])

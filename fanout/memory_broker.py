@@ -133,8 +133,8 @@ class MemoryBroker:
     def channel(self, user: str) -> str:
         return f"ch:{user}"
 
-    def canary_channel(self, hub: str) -> str:
-        return f"canary:{hub}"
+    def canary_channels(self, hub: str) -> list[str]:
+        return [f"canary:{hub}"]
 
     def pubsub(self) -> MemoryPubSub:
         return MemoryPubSub(self)

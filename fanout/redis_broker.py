@@ -27,6 +27,10 @@ _PUBLISH_LUA = resources.files("fanout").joinpath("publish.lua").read_text()
 _POSITION_LUA = resources.files("fanout").joinpath("position.lua").read_text()
 
 
+# Names tried for the per-shard canaries: 16,384 slots over a few shards, found in a few dozen.
+_CANARY_SEARCH = 10_000
+
+
 def new_epoch() -> str:
     return secrets.token_hex(4)
 
@@ -117,8 +121,23 @@ class RedisBroker:
     def channel(self, user: str) -> str:
         return self.keys.channel(user)
 
-    def canary_channel(self, hub: str) -> str:
-        return self.keys.canary(hub)
+    def canary_channels(self, hub: str) -> list[str]:
+        if not self.cluster:
+            return [self.keys.canary(hub)]
+        # One per primary, each named so that its slot is that primary's: a shard whose connection
+        # went deaf is noticed like a single Redis's (read after the subscriber's `ping`, which
+        # refreshed the slots).
+        cluster = cast(RedisCluster, self.redis)
+        wanted = {node.name for node in cluster.get_primaries()}
+        channels: dict[str, str] = {}
+        for number in range(_CANARY_SEARCH):
+            if len(channels) == len(wanted):
+                break
+            channel = self.keys.canary(f"{hub}:{number}")
+            node = cluster.get_node_from_key(channel)
+            if node is not None and node.name in wanted:
+                channels.setdefault(node.name, channel)
+        return list(channels.values())
 
     def pubsub(self) -> PubSub:
         if self.cluster:

@@ -17,6 +17,9 @@ import pytest
 from chorus_client.testing import RecordingClient as ChorusClient
 from redis.asyncio import RedisCluster
 
+from common.redis_client import connect
+from fanout.keys import StreamKeys
+from fanout.redis_broker import RedisBroker
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import RedisClusterServer
 from tests.fake_llm import FakeLLM
@@ -60,6 +63,31 @@ async def primary_of(redis_cluster: RedisClusterServer, user: str) -> int:
         assert node is not None
         return int(node.port)
     finally:
+        await client.aclose()
+
+
+async def test_each_shard_has_a_canary_a_hub_hears(redis_cluster: RedisClusterServer) -> None:
+    """The deaf-node check works per shard: one canary channel on each primary, each heard back
+    through the sharded subscriber."""
+    client = connect(redis_cluster.url, socket_timeout_s=5, pool_size=4, pool_wait_s=5, cluster=True)
+    broker = RedisBroker(client, StreamKeys(unique("canary")))
+    pubsub = broker.pubsub()
+    try:
+        await pubsub.ping()
+        channels = broker.canary_channels("hub")
+        owners = {client.get_node_from_key(channel).name for channel in channels}  # type: ignore[attr-defined,union-attr]
+        assert len(channels) == len(owners) == len(redis_cluster.primaries()) == 3
+        await pubsub.subscribe(*channels)
+        for channel in channels:
+            await broker.signal(channel, "1")
+        heard: set[str] = set()
+        async with asyncio.timeout(10):
+            while heard != set(channels):
+                message = await pubsub.get_message(timeout=1)
+                if message is not None and message["type"] == "message":
+                    heard.add(message["channel"])
+    finally:
+        await pubsub.aclose()
         await client.aclose()
 
 

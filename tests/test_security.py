@@ -1066,7 +1066,7 @@ def test_fuzzed_rest_requests_never_crash_a_node_or_leak(cluster: LocalCluster, 
                                | st.dictionaries(st.sampled_from(["title", "agent", "x", "double_texting"]),
                                                  inner, max_size=3), max_leaves=8)
     body = data.draw(body_values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=300))
-    token = cluster.token(f"fuzzer-{victim['user']}")
+    token = cluster.token(unique(f"fuzzer-{victim['user']}"))  # a fresh REST bucket: requests reach the handlers
 
     async def go() -> int:
         async with aiohttp.ClientSession() as session, session.request(

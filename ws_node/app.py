@@ -313,9 +313,8 @@ async def _presence_refresher(svc: Services) -> None:
 
 def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
     async def services_ctx(app: web.Application) -> AsyncIterator[None]:
-        redis = redis_client.connect(settings.redis_url, socket_timeout_s=5, cluster=settings.redis_cluster,
-                                     pool_size=settings.redis_pool_size or NODE_POOL_SIZE,
-                                     pool_wait_s=settings.redis_pool_wait_s)
+        redis = redis_client.client(settings, socket_timeout_s=5,
+                                    pool_size=settings.redis_pool_size or NODE_POOL_SIZE)
         keys = Keys(settings.redis_prefix)
         store = await Store.connect_when_ready(settings.database_url,
                                                statement_cache_size=settings.database_statement_cache_size)

@@ -1,9 +1,12 @@
-"""Limits that keep one client from hurting others: connection rate per node, commands per user,
-devices per user (runs in flight per user: `runs.Runs`). Each refusal is a documented code (docs/security.md).
+"""Limits that keep one client from hurting others: connection rate per node, commands and REST
+requests per user. Each refusal is a documented code (docs/security.md). The hard limits are
+counted where they are taken, each in one atomic Redis step: devices per user in presence.lua
+(`ws_node.presence`), runs in flight per user in `runs.admission`.
 
 The token-bucket arithmetic is one pure function, `take`, shared by the node-local bucket (new
-connections) and mirrored line for line by ws_node/ratelimit.lua (commands per user, one bucket in
-Redis for the whole cluster, so a user cannot multiply the limit by spreading devices over nodes).
+connections) and mirrored line for line by ws_node/ratelimit.lua (commands, and REST requests, per
+user: a bucket each in Redis for the whole cluster, so a user cannot multiply the limit by spreading
+devices over nodes).
 Tokens are counted in thousandths and time in milliseconds, as integers: Lua and Python then compute
 bit-identical results, which tests/test_security.py checks.
 """
@@ -19,7 +22,6 @@ from importlib import resources
 from redis.asyncio import Redis
 
 from common.keys import Keys
-from ws_node import presence
 
 _RATELIMIT_LUA = resources.files("ws_node").joinpath("ratelimit.lua").read_text()
 MILLI = 1000
@@ -86,12 +88,13 @@ class LocalBucket:
 
 
 class RedisBuckets:
-    """Token buckets in Redis, one per user (`Keys.command_bucket`), shared by every node; the
-    clock is Redis's own (TIME), so nodes with skewed clocks agree."""
+    """Token buckets in Redis, one per user (`key`: `Keys.command_bucket` unless told), shared by
+    every node; the clock is Redis's own (TIME), so nodes with skewed clocks agree."""
 
-    def __init__(self, redis: Redis, keys: Keys, rate: Rate) -> None:
+    def __init__(self, redis: Redis, keys: Keys, rate: Rate, key: Callable[[str], str] | None = None) -> None:
         self.keys = keys
         self.rate = rate
+        self._key = key or keys.command_bucket
         self._script = redis.register_script(_RATELIMIT_LUA)
 
     async def take(self, user: str, *, now_ms: int = 0) -> Decision:
@@ -99,16 +102,7 @@ class RedisBuckets:
         if self.rate.unlimited:
             return Decision(True, 0, Bucket(0, 0))
         allowed, retry_after_ms, milli, at_ms = await self._script(
-            keys=[self.keys.command_bucket(user)], args=[self.rate.per_s, self.rate.burst, 1, now_ms]
+            keys=[self._key(user)], args=[self.rate.per_s, self.rate.burst, 1, now_ms]
         )
         return Decision(bool(allowed), int(retry_after_ms), Bucket(int(milli), int(at_ms)))
 
-
-async def devices_exceeded(redis: Redis, keys: Keys, user: str, device: str, limit: int) -> bool:
-    """True when the user already has `limit` other devices with a socket open anywhere in the
-    cluster (the presence hash). The same device reconnecting does not count twice. Like every check-then-act
-    across nodes it is soft: devices connecting at the same instant may all pass."""
-    if limit <= 0:
-        return False
-    online = await presence.online(redis, keys, user, open_only=True)
-    return len(online.keys() - {device}) >= limit

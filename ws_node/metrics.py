@@ -75,6 +75,6 @@ def families(stats: NodeStats, *, sockets: int, users: int, pubsub_reconnects: i
     yield labelled(CounterMetricFamily, "chorus_commands", "Client commands, by type and result (ok or the "
                    "error code)", ["type", "result"], stats.commands)
     yield labelled(CounterMetricFamily, "chorus_rate_limited", "Refused by a limit: connections (429), "
-                   "commands (rate_limited), devices (4009)", ["limit"], stats.rate_limited)
+                   "commands (rate_limited), devices (4029), rest (429)", ["limit"], stats.rate_limited)
     yield from stats.loop_lag.families()
 

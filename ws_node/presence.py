@@ -10,6 +10,10 @@ A device goes offline `debounce_s` after its socket closed, and only if that soc
 its entry: a quick reconnect, to this node or another, takes the entry over and no offline/online
 pair is sent. Each node refreshes its own devices' entries; the devices of a node that died
 disappear once their entries expire (`TTL_S`), without a frame (their devices reconnect elsewhere).
+
+The hash is also the device limit (`USER_MAX_DEVICES`): `join` counts the user's other devices
+with a socket open and adds this one only under the limit, in the same script, so devices
+connecting at the same instant to any nodes cannot overshoot it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from common.keys import Keys
+from common.redis_client import script_for
 from protocol import DeviceOnline, Presence, encode
 
 log = logging.getLogger(__name__)
@@ -69,15 +74,22 @@ class Presences:
         self._channel = channel
         self._node = node
         self._debounce_s = debounce_s
-        self._script = redis.register_script(_LUA)
+        self._script = redis.register_script(script_for(redis, _LUA))  # SPUBLISH on a cluster
         self._leaving: dict[tuple[str, str, str], asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def join(self, user: str, device: str, socket: str) -> tuple[DeviceOnline, ...]:
-        """The device is online through `socket`; returns the user's devices online now."""
+    async def join(self, user: str, device: str, socket: str, *, max_devices: int = 0
+                   ) -> tuple[DeviceOnline, ...] | None:
+        """The device is online through `socket`; returns the user's devices online now. None,
+        with nothing changed, when the user already has `max_devices` other devices with a socket
+        open (0: no limit): checked and taken in one step (presence.lua), so concurrent connects
+        cannot overshoot. The device itself never counts (a reconnect, a second socket)."""
         now_ms = time.time() * 1000
-        reply = await self._run("join", user, device, socket, now_ms)
-        return devices(_entries(dict(zip(reply[::2], reply[1::2], strict=True)), now_ms))
+        reply = await self._run("join", user, device, socket, now_ms, max_devices=max_devices)
+        if not reply[0]:
+            return None
+        flat = reply[1]
+        return devices(_entries(dict(zip(flat[::2], flat[1::2], strict=True)), now_ms))
 
     async def refresh(self, sockets: Iterable[tuple[str, str, str]]) -> None:
         """Extend the entries of (user, device, socket) held by this node's sockets."""
@@ -122,11 +134,11 @@ class Presences:
                                    CLOSE_TIMEOUT_S)
 
     def _run(self, mode: str, user: str, device: str, socket: str, now_ms: float,
-             client: Redis | None = None) -> Awaitable[Any]:
+             client: Redis | None = None, max_devices: int = 0) -> Awaitable[Any]:
         frame = encode(Presence(device=device, online=mode != "leave", node=self._node))
         # A closed socket's entry lasts out the debounce, and a little more, if this node dies.
         ttl_s = self._debounce_s + CLOSED_GRACE_S if mode == "close" else TTL_S
         owner, expires_ms = f"{self._node}|{socket}", int(now_ms + ttl_s * 1000)
         args: list[str | int] = [mode, device, owner, expires_ms, int(now_ms), int(TTL_S),
-                                 self._channel(user), frame]
+                                 self._channel(user), frame, max_devices]
         return self._script(keys=[self._keys.presence(user)], args=args, client=client)

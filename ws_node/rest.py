@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,7 +16,7 @@ from protocol.vocabulary import DoubleTexting
 from runs.agents import UnknownAgent
 from ws_node import presence
 from ws_node.auth import IDENTITY, Identity
-from ws_node.services import SERVICES, Services
+from ws_node.services import ADMISSION, SERVICES, Services
 
 MAX_PAGE = 200
 USAGE_DEFAULT_WINDOW = timedelta(days=30)
@@ -149,6 +150,30 @@ async def errors_middleware(request: web.Request, handler: Any) -> web.StreamRes
         return error_response(404, "not_found", str(exc))
     except (Unavailable, *TRANSIENT) as exc:
         return error_response(503, "unavailable", f"storage unavailable: {type(exc).__name__}")
+
+
+@web.middleware
+async def rate_limit_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every authenticated REST request (the auth middleware left an identity: `/v1/…`, the
+    admin API and the runs over HTTP included) takes a token from its user's REST bucket, one per
+    user in Redis for the whole cluster (`USER_REST_PER_SECOND`, `USER_REST_BURST`). Its own
+    bucket, not the commands': a page load's burst of reads must not cost a user's sockets their
+    sends; the commands over HTTP still take from the command bucket too (`ws_node.http_runs`), so
+    REST is no way around it. Refused: 429 `rate_limited` with `Retry-After`. Redis away: it
+    fails open, as the command bucket does (the request then fails by itself if it needs Redis)."""
+    if IDENTITY in request:
+        decision = None
+        try:
+            decision = await request.app[ADMISSION].rest.take(request[IDENTITY].user)
+        except TRANSIENT:
+            pass
+        if decision is not None and not decision.allowed:
+            request.app[SERVICES].stats.rate_limited["rest",] += 1
+            refused = error_response(429, "rate_limited", "too many requests; slow down")
+            refused.headers["Retry-After"] = str(max(1, math.ceil(decision.retry_after_ms / 1000)))
+            return refused
+    response: web.StreamResponse = await handler(request)
+    return response
 
 
 async def list_agents(request: web.Request) -> web.Response:

@@ -56,6 +56,7 @@ class Admission:
     verifier: Verifier
     connections: LocalBucket
     commands: RedisBuckets
+    rest: RedisBuckets  # authenticated REST requests per user (`ws_node.rest.rate_limit_middleware`)
 
 
 ADMISSION = web.AppKey("admission", Admission)

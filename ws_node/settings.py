@@ -145,8 +145,18 @@ class NodeSettings(SharedSettings):
     commands_burst: int = setting(
         "USER_COMMANDS_BURST", "60", integer(low=1),
         "commands a user may send at once above that rate (at least 1)")
+    rest_per_s: float = setting(
+        "USER_REST_PER_SECOND", "20", number(),
+        "authenticated REST requests (`/v1/…`) per user per second across the whole cluster (HTTP 429 "
+        "`rate_limited` with `Retry-After` beyond); a bucket of its own, apart from the commands'; 0 for "
+        "no limit")
+    rest_burst: int = setting(
+        "USER_REST_BURST", "100", integer(low=1),
+        "REST requests a user may make at once above that rate (at least 1)")
     max_runs_in_flight: int = setting(
-        "USER_MAX_RUNS_IN_FLIGHT", "8", integer(), "runs one user may have queued or running; 0 for no limit")
+        "USER_MAX_RUNS_IN_FLIGHT", "8", integer(),
+        "runs one user may have not yet ended (waiting, queued, running or paused) across the whole "
+        "cluster; a `send` beyond is refused with `rate_limited`; 0 for no limit")
     max_queue_depth: int = setting(
         "RUN_QUEUE_MAX_DEPTH", "0", integer(),
         "runs waiting for a worker beyond which a new `send` is refused with `overloaded` (and "
