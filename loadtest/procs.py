@@ -372,6 +372,13 @@ class RedisClusterServer:
         """Start every node, join them into a cluster and return once all say `cluster_state:ok`."""
         for port in self.ports:
             self.start_node(port)
+        if len(self.ports) < 3:  # `--cluster create` wants three primaries: assign the slots by hand
+            for index, port in enumerate(self.ports):
+                first, last = index * 16384 // len(self.ports), (index + 1) * 16384 // len(self.ports) - 1
+                _resp_command(port, "CLUSTER", "ADDSLOTSRANGE", str(first), str(last))
+                _resp_command(port, "CLUSTER", "MEET", "127.0.0.1", str(self.ports[0]))
+            self.wait_ok(timeout_s)
+            return
         create = subprocess.run(
             [self.cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
              "--cluster-replicas", str(self.replicas), "--cluster-yes"],
