@@ -209,6 +209,7 @@ class Worker:
                 if since_sweep_s >= STALE_SWEEP_S:
                     since_sweep_s = 0.0
                     await self._requeue_lost()
+                    await self.republish_lost_ends()
                     await self.store.prune_checkpoints()
             except (Unavailable, *TRANSIENT) as exc:
                 log.warning("maintenance deferred: %r", exc)
@@ -323,6 +324,51 @@ class Worker:
             job = Job(run=row["id"], user=row["user_id"], conversation=row["conversation_id"])
             await self.runs.enqueue(job, row["agent"])
             self.stats.requeued += 1
+
+    async def republish_lost_ends(self, *, within_s: float = 120.0, settle_s: float = 5.0,
+                                  limit: int = 1000) -> int:
+        """Publish again the end of each run that ended in the last `within_s` and is missing from
+        its user's stream as devices now read it; returns how many. When Redis loses writes it
+        had acknowledged, or comes back empty, devices resync to the head of the stream's new
+        life and get a snapshot of the runs still in flight only: a run whose end was among the
+        lost writes, or landed in the new epoch before they resynced past it, would reach them
+        over REST alone (the redis_lossy soak saw both). Such an end is published again (with
+        `run.resumed`, see `Runs.publish_end_again`) once per epoch, when the epoch is at least
+        `settle_s` old (devices have resynced to it):
+
+        - an end already checked in another epoch, or in this one at a seq the stream has not
+          reached (Redis went back to an older snapshot), is published again;
+        - an end not checked yet is, unless both the run's `message.created` and its end are in
+          the history of this epoch, and so the run began and ended in this life of the stream.
+
+        Bounded: one indexed read, then one position read and one Postgres round trip per user
+        with runs ended in the window."""
+        ends: dict[str, list[Any]] = {}
+        for row in await self.store.recent_ends(within_s=within_s, limit=limit):
+            ends.setdefault(row["user_id"], []).append(row)
+        published = 0
+        for user, rows in ends.items():
+            position = await self.runs.broker.position(user)
+            if await self.store.see_epoch(user, position.epoch) < settle_s:
+                continue  # a new life: its devices may still be resyncing to it
+            in_life: list[str] = []
+            lost: list[str] = []
+            for row in rows:
+                if row["end_epoch"] is None:
+                    began = row["message_seq"]
+                    whole = (began is not None and 0 < position.first_seq <= began
+                             and row["terminal_seq"] <= position.seq)
+                    (in_life if whole else lost).append(row["id"])
+                elif row["end_epoch"] != position.epoch or row["terminal_seq"] > position.seq:
+                    lost.append(row["id"])
+            if in_life:
+                await self.store.set_end_epoch(in_life, position.epoch)
+            for run in lost:
+                log.warning("publishing the end of run %s again (not in epoch %s of its stream)",
+                            run, position.epoch)
+                if await self.runs.publish_end_again(run, position.epoch) is not None:
+                    published += 1
+        return published
 
 
 def _stored(question: InputRequired) -> Question:

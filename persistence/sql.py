@@ -231,3 +231,30 @@ SELECT r.id, r.conversation_id, r.status, r.attempts, r.partial, r.partial_seq, 
 FROM runs r LEFT JOIN messages m ON m.id = r.message_id JOIN conversations c ON c.id = r.conversation_id
 WHERE r.user_id = $1 AND r.id = $2
 """
+
+# Lost ends (the worker's sweep, Worker.republish_lost_ends): runs whose end was published in the
+# last $1 seconds, newest first, with the seq of the message that began them.
+RECENT_ENDS = """
+SELECT r.id, r.user_id, r.terminal_seq, r.end_epoch, m.seq AS message_seq
+FROM runs r LEFT JOIN messages m ON m.id = r.message_id
+WHERE r.terminal_seq IS NOT NULL AND r.updated_at > now() - make_interval(secs => $1)
+ORDER BY r.updated_at DESC LIMIT $2
+"""
+# How long ago the user's stream was first seen in epoch $2 (now, when it is new).
+SEE_EPOCH = """
+WITH seen AS (
+    INSERT INTO stream_epochs AS s (user_id, epoch) VALUES ($1, $2)
+    ON CONFLICT (user_id) DO UPDATE SET epoch = EXCLUDED.epoch, seen_at = now()
+    WHERE s.epoch <> EXCLUDED.epoch
+    RETURNING seen_at
+)
+SELECT extract(epoch FROM now() - coalesce((SELECT seen_at FROM seen),
+                                           (SELECT seen_at FROM stream_epochs WHERE user_id = $1)))::float8
+"""
+SET_END_EPOCH = "UPDATE runs SET end_epoch = $2 WHERE id = ANY($1::text[]) AND terminal_seq IS NOT NULL"
+SET_END_AGAIN = "UPDATE runs SET terminal_seq = $2, end_epoch = $3 WHERE id = $1"
+ENDED_RUN = """
+SELECT user_id, conversation_id, status, attempts, discard, answer_message_id, partial, error_code,
+    error_message, prompt_tokens, completion_tokens
+FROM runs WHERE id = $1 AND status IN ('completed', 'cancelled', 'failed')
+"""

@@ -356,6 +356,36 @@ class Store:
         async with self._conn() as conn:
             await conn.execute(sql.SET_TERMINAL_SEQ, run, seq)
 
+    # Lost ends (agent_worker.worker.Worker.republish_lost_ends)
+
+    async def recent_ends(self, *, within_s: float, limit: int) -> list[asyncpg.Record]:
+        """Runs whose end was published in the last `within_s`, newest first: id, user_id,
+        terminal_seq, end_epoch (None until a sweep checked it) and message_seq (the seq of the
+        `message.created` that began the run; None when that message is gone)."""
+        async with self._conn() as conn:
+            return list(await conn.fetch(sql.RECENT_ENDS, float(within_s), limit))
+
+    async def see_epoch(self, user: str, epoch: str) -> float:
+        """Seconds since `user`'s stream was first seen in `epoch` (0 when seen for the first time now)."""
+        async with self._conn() as conn:
+            age_s: float = await conn.fetchval(sql.SEE_EPOCH, user, epoch)
+        return age_s
+
+    async def set_end_epoch(self, runs: list[str], epoch: str) -> None:
+        """Record that the ends of `runs` are in the stream's epoch `epoch`."""
+        async with self._conn() as conn:
+            await conn.execute(sql.SET_END_EPOCH, runs, epoch)
+
+    async def set_end_again(self, run: str, seq: int, epoch: str) -> None:
+        """Record the end of `run` published again, at `seq` in epoch `epoch`."""
+        async with self._conn() as conn:
+            await conn.execute(sql.SET_END_AGAIN, run, seq, epoch)
+
+    async def ended_run(self, run: str) -> asyncpg.Record | None:
+        """An ended run as its end event tells it (None when not ended, or gone)."""
+        async with self._conn() as conn:
+            return await conn.fetchrow(sql.ENDED_RUN, run)
+
     async def save_partial(self, run: str, text: str, seq: int, epoch: str,
                            tools: list[dict[str, Any]] | None = None) -> None:
         """Checkpoint a running run's answer (and tool calls) so far, as of `seq` in history `epoch`."""

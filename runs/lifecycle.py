@@ -17,7 +17,7 @@ Errors for the caller to translate (the node into `error` frames):
 
     persistence.store.NotFound   no such conversation or run for this user
     persistence.store.Conflict   the `reject` policy refused a send
-    TooManyRuns                  the user has `max_in_flight` runs not yet ended
+    TooManyRuns                  the user has `max_in_flight` runs not yet ended (runs.admission)
     Overloaded                   the run queue is past `max_queue_depth` or `max_queue_age_s`
     runs.agents.UnknownAgent     a send that starts a conversation names an agent no worker serves
     runs.agents.AgentUnavailable a send to an agent none of whose workers is alive
@@ -50,11 +50,13 @@ from protocol.events import (
     RunFailed,
     RunInputReceived,
     RunQueued,
+    RunResumed,
     TokenUsage,
     event_body,
 )
 from protocol.vocabulary import ENDED, DoubleTexting, RunStatus
-from runs.agents import DEFAULT, AgentDirectory, AgentUnavailable, UnknownAgent
+from runs import admission
+from runs.agents import DEFAULT, AgentDirectory, AgentUnavailable, UnknownAgent, pool_of
 from runs.queue import Backlog, Job, RunQueue
 
 
@@ -146,13 +148,22 @@ class Runs:
         """Store the message and its run, publish `message.created`, queue the run (or let it
         wait, cancelling what the policy replaces); returns the record and the message's seq.
         Without a `client_id` the send cannot be retried safely (one is made up)."""
+        retryable = client_id is not None
+        client_id = client_id or new_id("s")  # before admission: it names the send's run slot
         backlog = await self._admit(user, client_id)
-        pool = DEFAULT
-        if self.agents is not None:
-            pool = await self._route_send(user, client_id, conversation, agent)
-        client_id = client_id or new_id("s")
-        record = await self.store.accept_send(user, client_id=client_id, conversation=conversation, text=text,
-                                              device=device, agent=agent or DEFAULT, policy=policy)
+        try:
+            pool = DEFAULT
+            if self.agents is not None:
+                pool = await self._route_send(user, client_id if retryable else None, conversation, agent)
+            record = await self.store.accept_send(user, client_id=client_id, conversation=conversation,
+                                                  text=text, device=device, agent=agent or DEFAULT,
+                                                  policy=policy)
+        except BaseException:
+            if self.max_in_flight > 0:
+                await admission.abandon(self.queue, user, client_id)
+            raise
+        if self.max_in_flight > 0:
+            await admission.hold(self.queue, user, client_id, record.run, record.status)
         if record.seq is not None:
             return record, record.seq  # a retry of a send fully done before
         created = MessageCreated(message=record.message, text=text, device=device, client_id=client_id)
@@ -181,28 +192,27 @@ class Runs:
                 raise AgentUnavailable(name) from None
             raise
 
-    async def _admit(self, user: str, client_id: str | None) -> Backlog | None:
-        """Refuse a new send that would start one run more than `max_in_flight` runs not yet ended
-        (`TooManyRuns`), or join a queue past its limits (`Overloaded`). A retry of a send already
-        stored (same client id) is never refused: it starts nothing new. Racy by design: sends at
-        the same moment may all pass, so a limit can be exceeded by that many. Returns the queue's
-        backlog when it had to read it (the send's place in the queue then comes from it)."""
-        queue_limited = self.max_queue_depth > 0 or self.max_queue_age_s > 0
-        if self.max_in_flight <= 0 and not queue_limited:
-            return None
-        in_flight, seen = await self.store.count_runs_in_flight(user, client_id or "")
-        if seen:
-            return None
-        if 0 < self.max_in_flight <= in_flight:
+    async def _admit(self, user: str, client_id: str) -> Backlog | None:
+        """Refuse a new send that would join a queue past its limits (`Overloaded`), or start one
+        run more than `max_in_flight` runs not yet ended (`TooManyRuns`); else, under that limit,
+        the send holds one of the user's run slots (`runs.admission`: one atomic step in Redis, so
+        concurrent sends cannot overshoot; `accept_send` turns it into the run's or gives it back).
+        A retry of a send already stored (same client id) is never refused: it starts nothing
+        new. Returns the queue's backlog when it had to read it (the send's place in the queue
+        then comes from it)."""
+        backlog = None
+        if self.max_queue_depth > 0 or self.max_queue_age_s > 0:  # first: a refusal here holds no slot
+            if (await self.store.count_runs_in_flight(user, client_id))[1]:
+                return None
+            backlog = await self.queue.backlog(await self.all_pools())
+            too_deep = 0 < self.max_queue_depth <= backlog.depth
+            too_old = 0 < self.max_queue_age_s <= backlog.oldest_s
+            if too_deep or too_old:
+                retry_s = max(1.0, self.max_queue_age_s / 2 if too_old else 5.0)
+                raise Overloaded(backlog.depth, backlog.oldest_s, int(retry_s * 1000))
+        if self.max_in_flight > 0 and not await admission.admit(self.queue, self.store, user, client_id,
+                                                                limit=self.max_in_flight):
             raise TooManyRuns(self.max_in_flight)
-        if not queue_limited:
-            return None
-        backlog = await self.queue.backlog(await self.all_pools())
-        too_deep = 0 < self.max_queue_depth <= backlog.depth
-        too_old = 0 < self.max_queue_age_s <= backlog.oldest_s
-        if too_deep or too_old:
-            retry_s = max(1.0, self.max_queue_age_s / 2 if too_old else 5.0)
-            raise Overloaded(backlog.depth, backlog.oldest_s, int(retry_s * 1000))
         return backlog
 
     async def _double_text(self, user: str, device: str, record: SendRecord, backlog: Backlog | None,
@@ -291,6 +301,7 @@ class Runs:
 
         await retrying(record, retry_on=(Unavailable,), deadline_s=self.store_retry_s,
                        what=f"recording the end of run {run}")
+        await admission.free(self.queue, user, run)  # every end comes here (a worker's, a cancel's)
         await self.start_next(conversation)
 
     async def publish_unpublished_end(self, run: str) -> None:
@@ -306,6 +317,37 @@ class Runs:
         ending = Ending(RunStatus(state["status"]), text=state["partial"], message=state["answer_message_id"],
                         error=error, usage=usage)
         await self.end(state["user_id"], state["conversation_id"], run, ending)
+
+    async def publish_end_again(self, run: str, epoch: str) -> PublishResult | None:
+        """Publish the end of an ended run again, in the user's stream's epoch `epoch`: its devices
+        resynced into that epoch without it (its first publish was among writes Redis lost, or it
+        landed before they resynced past it). `run.resumed` with the stored answer goes first, so a
+        device that missed the run's last tokens shows it whole. Both are published once per
+        epoch, whoever calls this (one producer id per epoch); the end's seq and the epoch it
+        landed in are recorded. None when the run has not ended (or is gone)."""
+        state = await self.store.ended_run(run)
+        if state is None:
+            return None
+        status = RunStatus(state["status"])
+        error = (state["error_code"], state["error_message"] or "") if state["error_code"] else None
+        usage = None
+        if state["prompt_tokens"] is not None:
+            usage = TokenUsage(state["prompt_tokens"], state["completion_tokens"])
+        ending = Ending(status, text=state["partial"], message=state["answer_message_id"], error=error,
+                        discarded=state["discard"], usage=usage)
+        user, conversation, producer = state["user_id"], state["conversation_id"], f"run:{run}:end:{epoch}"
+        resumed = await self.publish(user, conversation, run, RunResumed(text=state["partial"],
+                                                                         attempt=state["attempts"]),
+                                     producer=producer, pseq=1)
+        published = await self.publish(user, conversation, run, ending.event(), producer=producer, pseq=2,
+                                       producer_epoch=resumed.epoch)
+
+        async def record() -> None:
+            await self.store.set_end_again(run, published.seq, published.epoch)
+
+        await retrying(record, retry_on=(Unavailable,), deadline_s=self.store_retry_s,
+                       what=f"recording the end of run {run} published again")
+        return published
 
     async def start_next(self, conversation: str) -> None:
         """Queue the conversation's next waiting run, if nothing else is in flight."""
@@ -369,8 +411,13 @@ class Runs:
         await self.publish(user, row["conversation_id"], run, received, producer=f"run:{run}:input:{request}",
                            fenced=True)
         if answered["status"] == RunStatus.QUEUED:  # after the devices were told
-            await self.enqueue(Job(run=run, user=user, conversation=answered["conversation_id"]),
-                               answered["agent"])
+            job = Job(run=run, user=user, conversation=answered["conversation_id"])
+            if answered["agent_version"] is not None:
+                # Back to the version that asked: its graph's checkpoint is the one to resume.
+                pool = pool_of(answered["agent"], answered["agent_version"])
+                await self.queue.enqueue(dataclasses.replace(job, pool=pool, trace=tracing.carrier()))
+            else:
+                await self.enqueue(job, answered["agent"])
 
 
 def compact_json(frame: dict[str, Any]) -> str:

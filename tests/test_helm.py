@@ -28,7 +28,7 @@ import yaml
 from kubernetes_validate.utils import latest_version, major_minor
 
 from agent_worker.settings import WorkerSettings
-from common.config import declared
+from common.config import SharedSettings, declared, read
 from ws_node.settings import NodeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,6 +301,11 @@ def test_schema_rejects_unknown_keys(chart: helm.Chart, values_yaml: str, key: s
         ({"node": {"extraEnv": {"PORT": "1"}}}, "PORT"),
         ({"worker": {"extraEnv": {"LLM_API_KEY": "sk-plain"}}}, "LLM_API_KEY"),
         ({"worker": {"extraEnv": {"not-an-env-name": "1"}}}, "not-an-env-name"),
+        # The Redis kind comes from `redis.*` alone, the same for every component (they must agree).
+        ({"node": {"extraEnv": {"REDIS_CLUSTER": "true"}}}, "REDIS_CLUSTER"),
+        ({"worker": {"extraEnv": {"REDIS_SENTINELS": "sentinel:26379"}}}, "REDIS_SENTINELS"),
+        ({"node": {"extraSecretEnv": {"REDIS_SENTINEL_MASTER": {"key": "master"}}}}, "REDIS_SENTINEL_MASTER"),
+        ({"workerPools": [{"name": "r", "agents": "a", "extraEnv": {"REDIS_CLUSTER": "true"}}]}, "REDIS_CLUSTER"),
     ],
 )
 def test_extra_env_cannot_shadow_chart_env(chart: helm.Chart, values: dict[str, Any], name: str) -> None:
@@ -587,6 +592,10 @@ def test_checksum_config_follows_each_components_config(chart: helm.Chart) -> No
     assert node_same == node_before and worker_after != worker_before
 
     assert _checksums(chart, {"config": {"logLevel": "DEBUG"}})[0] != node_before
+    # Turning to a Redis Cluster or Sentinels rolls both components (and every pool).
+    for redis in ({"cluster": True}, {"sentinels": ["sentinel:26379"]}):
+        node_redis, worker_redis = _checksums(chart, {"redis": redis})
+        assert node_redis != node_before and worker_redis != worker_before
 
 
 def test_existing_secret_is_referenced_and_none_rendered(rendered: dict[str, list[Manifest]]) -> None:
@@ -656,6 +665,113 @@ def test_chart_created_secret_precedes_migration(rendered: dict[str, list[Manife
     )
     for workload in workloads(objects):
         assert {name for name, _ in secret_refs(container(workload)).values()} == {f"{RELEASE}-chorus"}
+
+
+# --- Redis: one primary, Sentinels or a Cluster ----------------------------------------------
+
+REDIS_KIND = ("REDIS_CLUSTER", "REDIS_SENTINELS", "REDIS_SENTINEL_MASTER")
+SENTINELS = tuple(f"redis-sentinel-{i}.redis-sentinel.data:26379" for i in range(3))
+SECRET_ENV = {"REDIS_URL": "redis://:pw@redis.data:6379/0", "DATABASE_URL": "postgresql://c@pg.data/c"}
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("defaults", {}),
+        ("production", {}),
+        ("pools", {}),
+        ("redis-cluster", {"REDIS_CLUSTER": "true"}),
+        ("redis-sentinel", {"REDIS_SENTINELS": ",".join(SENTINELS), "REDIS_SENTINEL_MASTER": "chorus-primary"}),
+    ],
+)
+def test_every_component_is_told_the_same_redis_kind(
+    rendered: dict[str, list[Manifest]], case: str, expected: dict[str, str]
+) -> None:
+    """The ws-node, the worker and every pool get the same `redis.*` variables (nodes and workers
+    must agree), and read them as the chart means them; one primary sets none, so the ConfigMaps of
+    an install that uses no Cluster or Sentinels are what they were before these values existed."""
+    objects = rendered[case]
+    deployments = find(objects, "Deployment")
+    assert len(deployments) == 2 + pool_count(case)
+    for deployment in deployments:
+        data = config_data(objects, deployment)
+        name = deployment["metadata"]["name"]
+        assert {key: value for key, value in data.items() if key in REDIS_KIND} == expected, name
+        settings = read(SharedSettings, {**data, **SECRET_ENV})  # the parsers the processes use
+        assert settings["redis_cluster"] is (case == "redis-cluster"), name
+        assert settings["redis_sentinels"] == (SENTINELS if case == "redis-sentinel" else ()), name
+        if case == "redis-sentinel":
+            assert settings["redis_sentinel_master"] == "chorus-primary", name
+
+
+def test_notes_name_the_redis_kind(chart: helm.Chart) -> None:
+    def redis_line(values: dict[str, Any]) -> str:
+        notes = render_raw(chart, values)["chorus/templates/NOTES.txt"]
+        (line,) = [line.strip() for line in notes.splitlines() if line.strip().startswith("redis:")]
+        return line
+
+    assert redis_line({}) == "redis:        one primary, the Secret's redis-url"
+    assert "a Redis Cluster" in redis_line(load_values("redis-cluster"))
+    assert redis_line(load_values("redis-sentinel")) == (
+        f'redis:        the primary Sentinels {",".join(SENTINELS)} name "chorus-primary"')
+
+
+def test_networkpolicy_opens_the_sentinels_ports(rendered: dict[str, list[Manifest]]) -> None:
+    """Every pod asks the Sentinels for the primary on each new Redis connection: each component's
+    policy lets it reach their port as well as Redis's, towards the same peers."""
+
+    def redis_rules(objects: list[Manifest]) -> list[Manifest]:
+        policies = find(objects, "NetworkPolicy")
+        assert len(policies) == 2 + 1  # the ws-node, the worker, the pool
+        return [rule for policy in policies for rule in policy["spec"]["egress"]
+                if {"port": 6379, "protocol": "TCP"} in rule["ports"]]
+
+    rules = redis_rules(rendered["redis-sentinel"])
+    assert len(rules) == 3
+    for rule in rules:
+        # Three Sentinels on one port: the port once.
+        assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}, {"port": 26379, "protocol": "TCP"}]
+        assert rule["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "data"}}}]
+    # A Redis Cluster's clients use its nodes' client port (6379 here), nothing more.
+    assert [rule["ports"] for rule in redis_rules(rendered["redis-cluster"])] == [
+        [{"port": 6379, "protocol": "TCP"}]] * 3
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        # A Redis Cluster has no Sentinels (and the processes refuse both at start).
+        ({"redis": {"cluster": True, "sentinels": ["sentinel:26379"]}},
+         "at '/redis/sentinels': maxItems: got 1, want 0"),
+        ({"redis": {"sentinels": ["sentinel"]}}, "at '/redis/sentinels/0'"),
+        ({"redis": {"sentinels": ["sentinel:65536"]}}, "at '/redis/sentinels/0'"),
+        ({"redis": {"sentinels": ["s0:26379,s1:26379"]}}, "at '/redis/sentinels/0'"),  # a list, not a string
+        ({"redis": {"sentinels": ["s0:26379", "s0:26379"]}}, "at '/redis/sentinels'"),
+        ({"redis": {"sentinelMaster": ""}}, "at '/redis/sentinelMaster'"),
+        ({"redis": {"cluster": "true"}}, "at '/redis/cluster'"),
+        ({"redis": {"clustr": True}}, "additional properties 'clustr' not allowed"),
+    ],
+)
+def test_schema_rejects_bad_redis_values(chart: helm.Chart, values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(message)):
+        render_raw(chart, values)
+    report = helm.lint(CHART_DIR, values, strict=True)
+    assert any(message in error for error in report["errors"]), report
+
+
+def test_redis_values_are_the_settings_and_only_the_chart_sets_them() -> None:
+    """values.yaml sets every `redis` key, so the merged values Helm validates always hold both
+    `cluster` and `sentinels` for the schema's either-or; the variables are the processes'
+    settings, and no extraEnv / extraSecretEnv may set them past the chart."""
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    assert set(defaults["redis"]) == set(schema["properties"]["redis"]["properties"])
+    for variable in REDIS_KIND:
+        assert variable in {spec.variable for spec in declared(SharedSettings).values()}
+        for component in ("node", "worker"):
+            for key in ("extraEnv", "extraSecretEnv"):
+                names = schema["properties"][component]["properties"][key]["propertyNames"]["not"]["enum"]
+                assert variable in names, (component, key)
 
 
 # --- migration hook -------------------------------------------------------------------------

@@ -43,6 +43,9 @@ _TEXT_HEADER_SHORT = struct.Struct("!BB")
 _TEXT_HEADER_MEDIUM = struct.Struct("!BBH")
 _TEXT_HEADER_LONG = struct.Struct("!BBQ")
 _SERIALS = itertools.count(1)
+# A new epoch is replayed whole to a device that resyncs into it while it holds at most this many
+# events (a young one, after Redis lost its data); past that the device starts at the latest seq.
+RESYNC_REPLAY_MAX = 2_000
 
 
 class Connection:
@@ -267,11 +270,20 @@ class Connection:
 
     async def _resync(self, reason: ResyncReason, position: Position) -> None:
         """The device's position is unusable: move it to `position`, with a snapshot of the runs in
-        flight so it shows every answer in progress exactly (finished ones come over REST)."""
+        flight so it shows every answer in progress exactly (finished ones come over REST). A new
+        epoch whose history is still whole and short is given from its start instead: what was
+        published in it before this device caught up (a run's end, a message) reaches the device
+        as events, not only over REST (the redis_lossy soak lost such ends to the jump)."""
         self.epoch = position.epoch
-        self.gate.last = position.seq
-        self.send(encode(Resync(reason, seq=position.seq, epoch=position.epoch)))
-        await self._snapshot(position)
+        start = position.seq
+        young = position.first_seq == 1 and position.seq <= RESYNC_REPLAY_MAX
+        if reason == ResyncReason.EPOCH_CHANGED and young:
+            start = 0
+        self.gate.last = start
+        self.send(encode(Resync(reason, seq=start, epoch=position.epoch)))
+        await self._snapshot(Position(position.epoch, start, position.first_seq))
+        if start < position.seq:
+            await self._replay(position)
 
     async def _snapshot(self, position: Position) -> None:
         try:

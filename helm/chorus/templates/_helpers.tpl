@@ -89,6 +89,22 @@ One env entry read from the credentials Secret. Call with (dict "ctx" $ "env" "R
 {{- end }}
 
 {{/*
+Which Redis REDIS_URL points at (values `redis`), as ConfigMap data lines: the same for the ws-node,
+the worker and every pool, which must agree. Only what differs from the components' defaults is
+set, so a one-primary install's ConfigMaps (and their checksums) stay as they were. The schema
+refuses `cluster` together with `sentinels`.
+*/}}
+{{- define "chorus.redisEnv" -}}
+{{- if .Values.redis.cluster }}
+REDIS_CLUSTER: "true"
+{{- end }}
+{{- with .Values.redis.sentinels }}
+REDIS_SENTINELS: {{ join "," . | quote }}
+REDIS_SENTINEL_MASTER: {{ $.Values.redis.sentinelMaster | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
 The Pod-level fields shared by every Chorus pod (ws-node, agent-worker, migration).
 */}}
 {{- define "chorus.podCommon" -}}

@@ -80,6 +80,9 @@ data:
   LLM_BASE_URL: {{ $v.llm.baseUrl | quote }}
   LLM_MODEL: {{ $v.llm.model | quote }}
   LOG_LEVEL: {{ .ctx.Values.config.logLevel | quote }}
+  {{- with include "chorus.redisEnv" .ctx | trim }}
+  {{- . | nindent 2 }}
+  {{- end }}
   {{- range $name, $value := $v.extraEnv }}
   {{ $name }}: {{ $value | quote }}
   {{- end }}
