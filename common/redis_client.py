@@ -15,9 +15,12 @@ from redis.backoff import NoBackoff
 
 from common.config import SharedSettings
 
-# Errors that mean Redis is unreachable right now (restarting, loading, network): the operation
-# may or may not have run, so only what is safe to repeat is retried on them.
-TRANSIENT = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError, OSError)
+# Errors that mean Redis is unreachable right now (restarting, loading, network; on a Redis Cluster,
+# a failover in progress (CLUSTERDOWN) or a slot being resharded whose keys are half moved, which a
+# multi-key script cannot run on (TRYAGAIN)): the operation may or may not have run, so only what
+# is safe to repeat is retried on them.
+TRANSIENT = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError, OSError,
+             redis_errors.TryAgainError, redis_errors.ClusterDownError)
 
 
 class PoolExhausted(Exception):

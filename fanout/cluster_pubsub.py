@@ -22,7 +22,7 @@ from typing import Any
 
 from redis.asyncio import RedisCluster
 
-from fanout.resp_pubsub import RespPubSub
+from fanout.resp_pubsub import RespPubSub, Waker
 
 
 class ClusterPubSub:
@@ -36,7 +36,7 @@ class ClusterPubSub:
         self._shards: dict[str, RespPubSub] = {}  # "host:port" -> its connection
         self._leaving: collections.Counter[str] = collections.Counter()  # unsubscribes asked, not confirmed
         self._moved: str | None = None  # a channel the server unsubscribed by itself
-        self._waiter: asyncio.Future[None] | None = None
+        self._waker = Waker()
 
     async def ping(self) -> Any:
         if not self._shards:
@@ -60,15 +60,7 @@ class ClusterPubSub:
     async def get_message(self, *, timeout: float | None = 0.0) -> dict[str, Any] | None:  # noqa: ASYNC109
         if not self._messages:
             self._check()
-            loop = asyncio.get_running_loop()
-            self._waiter = loop.create_future()  # a bare future and a timer: see fanout.resp_pubsub
-            timer = loop.call_later(timeout, self._wake) if timeout is not None else None
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-                if timer is not None:
-                    timer.cancel()
+            await self._waker.wait(timeout)
             if not self._messages:
                 self._check()
                 return None
@@ -110,5 +102,4 @@ class ClusterPubSub:
                 raise ConnectionError(f"sharded pubsub connection to {name} lost: {shard.lost!r}")
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._waker.wake()

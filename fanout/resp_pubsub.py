@@ -31,6 +31,32 @@ _PUSHED = {"message": "message", "subscribe": "subscribe", "unsubscribe": "unsub
            "smessage": "message", "ssubscribe": "subscribe", "sunsubscribe": "unsubscribe"}
 
 
+class Waker:
+    """What a reader waits on until something arrives (`wake`) or `timeout` passes.
+
+    A bare future and a timer, not asyncio.wait_for: on Python 3.11, wait_for swallows a
+    cancellation that lands as the future completes, and the hub's read loop then never ends (a
+    hang in Hub.close, seen under load)."""
+
+    def __init__(self) -> None:
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def wait(self, timeout: float | None) -> None:  # noqa: ASYNC109
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, self.wake) if timeout is not None else None
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
 class RespPubSub(asyncio.Protocol):
     """One subscriber connection (see `fanout.broker.PubSub`); connects on `ping()`."""
 
@@ -49,7 +75,7 @@ class RespPubSub(asyncio.Protocol):
         self._messages: collections.deque[dict[str, Any]] = collections.deque() if sink is None else sink
         self._replies: collections.deque[asyncio.Future[Any]] = collections.deque()  # AUTH, PING
         self._transport: asyncio.Transport | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._waker = Waker()
         self._lost: Exception | None = None
 
     @classmethod
@@ -86,8 +112,7 @@ class RespPubSub(asyncio.Protocol):
             self._on_push()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._waker.wake()
 
     # fanout.broker.PubSub
 
@@ -111,18 +136,7 @@ class RespPubSub(asyncio.Protocol):
     async def get_message(self, *, timeout: float | None = 0.0) -> dict[str, Any] | None:  # noqa: ASYNC109
         if not self._messages:
             self._check()
-            # A bare future and a timer, not asyncio.wait_for: on Python 3.11, wait_for swallows a
-            # cancellation that lands as the future completes, and the hub's read loop then never
-            # ends (a hang in Hub.close, seen under load).
-            loop = asyncio.get_running_loop()
-            self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, self._wake) if timeout is not None else None
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-                if timer is not None:
-                    timer.cancel()
+            await self._waker.wait(timeout)
             if not self._messages:
                 self._check()
                 return None

@@ -391,15 +391,7 @@ class RedisClusterServer:
         """Start (or restart) one node and wait for its PONG; it rejoins with its nodes.conf."""
         (self.root / str(port)).mkdir(parents=True, exist_ok=True)
         self.procs[port].start()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if _resp_command(port, "PING") == b"+PONG":
-                    return
-            except OSError:
-                pass
-            time.sleep(_POLL_S)
-        raise TimeoutError(f"redis on :{port} no PONG in {timeout_s}s:\n{_tail(self.procs[port].log_text())}")
+        _until(lambda: _pong(port), timeout_s, f"redis on :{port} answering PING")
 
     def wait_ok(self, timeout_s: float = 30, *, replicas: int = 0) -> None:
         """Until every running node sees the cluster whole (all slots served, `cluster_state:ok`)
@@ -433,6 +425,37 @@ class RedisClusterServer:
     def kill(self, port: int) -> None:
         """SIGKILL one node: its unsaved data is gone; a primary's replica takes over."""
         self.procs[port].kill()
+
+    def move_slot(self, slot: int, to_port: int) -> int:
+        """Reshard one slot to the primary on `to_port`, keys and all, as `redis-cli --cluster
+        reshard` does (IMPORTING/MIGRATING, MIGRATE in batches, then the new owner everywhere);
+        returns the port it moved from."""
+        owner = self.slot_owner(slot)
+        source, target = self._cli(owner, "cluster", "myid"), self._cli(to_port, "cluster", "myid")
+        self._cli(to_port, "cluster", "setslot", str(slot), "importing", source)
+        self._cli(owner, "cluster", "setslot", str(slot), "migrating", target)
+        while keys := self._cli(owner, "cluster", "getkeysinslot", str(slot), "100").split():
+            self._cli(owner, "migrate", "127.0.0.1", str(to_port), "", "0", "5000", "keys", *keys)
+        for port in self.primaries():
+            self._cli(port, "cluster", "setslot", str(slot), "node", target)
+        return owner
+
+    def slot_owner(self, slot: int) -> int:
+        """The port of the primary serving `slot` (CLUSTER NODES as a live node sees it)."""
+        seen = next(port for port in self.ports if self.procs[port].alive)
+        for line in self._cli(seen, "cluster", "nodes").splitlines():
+            fields = line.split()
+            for served in fields[8:]:
+                first, _, last = served.partition("-")
+                if served[0] != "[" and int(first) <= slot <= int(last or first):
+                    return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        raise LookupError(f"no primary serves slot {slot}")
+
+    def _cli(self, port: int, *args: str) -> str:
+        done = subprocess.run([self.cli, "-p", str(port), *args], capture_output=True, text=True, timeout=30,
+                              check=True)
+        return done.stdout.strip()
+
 
     def stop(self) -> None:
         for proc in self.procs.values():
@@ -479,8 +502,8 @@ class RedisSentinelServers:
         self.root.mkdir(parents=True, exist_ok=True)
         for port in (self.primary, self.replica):
             self.start_node(port)
-        self._until(lambda: b"master_link_status:up" in _info(self.replica, "replication"), timeout_s,
-                    "replica in sync")
+        _until(lambda: b"master_link_status:up" in _info(self.replica, "replication"), timeout_s,
+               "replica in sync")
         for port in self.sentinel_ports:
             (self.root / f"sentinel-{port}.conf").write_text(
                 f"port {port}\nbind 127.0.0.1\nprotected-mode no\n"
@@ -488,14 +511,14 @@ class RedisSentinelServers:
                 f"sentinel down-after-milliseconds {self.master} 1000\n"
                 f"sentinel failover-timeout {self.master} 3000\n")
             self.procs[port].start()
-        self._until(lambda: all(self._sentinel_sees_replica(port) for port in self.sentinel_ports), timeout_s,
-                    "Sentinels watching")
+        _until(lambda: all(self._sentinel_sees_replica(port) for port in self.sentinel_ports), timeout_s,
+               "Sentinels watching")
 
     def start_node(self, port: int, timeout_s: float = 15) -> None:
         """Start (or restart) a data node; a restarted old primary is made a replica by the Sentinels."""
         (self.root / str(port)).mkdir(parents=True, exist_ok=True)
         self.procs[port].start()
-        self._until(lambda: _pong(port), timeout_s, f"redis on :{port} answering PING")
+        _until(lambda: _pong(port), timeout_s, f"redis on :{port} answering PING")
 
     def primary_port(self) -> int:
         """The primary's port, as the Sentinels name it now."""
@@ -515,17 +538,19 @@ class RedisSentinelServers:
         except OSError:
             return False
 
-    @staticmethod
-    def _until(done: Callable[[], bool], timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if done():
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"{what}: not within {timeout_s}s")
+
+
+def _until(done: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `done` until it holds (OSError counts as not yet); TimeoutError naming `what` after."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if done():
+                return
+        except OSError:
+            pass
+        time.sleep(_POLL_S)
+    raise TimeoutError(f"{what}: not within {timeout_s}s")
 
 
 def _pong(port: int) -> bool:

@@ -24,10 +24,13 @@ import contextlib
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio import Redis
 
+from common.backoff import retrying
 from common.keys import Keys
+from common.redis_client import TRANSIENT
 from persistence.store import Store
 from protocol.vocabulary import ENDED
 from runs.queue import RedisRunQueue, RunQueue
@@ -97,6 +100,9 @@ class Taken:
     entries: dict[str, str] = field(default_factory=dict)  # when refused: the hash, field -> ms
 
 
+RETRY_S = 10.0  # how long a slot step retries through Redis being away
+
+
 class RunSlots:
     """The slots of every user in Redis. Built from the run queue's client (`of`), so every
     `Runs`, a node's or a worker's, frees the slots of the runs it ends."""
@@ -119,8 +125,7 @@ class RunSlots:
     async def take(self, user: str, client_id: str, *, limit: int, drop: Iterable[str] = ()) -> Taken:
         """Take a slot for the send `client_id` if the user holds fewer than `limit` (after
         dropping the fields `drop`), in one step."""
-        reply = await self._script(keys=[self._keys.run_slots(user)],
-                                   args=["take", limit, send_field(client_id), TTL_S, *drop])
+        reply = await self._run(user, ["take", limit, send_field(client_id), TTL_S, *drop])
         if reply[0]:
             return Taken(True, int(reply[1]))
         flat = reply[2]
@@ -128,12 +133,19 @@ class RunSlots:
 
     async def hold(self, user: str, client_id: str, run: str) -> None:
         """The send `client_id` was stored as `run`: its slot is the run's now."""
-        await self._script(keys=[self._keys.run_slots(user)],
-                           args=["hold", send_field(client_id), run_field(run), TTL_S])
+        await self._run(user, ["hold", send_field(client_id), run_field(run), TTL_S])
 
     async def free(self, user: str, *fields: str) -> None:
         if fields:
-            await self._redis.hdel(self._keys.run_slots(user), *fields)
+            await retrying(lambda: self._redis.hdel(self._keys.run_slots(user), *fields), retry_on=TRANSIENT,
+                           deadline_s=RETRY_S, what=f"freeing {user}'s run slots")
+
+    async def _run(self, user: str, args: list[str | int]) -> Any:
+        # Every step is idempotent under its field (a send's or a run's), so a connection that
+        # Redis reset (the first command after a restart) or a moment's outage is retried, as a
+        # publish is, instead of failing the send.
+        return await retrying(lambda: self._script(keys=[self._keys.run_slots(user)], args=args),
+                              retry_on=TRANSIENT, deadline_s=RETRY_S, what=f"{user}'s run slots")
 
 
 _BY_QUEUE: weakref.WeakKeyDictionary[RedisRunQueue, RunSlots] = weakref.WeakKeyDictionary()

@@ -25,12 +25,15 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from common.backoff import retrying
 from common.heartbeat import heartbeats
 from common.keys import Keys
+from common.redis_client import TRANSIENT
 
 DEFAULT = "default"
 TTL_S = 300  # an entry no worker refreshed for this long is gone (workers refresh every TTL_S/3)
 ROUTES_FRESH_S = 1.0  # how long a node reuses what it read of the directory (a send reads none)
+READ_RETRY_S = 10.0
 
 
 def pool_of(name: str, version: str | None) -> str:
@@ -137,7 +140,9 @@ class AgentDirectory:
         worker advertised, only `default` exists, assumed live: its runs wait for the first worker."""
         now = time.monotonic()
         if now - self._read_at >= self.fresh_s:
-            entries, live = await self._read()
+            # Read on a send's path: a connection Redis reset is retried, as a publish is.
+            entries, live = await retrying(self._read, retry_on=TRANSIENT, deadline_s=READ_RETRY_S,
+                                           what="reading the agent directory")
             self._routes = [Route(e["name"], e["pool"], e.get("version"), float(e.get("weight", 1)),
                                   e["pool"] in live) for e in entries]
             self._read_at = now

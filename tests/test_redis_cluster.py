@@ -140,3 +140,39 @@ async def test_a_primary_killed_mid_answer_leaves_no_hole(
         await asyncio.gather(phone.close(), laptop.close())
         redis_cluster.start_node(victim)  # it comes back as a replica
         redis_cluster.wait_ok(60)
+
+
+async def test_a_user_resharded_mid_answer_follows_the_slot(
+    cluster: LocalCluster, redis_cluster: RedisClusterServer
+) -> None:
+    """The user's slot (keys, history and channel) moves to another primary while an answer streams:
+    the hubs are unsubscribed by the server, subscribe again on the new owner and fill what they
+    missed from the moved history; the publishes follow the slot (ASK, TRYAGAIN retried)."""
+    user = unique("alice")
+    token = cluster.token(user)
+    phone = ChorusClient(node_ws(cluster, 0), token, device="phone")
+    laptop = ChorusClient(node_ws(cluster, 1), token, device="laptop")
+    await phone.connect()
+    await laptop.connect()
+    client = connect(redis_cluster.url, socket_timeout_s=5, pool_size=4, pool_wait_s=5, cluster=True)
+    try:
+        slot = client.keyslot(f"chorus:{{u:{user}}}:ch")  # type: ignore[attr-defined]
+        ack = await phone.send("[[tokens:80]] [[slow:0.05]] a long answer please")
+        run = ack["run"]
+        await laptop.wait_for(lambda: sum(e["event"] == "token" for e in laptop.events) >= 5, 20)
+        owner = redis_cluster.slot_owner(slot)
+        target = next(port for port in redis_cluster.primaries() if port != owner)
+        await asyncio.to_thread(redis_cluster.move_slot, slot, target)
+        assert redis_cluster.slot_owner(slot) == target
+        words = " ".join(f"word{i}" for i in range(1, 81))
+        for device in (phone, laptop):
+            end = await device.wait_run_end(run, 60)
+            assert end["event"] == "run.completed" and end["data"]["text"] == words, end
+            assert device.shown[run] == words and device.duplicates == 0
+            assert device.gaps == [] or any(f["type"] == "resync" for f in device.frames)
+        again = await laptop.send("and after the move", conversation=ack["conversation"])
+        for device in (phone, laptop):
+            assert (await device.wait_run_end(again["run"], 30))["event"] == "run.completed"
+    finally:
+        await client.aclose()
+        await asyncio.gather(phone.close(), laptop.close())

@@ -19,6 +19,7 @@ import contextvars
 import itertools
 import logging
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -43,9 +44,8 @@ _TEXT_HEADER_SHORT = struct.Struct("!BB")
 _TEXT_HEADER_MEDIUM = struct.Struct("!BBH")
 _TEXT_HEADER_LONG = struct.Struct("!BBQ")
 _SERIALS = itertools.count(1)
-# A new epoch is replayed whole to a device that resyncs into it while it holds at most this many
-# events (a young one, after Redis lost its data); past that the device starts at the latest seq.
-RESYNC_REPLAY_MAX = 2_000
+# The least time between two checks of the stream's position prompted by a duplicate frame.
+DUPLICATE_CHECK_S = 2.0
 
 
 class Connection:
@@ -53,9 +53,9 @@ class Connection:
     own while idle: a node holds tens of thousands of these (issue 14, memory per socket)."""
 
     __slots__ = (
-        "_catching_up", "_context", "_parked", "_queue", "_transport", "_writer", "_writing", "broker",
-        "close_code", "close_reason", "device", "epoch", "gate", "merged_token_max_chars", "queue_max_frames",
-        "runs_in_flight", "serial", "stats", "user", "ws",
+        "_catching_up", "_checked_at", "_context", "_parked", "_queue", "_transport", "_writer", "_writing",
+        "broker", "close_code", "close_reason", "device", "epoch", "gate", "merged_token_max_chars",
+        "queue_max_frames", "runs_in_flight", "serial", "stats", "user", "ws",
     )
 
     def __init__(
@@ -86,6 +86,7 @@ class Connection:
         # Live frames parked while the connection (re)reads history; None when live.
         self._parked: list[tuple[int, str]] | None = []
         self._catching_up: asyncio.Task[None] | None = None
+        self._checked_at = 0.0  # when a duplicate frame last made us check the stream's position
         self.close_code: CloseCode | None = None
         self.close_reason = ""
 
@@ -204,6 +205,20 @@ class Connection:
         elif offer is Offer.GAP:
             self._parked = [(seq, frame)]
             self._start_catch_up()
+        else:
+            self._duplicate()
+
+    def _duplicate(self) -> None:
+        """A live frame at or below the device's position: usually the tail of a catch-up, but also
+        what Redis restored from an older snapshot sends (the same epoch, seqs reused, and no
+        publisher's numbering showed the loss): the device would drop every new event until the
+        stream passed its old position. So the position is checked, at most every few seconds;
+        `_catch_up` resyncs the device when the stream is behind it."""
+        now = time.monotonic()
+        idle = self._catching_up is None or self._catching_up.done()
+        if idle and now - self._checked_at >= DUPLICATE_CHECK_S:
+            self._checked_at = now
+            self.resume()
 
     def resume(self) -> None:
         if self._parked is None:
@@ -270,20 +285,12 @@ class Connection:
 
     async def _resync(self, reason: ResyncReason, position: Position) -> None:
         """The device's position is unusable: move it to `position`, with a snapshot of the runs in
-        flight so it shows every answer in progress exactly (finished ones come over REST). A new
-        epoch whose history is still whole and short is given from its start instead: what was
-        published in it before this device caught up (a run's end, a message) reaches the device
-        as events, not only over REST (the redis_lossy soak lost such ends to the jump)."""
+        flight so it shows every answer in progress exactly (finished ones come over REST, and a
+        run whose end the device skipped gets it again from the workers' sweep)."""
         self.epoch = position.epoch
-        start = position.seq
-        young = position.first_seq == 1 and position.seq <= RESYNC_REPLAY_MAX
-        if reason == ResyncReason.EPOCH_CHANGED and young:
-            start = 0
-        self.gate.last = start
-        self.send(encode(Resync(reason, seq=start, epoch=position.epoch)))
-        await self._snapshot(Position(position.epoch, start, position.first_seq))
-        if start < position.seq:
-            await self._replay(position)
+        self.gate.last = position.seq
+        self.send(encode(Resync(reason, seq=position.seq, epoch=position.epoch)))
+        await self._snapshot(position)
 
     async def _snapshot(self, position: Position) -> None:
         try:
