@@ -19,7 +19,6 @@ import contextvars
 import itertools
 import logging
 import struct
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -44,8 +43,6 @@ _TEXT_HEADER_SHORT = struct.Struct("!BB")
 _TEXT_HEADER_MEDIUM = struct.Struct("!BBH")
 _TEXT_HEADER_LONG = struct.Struct("!BBQ")
 _SERIALS = itertools.count(1)
-# The least time between two checks of the stream's position prompted by a duplicate frame.
-DUPLICATE_CHECK_S = 2.0
 
 
 class Connection:
@@ -53,7 +50,7 @@ class Connection:
     own while idle: a node holds tens of thousands of these (issue 14, memory per socket)."""
 
     __slots__ = (
-        "_catching_up", "_checked_at", "_context", "_parked", "_queue", "_transport", "_writer", "_writing",
+        "_catching_up", "_context", "_parked", "_queue", "_transport", "_writer", "_writing",
         "broker", "close_code", "close_reason", "device", "epoch", "gate", "merged_token_max_chars",
         "queue_max_frames", "runs_in_flight", "serial", "stats", "user", "ws",
     )
@@ -86,7 +83,6 @@ class Connection:
         # Live frames parked while the connection (re)reads history; None when live.
         self._parked: list[tuple[int, str]] | None = []
         self._catching_up: asyncio.Task[None] | None = None
-        self._checked_at = 0.0  # when a duplicate frame last made us check the stream's position
         self.close_code: CloseCode | None = None
         self.close_reason = ""
 
@@ -205,20 +201,6 @@ class Connection:
         elif offer is Offer.GAP:
             self._parked = [(seq, frame)]
             self._start_catch_up()
-        else:
-            self._duplicate()
-
-    def _duplicate(self) -> None:
-        """A live frame at or below the device's position: usually the tail of a catch-up, but also
-        what Redis restored from an older snapshot sends (the same epoch, seqs reused, and no
-        publisher's numbering showed the loss): the device would drop every new event until the
-        stream passed its old position. So the position is checked, at most every few seconds;
-        `_catch_up` resyncs the device when the stream is behind it."""
-        now = time.monotonic()
-        idle = self._catching_up is None or self._catching_up.done()
-        if idle and now - self._checked_at >= DUPLICATE_CHECK_S:
-            self._checked_at = now
-            self.resume()
 
     def resume(self) -> None:
         if self._parked is None:
