@@ -439,8 +439,10 @@ class RunExecution:
                 await self.publish(ev.RunResumed(text=self.shown, attempt=c.attempts))
             else:
                 # attempt > 1: a restart after a worker died; devices drop this run's partial text,
-                # and the graph starts over rather than from the dead attempt's saved state.
-                await worker.forget(c.run)
+                # and the graph starts over rather than from the dead attempt's saved state (a
+                # first attempt has none: no Postgres round trip for it).
+                if c.attempts > 1:
+                    await worker.forget(c.run)
                 started = ev.RunStarted(message=c.message, attempt=c.attempts, worker=worker.consumer)
                 await self.publish(started)
             while (question := await self._stream(history, resume)) is not None:

@@ -87,6 +87,18 @@ async def get_agents(http: aiohttp.ClientSession, cluster: LocalCluster, token: 
     raise TimeoutError("no agents advertised")
 
 
+async def assert_answer_survived(devices: Sequence[ChorusClient], run: str, text: str,
+                                 timeout_s: float = 60) -> None:
+    """Each device saw `run` complete with `text` and shows it once, with no duplicate; a hole is
+    never silent: any seq a device missed was filled, or it resynced (a Redis failover, a reshard)."""
+    for device in devices:
+        end = await device.wait_run_end(run, timeout_s)
+        assert end["event"] == "run.completed" and end["data"]["text"] == text, end
+        assert device.shown[run] == text, "what the device shows is the whole answer, once"
+        assert device.duplicates == 0
+        assert device.gaps == [] or any(f["type"] == "resync" for f in device.frames)
+
+
 def node_ws(cluster: LocalCluster, index: int) -> str:
     """The WebSocket URL of one node, not through nginx."""
     return f"ws://127.0.0.1:{cluster.node_ports[index]}/ws"

@@ -23,7 +23,7 @@ from fanout.redis_broker import RedisBroker
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import RedisClusterServer
 from tests.fake_llm import FakeLLM
-from tests.support import node_ws, unique
+from tests.support import assert_answer_survived, node_ws, unique
 from tests.test_core import (
     db,
     test_laptop_moves_to_the_other_node_mid_answer_and_continues_exactly,
@@ -126,15 +126,7 @@ async def test_a_primary_killed_mid_answer_leaves_no_hole(
         run = ack["run"]
         await laptop.wait_for(lambda: sum(e["event"] == "token" for e in laptop.events) >= 5, 20)
         redis_cluster.kill(victim)  # its replica is promoted within a few seconds
-        for device in (phone, laptop):
-            end = await device.wait_run_end(run, 60)
-            assert end["event"] == "run.completed", end
-            words = " ".join(f"word{i}" for i in range(1, 81))
-            assert end["data"]["text"] == words
-            assert device.shown[run] == words, "what the device shows is the whole answer, once"
-            assert device.duplicates == 0
-            # A hole is never silent: any seq the device missed was filled, or it resynced.
-            assert device.gaps == [] or any(f["type"] == "resync" for f in device.frames)
+        await assert_answer_survived((phone, laptop), run, " ".join(f"word{i}" for i in range(1, 81)))
         assert victim not in redis_cluster.primaries()
     finally:
         await asyncio.gather(phone.close(), laptop.close())
@@ -164,12 +156,7 @@ async def test_a_user_resharded_mid_answer_follows_the_slot(
         target = next(port for port in redis_cluster.primaries() if port != owner)
         await asyncio.to_thread(redis_cluster.move_slot, slot, target)
         assert redis_cluster.slot_owner(slot) == target
-        words = " ".join(f"word{i}" for i in range(1, 81))
-        for device in (phone, laptop):
-            end = await device.wait_run_end(run, 60)
-            assert end["event"] == "run.completed" and end["data"]["text"] == words, end
-            assert device.shown[run] == words and device.duplicates == 0
-            assert device.gaps == [] or any(f["type"] == "resync" for f in device.frames)
+        await assert_answer_survived((phone, laptop), run, " ".join(f"word{i}" for i in range(1, 81)))
         again = await laptop.send("and after the move", conversation=ack["conversation"])
         for device in (phone, laptop):
             assert (await device.wait_run_end(again["run"], 30))["event"] == "run.completed"

@@ -15,7 +15,7 @@ from chorus_client.testing import RecordingClient as ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import RedisSentinelServers
 from tests.fake_llm import FakeLLM
-from tests.support import node_ws, unique
+from tests.support import assert_answer_survived, node_ws, unique
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +48,7 @@ async def test_an_answer_survives_a_sentinel_failover(watched: LocalCluster, sen
         run = ack["run"]
         await laptop.wait_for(lambda: sum(e["event"] == "token" for e in laptop.events) >= 5, 20)
         sentinels.kill(old)
-        words = " ".join(f"word{i}" for i in range(1, 81))
-        for device in (phone, laptop):
-            end = await device.wait_run_end(run, 60)
-            assert end["event"] == "run.completed" and end["data"]["text"] == words, end
-            assert device.shown[run] == words, "what the device shows is the whole answer, once"
-            assert device.duplicates == 0
-            assert device.gaps == [] or any(f["type"] == "resync" for f in device.frames)
+        await assert_answer_survived((phone, laptop), run, " ".join(f"word{i}" for i in range(1, 81)))
         assert sentinels.primary_port() != old, "the replica was promoted"
         # Both nodes serve on the new primary: a new answer reaches both devices.
         again = await laptop.send("and again", conversation=ack["conversation"])

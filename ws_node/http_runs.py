@@ -40,7 +40,7 @@ from ws_node import commands
 from ws_node.auth import IDENTITY
 from ws_node.connection import runs_as_of
 from ws_node.limits import Bucket, Decision
-from ws_node.rest import RestError, json_response
+from ws_node.rest import RestError, json_body, json_response
 from ws_node.services import ADMISSION, SERVICES, Services
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class RunStream:
 async def post_message(request: web.Request) -> web.Response:
     """A `send` to the conversation in the path: 201 with the ack, 200 with the same ack again."""
     svc, user = await _command(request)
-    body = await _body(request)
+    body = await json_body(request)
     if not isinstance(body.get("id"), str):
         raise RestError(400, "bad_request", "body must be a JSON object with an id (the idempotency key)")
     frame = {**body, "type": FrameType.SEND, "conversation": request.match_info["id"]}
@@ -184,7 +184,7 @@ async def post_input(request: web.Request) -> web.Response:
     `run.input_required`); 200 with the ack, also when repeated. The first answer from any device
     counts; a later one is 409 `conflict`."""
     svc, user = await _command(request)
-    frame = {**await _body(request), "type": FrameType.RESPOND, "run": _run_id(request)}
+    frame = {**await json_body(request), "type": FrameType.RESPOND, "run": _run_id(request)}
     try:  # the `respond` frame's own parser and path
         cmd = protocol.parse_command(orjson.dumps(frame).decode(), max_text_chars=svc.settings.max_text_chars)
         assert isinstance(cmd, Respond)
@@ -192,17 +192,6 @@ async def post_input(request: web.Request) -> web.Response:
     except ProtocolError as exc:
         raise _refusal(exc) from None
     return json_response(to_json(Ack(cmd.id, run=cmd.run, request=cmd.request)))
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        body = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError:
-        raise RestError(400, "bad_request", "body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise RestError(400, "bad_request", "body must be a JSON object")
-    return body
 
 
 async def run_events(request: web.Request) -> web.StreamResponse:

@@ -64,7 +64,8 @@ def _limit(request: web.Request, default: int = 50) -> int:
     return int(raw)
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object body ({} when there is none); 400 `bad_request` otherwise."""
     if not request.can_read_body:
         return {}
     try:
@@ -95,7 +96,7 @@ async def list_conversations(request: web.Request) -> web.Response:
 
 async def create_conversation(request: web.Request) -> web.Response:
     svc, ident = _auth(request)
-    body = await _body(request)
+    body = await json_body(request)
     title, agent = body.get("title", ""), body.get("agent", "default")
     double_texting = body.get("double_texting", DoubleTexting.ENQUEUE)
     if double_texting not in DoubleTexting.__members__.values():
