@@ -4,9 +4,11 @@ free local port for the processes it starts."""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 from common import logs, tracing
@@ -15,12 +17,42 @@ from common.config import SettingError, SharedSettings
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    """Return a TCP port that was free on 127.0.0.1 a moment ago (racy by nature: bind soon)."""
+_HANDED_OUT: set[int] = set()
+
+
+def free_port(*, span: int = 0) -> int:
+    """Return a TCP port that was free on 127.0.0.1 a moment ago (racy by nature: bind soon).
+
+    It is below the kernel's ephemeral range, so no outgoing connection's source port takes it
+    before its server binds, and this process never hands the same port out twice. With `span`,
+    `port + span` is free too (a Redis Cluster node's bus port)."""
+    top = _ephemeral_floor() - 1 - span
+    for _ in range(1000 if top > 11_000 else 0):
+        port = random.randint(10_000, top)
+        wanted = {port, port + span}
+        if not wanted & _HANDED_OUT and all(map(_bindable, wanted)):
+            _HANDED_OUT.update(wanted)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+        port = sock.getsockname()[1]
         return port
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def run(name: str, configure: Callable[[], T], serve: Callable[[T], Coroutine[Any, Any, None]],

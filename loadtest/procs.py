@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import pwd
-import random
 import re
 import shutil
 import signal
@@ -331,16 +330,8 @@ class RedisServer:
 
 
 def _cluster_port() -> int:
-    """A free port for a cluster node: at most 55535, its bus port (+10000) free too."""
-    while True:
-        port = random.randint(20_000, 55_535)
-        try:
-            for candidate in (port, port + 10_000):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        return port
+    """A free port for a cluster node, its bus port (+10000) free too."""
+    return free_port(span=10_000)
 
 
 class RedisClusterServer:
