@@ -36,7 +36,7 @@ def free_port(*, span: int = 0) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        return port
+        return int(port)
 
 
 def _ephemeral_floor() -> int:

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.connection import Connection, parse_url
+from redis.asyncio.connection import Connection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
@@ -43,6 +43,50 @@ class WaitingPool(BlockingConnectionPool):
         return connection
 
 
+class _ResetAware(Connection):
+    """A cluster node's connection (plain or TLS, mixed in first) on which writing to a connection
+    its node reset is the `ConnectionError` it is, so the cluster client reads the topology again
+    and retries. Under uvloop that write raises a bare RuntimeError ("the handler is closed"; the
+    plain client retries those itself), or, when the connection was closed while it connected,
+    an AttributeError on its stream writer, by then None."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except (RuntimeError, AttributeError) as exc:  # the base class has closed the connection
+            if isinstance(exc, AttributeError) and exc.obj is not None:
+                raise
+            reset = f"{self.host}:{self.port} reset the connection: {exc}"
+            raise redis_errors.ConnectionError(reset) from exc
+
+
+_RESET_AWARE: dict[type[Connection], type[Connection]] = {
+    Connection: _ResetAware, SSLConnection: type("_ResetAwareTLS", (_ResetAware, SSLConnection), {})}
+
+
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, whose errors during a failover are all transient ones: a node
+    that reset its connection (`_ResetAware`), and no node reachable while the topology is read
+    again (a `RedisClusterException`, now a `ConnectionError`). Both came out of a worker
+    mid-answer when a primary was killed (tests/test_redis_cluster.py)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # redis-py takes no connection class for a cluster: the nodes found later are made from
+        # these arguments, the seed nodes already were.
+        base = self.connection_kwargs["connection_class"]
+        aware = _RESET_AWARE[base] if base in _RESET_AWARE else base
+        self.connection_kwargs["connection_class"] = aware
+        for node in self.startup_nodes:
+            node.connection_class = aware
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().initialize(*args, **kwargs)
+        except redis_errors.RedisClusterException as exc:
+            raise redis_errors.ConnectionError(str(exc)) from exc
+
+
 def connect(url: str, *, socket_timeout_s: float, pool_size: int, pool_wait_s: float, cluster: bool = False,
             sentinels: Sequence[str] = (), sentinel_master: str = "chorus") -> Redis:
     """A client with decoded responses over a pool of at most `pool_size` connections, in which a
@@ -66,8 +110,8 @@ def connect(url: str, *, socket_timeout_s: float, pool_size: int, pool_wait_s: f
     if cluster:
         if sentinels:
             raise ValueError("a Redis Cluster has no Sentinels: set REDIS_CLUSTER or REDIS_SENTINELS")
-        client = RedisCluster.from_url(url, decode_responses=True, socket_timeout=socket_timeout_s,
-                                       socket_connect_timeout=3, max_connections=pool_size)
+        client = _Cluster.from_url(url, decode_responses=True, socket_timeout=socket_timeout_s,
+                                   socket_connect_timeout=3, max_connections=pool_size)
         return cast(Redis, client)
     if sentinels:
         credentials: dict[str, Any] = {key: value for key, value in parse_url(url).items()

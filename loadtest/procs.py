@@ -385,12 +385,14 @@ class RedisClusterServer:
         _until(lambda: _pong(port), timeout_s, f"redis on :{port} answering PING")
 
     def wait_ok(self, timeout_s: float = 30, *, replicas: int = 0) -> None:
-        """Until every running node sees the cluster whole (all slots served, `cluster_state:ok`)
-        and at least `replicas` replicas are attached."""
+        """Until every running node sees the cluster whole (all slots served, `cluster_state:ok`),
+        at least `replicas` replicas are attached and each has synced with its primary: a replica
+        that never did refuses to take over from its primary (its data is too old to be trusted)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            attached = self._nodes("slave")
             if all(self._state_ok(port) for port in self.ports if self.procs[port].alive) and \
-                    len(self._nodes("slave")) >= replicas:
+                    len(attached) >= replicas and all(map(_synced, attached)):
                 return
             time.sleep(0.2)
         raise TimeoutError(f"the Redis Cluster is not ok after {timeout_s}s")
@@ -416,6 +418,10 @@ class RedisClusterServer:
     def kill(self, port: int) -> None:
         """SIGKILL one node: its unsaved data is gone; a primary's replica takes over."""
         self.procs[port].kill()
+
+    def wait_marked_failed(self, port: int, timeout_s: float = 30) -> None:
+        """Until the live nodes mark the primary on `port` failed (its replica's election follows)."""
+        _until(lambda: port not in self.primaries(), timeout_s, f"the primary on :{port} marked failed")
 
     def move_slot(self, slot: int, to_port: int) -> int:
         """Reshard one slot to the primary on `to_port`, keys and all, as `redis-cli --cluster
@@ -546,6 +552,14 @@ def _until(done: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 def _pong(port: int) -> bool:
     return _resp_command(port, "PING") == b"+PONG"
+
+
+def _synced(port: int) -> bool:
+    """Whether the replica on `port` has synced with its primary and is connected to it."""
+    try:
+        return b"master_link_status:up" in _info(port, "replication")
+    except (OSError, ValueError):
+        return False
 
 
 def _info(port: int, section: str) -> bytes:

@@ -11,13 +11,14 @@ show up as a new epoch, which devices resync from, never as a silent hole)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterator
 
 import pytest
 from chorus_client.testing import RecordingClient as ChorusClient
 from redis.asyncio import RedisCluster
 
-from common.redis_client import connect
+from common.redis_client import TRANSIENT, connect
 from fanout.keys import StreamKeys
 from fanout.redis_broker import RedisBroker
 from loadtest.cluster import ClusterConfig, LocalCluster
@@ -109,6 +110,49 @@ async def test_users_are_spread_over_the_shards_and_each_gets_only_their_own(
             assert device.gaps == [] and device.duplicates == 0
     finally:
         await asyncio.gather(*(device.close() for device in devices))
+
+
+async def test_a_primary_killed_under_load_raises_only_transient_errors(redis_cluster: RedisClusterServer) -> None:
+    """Whatever a command meets while a primary dies and its replica takes over is an error Chorus
+    retries as Redis being away (`TRANSIENT`): redis-py let through uvloop's bare RuntimeError on a
+    connection the node reset, an AttributeError on one closed while it connected, and "cannot be
+    connected" while it read the topology again; a worker once failed a run on the first."""
+    client = connect(redis_cluster.url, socket_timeout_s=5, pool_size=4, pool_wait_s=5, cluster=True)
+    keys = [f"hammer:{i}" for i in range(30)]  # on every primary, more than its 4 connections
+    victim = redis_cluster.slot_owner(client.keyslot(keys[0]))  # type: ignore[attr-defined]
+    unexpected: list[BaseException] = []
+    last_transient: dict[str, BaseException] = {}
+    flagged = False  # the others flagged the victim failed: keys[0] succeeds on its replica only
+    served_again = asyncio.Event()
+
+    async def hammer(key: str) -> None:
+        while not served_again.is_set():
+            try:
+                await client.incr(key)
+                if flagged and key == keys[0]:
+                    served_again.set()
+            except TRANSIENT as exc:
+                last_transient[key] = exc
+            except Exception as exc:
+                unexpected.append(exc)
+            await asyncio.sleep(0.01)
+
+    tasks = [asyncio.create_task(hammer(key)) for key in keys]
+    try:
+        await asyncio.sleep(0.2)  # every connection in use
+        redis_cluster.kill(victim)
+        await asyncio.to_thread(redis_cluster.wait_marked_failed, victim)
+        flagged = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(served_again.wait(), 30)
+        assert unexpected == [], [repr(exc) for exc in unexpected]
+        assert served_again.is_set(), f"never served again; last: {last_transient.get(keys[0])}"
+    finally:
+        served_again.set()
+        await asyncio.gather(*tasks)
+        await client.aclose()
+        redis_cluster.start_node(victim)
+        redis_cluster.wait_ok(60)
 
 
 async def test_a_primary_killed_mid_answer_leaves_no_hole(
