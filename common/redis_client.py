@@ -80,9 +80,9 @@ class _Cluster(RedisCluster):
         for node in self.startup_nodes:
             node.connection_class = aware
 
-    async def initialize(self, *args: Any, **kwargs: Any) -> None:
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
         try:
-            await super().initialize(*args, **kwargs)
+            return await super().initialize(*args, **kwargs)
         except redis_errors.RedisClusterException as exc:
             raise redis_errors.ConnectionError(str(exc)) from exc
 
