@@ -6,7 +6,7 @@
 A scenario is an entry of ``SCENARIOS``: its options, and a run returning its figures (a dict) and
 its table. ``main`` prints the table, or with ``--json`` the figures as JSON on stdout and the table
 on stderr. S1 (idle sockets) and S2 (fan-out), Chorus side by side with its peers, are in
-``loadtest/scenarios/``; S4 (reconnect storm) and S5 (slow consumers) are to go next to S3.
+``loadtest/scenarios/``, as are S4 (a reconnect storm) and S5 (slow consumers).
 
 S3, agent runs: what Chorus adds between a model and a device. ``loadtest.llm_server`` (its own
 process) streams ``--chunks`` one-token chunks with no delay. Per concurrency level, first the
@@ -61,7 +61,7 @@ from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.fanout_bench import machine
 from loadtest.llm_server import expected_answer
 from loadtest.procs import Proc, free_port, wait_http_ok
-from loadtest.scenarios import s1, s2
+from loadtest.scenarios import s1, s2, s4, s5
 from protocol import Event, FrameType
 
 Figures = dict[str, Any]
@@ -392,6 +392,10 @@ SCENARIOS = {
     "s2": Scenario("fan-out: CPU per delivery, loss and latency at offered rates, Chorus and its peers",
                    s2.arguments, s2.main),
     "s3": Scenario("agent runs: Chorus against bare ChatOpenAI.astream", _s3_arguments, _s3_main),
+    "s4": Scenario("reconnect storm: a server process killed, its devices back on the other, resuming",
+                   s4.arguments, s4.main),
+    "s5": Scenario("slow consumers: stalled devices among healthy ones, Chorus and its peers", s5.arguments,
+                   s5.main),
 }
 
 

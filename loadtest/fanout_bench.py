@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -76,18 +77,27 @@ class Sink:
 
 
 async def _open(session: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSocketResponse:
+    ws, _hello = await open_with_hello(session, url)
+    return ws
+
+
+async def open_with_hello(
+    session: aiohttp.ClientSession, url: str, *, attempts: int = CONNECT_ATTEMPTS
+) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+    """A Chorus socket once its `hello` arrived, and the hello; a refused or failed attempt is
+    tried again after 0.2 s, doubling (at most 2 s), `attempts` times in all."""
     for attempt in itertools.count():
         try:
             ws = await session.ws_connect(url, heartbeat=None, max_msg_size=0)
-            hello = orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)
+            hello: dict[str, Any] = orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)
             if hello.get("type") != FrameType.HELLO:
                 raise RuntimeError(f"first frame {hello}")
-            return ws
+            return ws, hello
         except (aiohttp.ClientError, TimeoutError, RuntimeError):
             # A node may rate-limit a burst of new connections; back off and try again.
-            if attempt + 1 >= CONNECT_ATTEMPTS:
+            if attempt + 1 >= attempts:
                 raise
-            await asyncio.sleep(0.2 * 2**attempt)
+            await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
     raise AssertionError("unreachable")
 
 

@@ -17,7 +17,7 @@ import socket
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +83,9 @@ def wait_port(port: int, proc: Proc, timeout_s: float = _READY_TIMEOUT_S) -> Non
 class Deployment:
     """One system: a fresh Redis and two server processes; ``start``/``stop`` are blocking."""
 
-    def __init__(self, system: str, workdir: Path) -> None:
+    def __init__(self, system: str, workdir: Path, *, chorus_env: dict[str, str] | None = None) -> None:
         self.system = system
+        self.chorus_env = chorus_env or {}  # Chorus's nodes' settings beyond the defaults
         self.workdir = workdir / system
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.secret = secrets.token_hex(16)
@@ -133,7 +134,8 @@ class Deployment:
 
     def start(self) -> None:
         if self.system == "chorus":
-            self.cluster = LocalCluster(self.workdir, ClusterConfig(nodes=2, workers=0, nginx=False))
+            self.cluster = LocalCluster(self.workdir, ClusterConfig(nodes=2, workers=0, nginx=False,
+                                                                    env=self.chorus_env))
             self.cluster.start()
             self.ports = self.cluster.node_ports
             return
@@ -179,9 +181,14 @@ class Deployment:
         argv = [sys.executable, "-m", f"loadtest.peers.{module}", *base]
         return Proc(name, argv, env=env, workdir=self.workdir)
 
-    def device(self, user: str, slot: int) -> dict[str, Any]:
-        """How device ``slot`` (0: on server process 1, 1: on process 2) of ``user`` connects."""
-        port = self.ports[slot % len(self.ports)]
+    def kill_server(self, index: int) -> None:
+        """SIGKILL server process ``index`` (0: process 1): its sockets drop at once."""
+        (self.cluster.nodes if self.cluster else self.servers)[index].kill()
+
+    def device(self, user: str, slot: int, server: int | None = None) -> dict[str, Any]:
+        """How device ``slot`` of ``user`` connects: to server process ``server`` (by default
+        ``slot``'s: 0 on process 1, 1 on process 2, 2 on process 1)."""
+        port = self.ports[(slot if server is None else server) % len(self.ports)]
         if self.cluster:
             url = f"ws://127.0.0.1:{port}/ws?access_token={self.cluster.token(user)}&device=d{slot}"
             return {"kind": "chorus", "url": url, "user": user, "slot": slot, "auth": None}
@@ -255,6 +262,28 @@ class LoadGen:
             if self.proc.returncode is None:
                 self.proc.kill()
         await self.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def deployed(
+    system: str, workdir: Path, loadgens: int, *, chorus_env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Deployment, list[LoadGen]]]:
+    """`system` started, with `loadgens` load generators; all of it stopped on the way out."""
+    dep = Deployment(system, workdir, chorus_env=chorus_env)
+    await asyncio.to_thread(dep.start)
+    gens: list[LoadGen] = []
+    try:
+        gens = await LoadGen.start_many(dep.workdir, loadgens)
+        yield dep, gens
+    finally:
+        await asyncio.gather(*(g.close() for g in gens), return_exceptions=True)
+        await asyncio.to_thread(dep.stop)
+
+
+def opened_figures(system: str, opened: dict[str, Any]) -> dict[str, Any]:
+    """The figures every scenario starts with: the sockets `open_devices` opened."""
+    return {"system": system, "sockets": opened["ok"], "open_failed": opened["refused"],
+            "open_errors": opened["errors"], "open_s": opened["open_s"]}
 
 
 async def open_devices(loadgens: list[LoadGen], devices: list[dict[str, Any]],

@@ -27,11 +27,11 @@ from typing import Any
 from loadtest.fanout_bench import machine
 from loadtest.scenarios.common import (
     SYSTEMS,
-    Deployment,
-    LoadGen,
     cpu_s,
+    deployed,
     each_system,
     open_devices,
+    opened_figures,
     rss_bytes,
     systems,
     table,
@@ -72,14 +72,13 @@ def memory_figures(sockets: int, rss_before: int, rss_after: int, redis_before: 
 
 
 async def run_system(system: str, config: S1Config, workdir: Path) -> Figures:
-    dep = Deployment(system, workdir)
-    await asyncio.to_thread(dep.start)
-    loadgens: list[LoadGen] = []
-    try:
+    # A node accepts 500 new sockets a second by default (HTTP 429 beyond): S1 opens them as fast
+    # as the peers take them, which is not what it measures.
+    async with deployed(system, workdir, config.loadgens,
+                        chorus_env={"NEW_CONNECTIONS_PER_SECOND": "0"}) as (dep, loadgens):
         await asyncio.sleep(1.0)  # let start-up allocations settle
         servers, redis = dep.server_pids, [dep.redis_pid]
         rss_before, redis_before = rss_bytes(servers), rss_bytes(redis)
-        loadgens = await LoadGen.start_many(dep.workdir, config.loadgens)
         devices = [dep.device(f"u{i // 2}", i % 2) for i in range(config.sockets)]
         opened = await open_devices(loadgens, devices, config.concurrency)
         await asyncio.sleep(config.settle_s)
@@ -92,17 +91,13 @@ async def run_system(system: str, config: S1Config, workdir: Path) -> Figures:
         if pauses_before is not None and pauses_after is not None:
             stalls = (stall_figures("stalls", pauses_before[LAG], pauses_after[LAG])
                       | stall_figures("gc", pauses_before[GC], pauses_after[GC]))
-        figures: Figures = {"system": system, "sockets": opened["ok"], "open_failed": opened["refused"],
-                            "open_errors": opened["errors"], "open_s": opened["open_s"],
+        figures: Figures = {**opened_figures(system, opened),
                             "sockets_per_s": opened["ok"] / max(opened["open_s"], 1e-9),
                             "idle_cpu_pct": idle_cpu_s / config.idle_s * 100, **stalls}
         figures |= memory_figures(opened["ok"], rss_before, rss_after, redis_before, redis_after)
         print(f"  {system}: {opened['ok']} sockets in {opened['open_s']:.1f} s, "
               f"{figures['kb_per_socket']:.1f} KB per socket", file=sys.stderr, flush=True)
         return figures
-    finally:
-        await asyncio.gather(*(g.close() for g in loadgens), return_exceptions=True)
-        await asyncio.to_thread(dep.stop)
 
 
 async def s1(config: S1Config, workdir: Path) -> Figures:

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,16 @@ from loadtest.scenarios.common import (
     Deployment,
     LoadGen,
     cpu_s,
+    deployed,
     each_system,
     open_devices,
+    opened_figures,
     systems,
     table,
 )
 
 Figures = dict[str, Any]
-_N_PER_STEP = 10_000_000  # event numbers of step k start at k * this: a late arrival never counts twice
+N_PER_STEP = 10_000_000  # event numbers of step k start at k * this: a late arrival never counts twice
 
 
 @dataclass(frozen=True)
@@ -129,13 +132,20 @@ async def _drain(loadgens: list[LoadGen], expected: int, timeout_s: float) -> No
         await asyncio.sleep(0.1)
 
 
-async def _step(dep: Deployment, loadgens: list[LoadGen], config: S2Config, rate: float, duration_s: float,
-                first_n: int) -> Figures:
+async def step(dep: Deployment, loadgens: list[LoadGen], config: S2Config, rate: float, duration_s: float,
+               first_n: int, *, during: Callable[[], Awaitable[None]] | None = None,
+               servers: list[int] | None = None) -> tuple[Figures, list[dict[str, Any]]]:
+    """One rate's step: its figures, and what each load generator took (`during` runs alongside
+    the publisher; `servers`: the server processes whose CPU counts, all by default)."""
     await asyncio.gather(*(g.ask({"op": "take"}) for g in loadgens))  # forget stragglers
-    servers, redis, gens = dep.server_pids, [dep.redis_pid], [g.pid for g in loadgens]
+    servers, redis, gens = servers or dep.server_pids, [dep.redis_pid], [g.pid for g in loadgens]
     before = (cpu_s(servers), cpu_s(redis), cpu_s(gens))
     load = os.getloadavg()[0]
-    published = await _publish(dep, config, rate=rate, duration_s=duration_s, first_n=first_n)
+    publishing = _publish(dep, config, rate=rate, duration_s=duration_s, first_n=first_n)
+    if during is None:
+        published = await publishing
+    else:
+        published, _ = await asyncio.gather(publishing, during())
     await _drain(loadgens, 2 * published["published"], config.drain_timeout_s)
     after = (cpu_s(servers), cpu_s(redis), cpu_s(gens))
     taken = await asyncio.gather(*(g.ask({"op": "take"}) for g in loadgens))
@@ -150,25 +160,20 @@ async def _step(dep: Deployment, loadgens: list[LoadGen], config: S2Config, rate
     figures["publish_first_error"] = published.get("first_error", "")
     figures["closed_sockets"] = sum(t["closed"] for t in taken)
     figures["load_before"] = load
-    return figures
+    return figures, taken
 
 
 async def run_system(system: str, config: S2Config, workdir: Path) -> Figures:
-    dep = Deployment(system, workdir)
-    await asyncio.to_thread(dep.start)
-    loadgens: list[LoadGen] = []
-    try:
-        loadgens = await LoadGen.start_many(dep.workdir, config.loadgens)
+    async with deployed(system, workdir, config.loadgens) as (dep, loadgens):
         devices = [dep.device(f"u{u}", slot) for u in range(config.users) for slot in (0, 1)]
         opened = await open_devices(loadgens, devices, config.connect_concurrency)
-        figures: Figures = {"system": system, "sockets": opened["ok"], "open_failed": opened["refused"],
-                            "open_errors": opened["errors"], "open_s": opened["open_s"], "steps": []}
+        figures: Figures = {**opened_figures(system, opened), "steps": []}
         if opened["refused"]:
             return figures
-        await _step(dep, loadgens, config, config.warmup_rate, config.warmup_s, 0)
+        await step(dep, loadgens, config, config.warmup_rate, config.warmup_s, 0)
         for index, rate in enumerate(config.rates, start=1):
             try:
-                row = await _step(dep, loadgens, config, rate, config.step_s, index * _N_PER_STEP)
+                row, _ = await step(dep, loadgens, config, rate, config.step_s, index * N_PER_STEP)
             except (RuntimeError, TimeoutError) as exc:  # keep the rates measured so far
                 figures["step_error"] = f"@ {rate}/s: {exc!r}"[:2000]
                 break
@@ -177,9 +182,6 @@ async def run_system(system: str, config: S2Config, workdir: Path) -> Figures:
                   f"{row['missing']}, p99 {row['p99_ms']:.1f} ms, server "
                   f"{row['server_us_per_delivery']:.1f} us/delivery", file=sys.stderr, flush=True)
         return figures
-    finally:
-        await asyncio.gather(*(g.close() for g in loadgens), return_exceptions=True)
-        await asyncio.to_thread(dep.stop)
 
 
 async def s2(config: S2Config, workdir: Path) -> Figures:
