@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class S4Config:
     systems: tuple[str, ...] = SYSTEMS
     loadgens: int = 2
     connect_concurrency: int = 100
+    chorus_env: dict[str, str] = field(default_factory=dict)  # Chorus's settings beyond the defaults
 
     def fanout(self) -> s2.S2Config:
         return s2.S2Config(users=self.users, rates=(self.rate,), step_s=self.step_s,
@@ -67,7 +68,7 @@ def storm_figures(row: Figures, taken: list[dict[str, Any]], dropped: int) -> Fi
 
 async def run_system(system: str, config: S4Config, workdir: Path) -> Figures:
     fanout = config.fanout()
-    async with deployed(system, workdir, config.loadgens) as (dep, loadgens):
+    async with deployed(system, workdir, config.loadgens, chorus_env=config.chorus_env) as (dep, loadgens):
         devices = []
         for u in range(config.users):
             user = f"u{u}"
@@ -110,6 +111,15 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kill-at-s", type=float, default=2.0, help="when server process 1 is killed")
     parser.add_argument("--systems", type=s2._systems, default=SYSTEMS, help=",".join(SYSTEMS))
     parser.add_argument("--loadgens", type=int, default=2, help="load-generator processes")
+    parser.add_argument("--chorus-env", type=_setting, action="append", default=[], metavar="NAME=VALUE",
+                        help="a Chorus node setting, e.g. NEW_CONNECTIONS_PER_SECOND=0 (repeatable)")
+
+
+def _setting(value: str) -> tuple[str, str]:
+    name, sep, setting = value.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"NAME=VALUE: {value!r}")
+    return name, setting
 
 
 def render(f: Figures, config: S4Config) -> str:
@@ -123,7 +133,8 @@ def render(f: Figures, config: S4Config) -> str:
     return "\n".join([
         f"S4 reconnect storm: {config.users} users x 2 devices; {config.rate} events/s to random users for "
         f"{config.step_s:g} s; server process 1 SIGKILLed after {config.kill_at_s:g} s, its "
-        f"{config.users} devices reconnect at once to process 2",
+        f"{config.users} devices reconnect at once to process 2"
+        + (f"; Chorus with {config.chorus_env}" if config.chorus_env else ""),
         f"  machine        {machine()}",
         f"  load average   {f.get('load_before', 0):.2f} before, {f.get('load_after', 0):.2f} after", "",
         "p50/p99/last ms: from a device noticing its socket closed to its next socket being ready "
@@ -135,6 +146,6 @@ def render(f: Figures, config: S4Config) -> str:
 
 async def main(args: argparse.Namespace, workdir: Path) -> tuple[Figures, str]:
     config = S4Config(users=args.users, rate=args.rate, step_s=args.step_s, kill_at_s=args.kill_at_s,
-                      systems=args.systems, loadgens=args.loadgens)
+                      systems=args.systems, loadgens=args.loadgens, chorus_env=dict(args.chorus_env))
     figures = {"config": asdict(config), **await s4(config, workdir)}
     return figures, render(figures, config)

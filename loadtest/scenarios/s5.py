@@ -1,12 +1,13 @@
 """S5, slow consumers among healthy ones, side by side: ``python -m loadtest.bench s5``.
 
-    python -m loadtest.bench s5                                    # 100 busy users, 10 with a stalled phone
+    python -m loadtest.bench s5                                    # 50 busy users, 5 with a stalled phone
     python -m loadtest.bench s5 --systems chorus,socketio-node --json
 
 Per system (``common.SYSTEMS``, one after the other, each with a fresh Redis), S2's set-up with
 busy users: ``--users`` users with device A on server process 1 and B on process 2, events of
-``--payload-bytes`` published to random users at ``--rate`` for ``--step-s`` (by default 50 events
-a second per user, an agent's token stream). The first ``--slow-users`` users also have a third
+``--payload-bytes`` published to random users at ``--rate`` for ``--step-s`` (by default 80 events
+of 4 KB a second per user: 3.2 MB for each stalled device over the step, more than loopback's
+socket buffers hold, so the server must decide). The first ``--slow-users`` users also have a third
 device, alternately on process 1 and 2, that is opened and then never read, with a 4 KB receive
 buffer: a phone on a stalled network. Whatever the server queues for it is its choice: drop the
 socket (Chorus closes it with 4008 past ``SEND_QUEUE_MAX_FRAMES`` and the device resumes later),
@@ -23,7 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,14 @@ Figures = dict[str, Any]
 
 @dataclass(frozen=True)
 class S5Config:
-    users: int = 100
-    slow_users: int = 10
-    rate: int = 5000
+    users: int = 50
+    slow_users: int = 5
+    rate: int = 4000
     step_s: float = 10.0
-    payload_bytes: int = 2000
+    payload_bytes: int = 4000
     systems: tuple[str, ...] = SYSTEMS
     loadgens: int = 2
+    chorus_env: dict[str, str] = field(default_factory=dict)  # Chorus's settings beyond the defaults
 
     def fanout(self) -> s2.S2Config:
         return s2.S2Config(users=self.users, rates=(self.rate,), step_s=self.step_s,
@@ -67,7 +69,7 @@ def devices(dep: Deployment, config: S5Config) -> list[dict[str, Any]]:
 
 async def run_system(system: str, config: S5Config, workdir: Path) -> Figures:
     fanout = config.fanout()
-    async with deployed(system, workdir, config.loadgens) as (dep, loadgens):
+    async with deployed(system, workdir, config.loadgens, chorus_env=config.chorus_env) as (dep, loadgens):
         opened = await open_devices(loadgens, devices(dep, config), fanout.connect_concurrency)
         figures = opened_figures(system, opened)
         if opened["refused"]:
@@ -96,11 +98,11 @@ async def s5(config: S5Config, workdir: Path) -> Figures:
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--users", type=int, default=100, help="users, 2 healthy devices each")
-    parser.add_argument("--slow-users", type=int, default=10, help="users with a third, stalled device")
-    parser.add_argument("--rate", type=int, default=5000, help="offered events/s")
+    parser.add_argument("--users", type=int, default=50, help="users, 2 healthy devices each")
+    parser.add_argument("--slow-users", type=int, default=5, help="users with a third, stalled device")
+    parser.add_argument("--rate", type=int, default=4000, help="offered events/s")
     parser.add_argument("--step-s", type=float, default=10.0, help="seconds of publishing")
-    parser.add_argument("--payload-bytes", type=int, default=2000)
+    parser.add_argument("--payload-bytes", type=int, default=4000)
     parser.add_argument("--systems", type=s2._systems, default=SYSTEMS, help=",".join(SYSTEMS))
     parser.add_argument("--loadgens", type=int, default=2, help="load-generator processes")
 
