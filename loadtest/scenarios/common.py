@@ -9,6 +9,7 @@ one ``loadtest.scenarios.loadgen`` process, driven over its stdin/stdout.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -41,6 +42,18 @@ def systems(value: str) -> tuple[str, ...]:
     if not chosen or unknown:
         raise ValueError(f"systems must be among {', '.join(SYSTEMS)}; got {value!r}")
     return chosen
+
+
+def chorus_env_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--chorus-env NAME=VALUE`` (repeatable): a Chorus node setting beyond the defaults."""
+    def setting(value: str) -> tuple[str, str]:
+        name, sep, chosen = value.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"NAME=VALUE: {value!r}")
+        return name, chosen
+
+    parser.add_argument("--chorus-env", type=setting, action="append", default=[], metavar="NAME=VALUE",
+                        help=f"a Chorus node setting, e.g. {example} (repeatable)")
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

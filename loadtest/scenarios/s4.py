@@ -30,7 +30,15 @@ from typing import Any
 
 from loadtest.fanout_bench import _pct, machine
 from loadtest.scenarios import s2
-from loadtest.scenarios.common import SYSTEMS, deployed, each_system, open_devices, opened_figures, table
+from loadtest.scenarios.common import (
+    SYSTEMS,
+    chorus_env_argument,
+    deployed,
+    each_system,
+    open_devices,
+    opened_figures,
+    table,
+)
 
 Figures = dict[str, Any]
 
@@ -111,15 +119,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kill-at-s", type=float, default=2.0, help="when server process 1 is killed")
     parser.add_argument("--systems", type=s2._systems, default=SYSTEMS, help=",".join(SYSTEMS))
     parser.add_argument("--loadgens", type=int, default=2, help="load-generator processes")
-    parser.add_argument("--chorus-env", type=_setting, action="append", default=[], metavar="NAME=VALUE",
-                        help="a Chorus node setting, e.g. NEW_CONNECTIONS_PER_SECOND=0 (repeatable)")
-
-
-def _setting(value: str) -> tuple[str, str]:
-    name, sep, setting = value.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"NAME=VALUE: {value!r}")
-    return name, setting
+    chorus_env_argument(parser, "NEW_CONNECTIONS_PER_SECOND=0")
 
 
 def render(f: Figures, config: S4Config) -> str:

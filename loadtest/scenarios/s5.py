@@ -33,6 +33,7 @@ from loadtest.scenarios import s2
 from loadtest.scenarios.common import (
     SYSTEMS,
     Deployment,
+    chorus_env_argument,
     deployed,
     each_system,
     open_devices,
@@ -105,6 +106,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--payload-bytes", type=int, default=4000)
     parser.add_argument("--systems", type=s2._systems, default=SYSTEMS, help=",".join(SYSTEMS))
     parser.add_argument("--loadgens", type=int, default=2, help="load-generator processes")
+    chorus_env_argument(parser, "SEND_QUEUE_MAX_FRAMES=64")
 
 
 def render(f: Figures, config: S5Config) -> str:
@@ -118,7 +120,8 @@ def render(f: Figures, config: S5Config) -> str:
     return "\n".join([
         f"S5 slow consumers: {config.users} users x 2 healthy devices, {config.slow_users} of them with a "
         f"third device never read (4 KB receive buffer); {config.rate} events/s of {config.payload_bytes} "
-        f"bytes to random users for {config.step_s:g} s",
+        f"bytes to random users for {config.step_s:g} s"
+        + (f"; Chorus with {config.chorus_env}" if config.chorus_env else ""),
         f"  machine        {machine()}",
         f"  load average   {f.get('load_before', 0):.2f} before, {f.get('load_after', 0):.2f} after", "",
         "healthy: devices A and B (missing/dup/latency as in S2); slow closed: stalled sockets the "
@@ -130,6 +133,7 @@ def render(f: Figures, config: S5Config) -> str:
 
 async def main(args: argparse.Namespace, workdir: Path) -> tuple[Figures, str]:
     config = S5Config(users=args.users, slow_users=args.slow_users, rate=args.rate, step_s=args.step_s,
-                      payload_bytes=args.payload_bytes, systems=args.systems, loadgens=args.loadgens)
+                      payload_bytes=args.payload_bytes, systems=args.systems, loadgens=args.loadgens,
+                      chorus_env=dict(args.chorus_env))
     figures = {"config": asdict(config), **await s5(config, workdir)}
     return figures, render(figures, config)
