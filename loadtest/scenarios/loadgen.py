@@ -23,7 +23,9 @@ once to that URL, once, and the time from noticing the close to being connected 
 Chorus device resumes where it was (``after``/``epoch``: the last ``seq`` it saw and its stream's
 epoch), the peers have nothing to resume with. A ``slow`` device (S5) is opened and then never
 read, like a phone on a stalled network: what the server does with it is seen by ``slow``, which
-reads what each holds for at most a second of quiet and notes whether the server closed it.
+reads what each holds until a second of quiet and notes whether the server closed it. (Shrinking
+its receive buffer instead was tried: it also clamps the TCP window, and the backlog then
+trickled out at ~40 KB/s or stopped behind the sender's zero-window probes.)
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import socket
 import sys
 import time
 from array import array
@@ -47,7 +48,6 @@ OPEN_ATTEMPTS = 5
 RECONNECT_ATTEMPTS = 10  # a storm meets a node's new-connection rate limit: retried, backing off
 OPEN_TIMEOUT_S = 20
 SLOW_QUIET_S = 1.0
-SLOW_RCVBUF_BYTES = 4096
 
 Socket = aiohttp.ClientWebSocketResponse
 
@@ -152,22 +152,8 @@ def _resuming(url: str, position: dict[str, Any]) -> str:
     return f"{url}&after={position['seq']}&epoch={position['epoch']}" if position else url
 
 
-def _stall(ws: Socket) -> None:
-    """Shrink the socket's receive buffer to what a phone on a stalled network has left: the
-    server's writes back up within a few frames instead of filling megabytes of loopback buffers."""
-    sock = ws.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_RCVBUF_BYTES)
-
-
 async def _drain_slow(ws: Socket) -> tuple[bool, int]:
-    """Read what a never-read socket holds, its network back: (whether the server had closed it,
-    frames read). The window is opened again first: a shrunk receive buffer also clamps the TCP
-    window, and through it the backlog trickled at ~40 KB/s."""
-    sock = ws.get_extra_info("socket")
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 2**20)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, 4 * 2**20)
+    """Read what a never-read socket holds: (whether the server had closed it, frames read)."""
     frames = 0
     while True:
         try:
@@ -199,7 +185,6 @@ class Generator:
                     errors.append(f"{device['url'].split('?')[0]}: {exc!r}")
                     return
             if device.get("slow"):
-                _stall(ws)
                 self.slow.append(ws)
                 return
             self.sockets.append(ws)

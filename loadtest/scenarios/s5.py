@@ -1,15 +1,15 @@
 """S5, slow consumers among healthy ones, side by side: ``python -m loadtest.bench s5``.
 
-    python -m loadtest.bench s5                                    # 50 busy users, 5 with a stalled phone
+    python -m loadtest.bench s5                                    # 20 busy users, 4 with a stalled phone
     python -m loadtest.bench s5 --systems chorus,socketio-node --json
 
 Per system (``common.SYSTEMS``, one after the other, each with a fresh Redis), S2's set-up with
 busy users: ``--users`` users with device A on server process 1 and B on process 2, events of
-``--payload-bytes`` published to random users at ``--rate`` for ``--step-s`` (by default 80 events
-of 4 KB a second per user: 3.2 MB for each stalled device over the step, more than loopback's
-socket buffers hold, so the server must decide). The first ``--slow-users`` users also have a third
-device, alternately on process 1 and 2, that is opened and then never read, with a 4 KB receive
-buffer: a phone on a stalled network. Whatever the server queues for it is its choice: drop the
+``--payload-bytes`` published to random users at ``--rate`` for ``--step-s`` (by default 50 events
+of 16 KB a second per user, 8 MB for each stalled device over the step: more than loopback's
+socket buffers hold, so the server must decide). The first ``--slow-users`` users also have a
+third device, alternately on process 1 and 2, that is opened and then never read: a phone on a
+stalled network. Whatever the server queues for it is its choice: drop the
 socket (Chorus closes it with 4008 past ``SEND_QUEUE_MAX_FRAMES`` and the device resumes later),
 or hold it in memory.
 
@@ -47,11 +47,11 @@ Figures = dict[str, Any]
 
 @dataclass(frozen=True)
 class S5Config:
-    users: int = 50
-    slow_users: int = 5
-    rate: int = 4000
+    users: int = 20
+    slow_users: int = 4
+    rate: int = 1000
     step_s: float = 10.0
-    payload_bytes: int = 4000
+    payload_bytes: int = 16_000
     systems: tuple[str, ...] = SYSTEMS
     loadgens: int = 2
     chorus_env: dict[str, str] = field(default_factory=dict)  # Chorus's settings beyond the defaults
@@ -99,11 +99,11 @@ async def s5(config: S5Config, workdir: Path) -> Figures:
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--users", type=int, default=50, help="users, 2 healthy devices each")
-    parser.add_argument("--slow-users", type=int, default=5, help="users with a third, stalled device")
-    parser.add_argument("--rate", type=int, default=4000, help="offered events/s")
+    parser.add_argument("--users", type=int, default=20, help="users, 2 healthy devices each")
+    parser.add_argument("--slow-users", type=int, default=4, help="users with a third, stalled device")
+    parser.add_argument("--rate", type=int, default=1000, help="offered events/s")
     parser.add_argument("--step-s", type=float, default=10.0, help="seconds of publishing")
-    parser.add_argument("--payload-bytes", type=int, default=4000)
+    parser.add_argument("--payload-bytes", type=int, default=16_000)
     parser.add_argument("--systems", type=s2._systems, default=SYSTEMS, help=",".join(SYSTEMS))
     parser.add_argument("--loadgens", type=int, default=2, help="load-generator processes")
     chorus_env_argument(parser, "SEND_QUEUE_MAX_FRAMES=64")
@@ -119,7 +119,7 @@ def render(f: Figures, config: S5Config) -> str:
             for system, r in f["systems"].items() if "slow_sockets" in r]
     return "\n".join([
         f"S5 slow consumers: {config.users} users x 2 healthy devices, {config.slow_users} of them with a "
-        f"third device never read (4 KB receive buffer); {config.rate} events/s of {config.payload_bytes} "
+        f"third device never read; {config.rate} events/s of {config.payload_bytes} "
         f"bytes to random users for {config.step_s:g} s"
         + (f"; Chorus with {config.chorus_env}" if config.chorus_env else ""),
         f"  machine        {machine()}",
