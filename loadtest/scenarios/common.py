@@ -27,6 +27,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.cluster import ClusterConfig, LocalCluster
+from loadtest.fanout_bench import machine
 from loadtest.peers import install, tokens
 from loadtest.procs import REPO_ROOT, Proc, RedisServer, free_port
 from loadtest.scenarios import eio
@@ -54,6 +55,18 @@ def chorus_env_argument(parser: argparse.ArgumentParser, example: str) -> None:
 
     parser.add_argument("--chorus-env", type=setting, action="append", default=[], metavar="NAME=VALUE",
                         help=f"a Chorus node setting, e.g. {example} (repeatable)")
+
+
+def report(f: dict[str, Any], title: str, notes: Sequence[str], header: list[str], rows: list[list[str]],
+           legend: str) -> str:
+    """A scenario's printed report: its title, the machine and its load, `notes`, the legend and
+    the table of `rows`, then the errors."""
+    return "\n".join([
+        title, f"  machine        {machine()}",
+        f"  load average   {f.get('load_before', 0):.2f} before, {f.get('load_after', 0):.2f} after",
+        *notes, "", legend, *table(header, rows), "",
+        f"errors: {len(f['errors'])}", *(f"  {e}" for e in f["errors"][:20]),
+    ])
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.fanout_bench import machine
 from loadtest.scenarios.common import (
     SYSTEMS,
     cpu_s,
@@ -32,9 +31,9 @@ from loadtest.scenarios.common import (
     each_system,
     open_devices,
     opened_figures,
+    report,
     rss_bytes,
     systems,
-    table,
 )
 
 Figures = dict[str, Any]
@@ -132,18 +131,14 @@ def render(f: Figures, config: S1Config) -> str:
             for s, r in f["systems"].items()]
     header = ["system", "sockets", "open s", "opened/s", "RSS 0 MB", "RSS N MB", "KB/socket",
               "Redis KB/socket", "idle CPU %", "loop stalls > 20 ms (idle)", "GC passes > 20 ms (idle)"]
-    return "\n".join([
-        f"S1 idle sockets: {config.sockets} authenticated sockets per system "
-        f"({config.sockets // 2} users x 2, one device on each server process), "
-        f"{config.concurrency} opening at once",
-        f"  machine        {machine()}",
-        f"  load average   {f.get('load_before', 0):.2f} before, {f.get('load_after', 0):.2f} after", "",
-        "RSS: both server processes together; idle CPU: both, % of one core over "
-        f"{config.idle_s:g} s with the sockets open; loop stalls: ticks of the nodes' 25 ms loop-lag "
-        "timer that ran over 20 ms late in that time, and the garbage collector's passes over 20 ms "
-        "(Chorus exports both)",
-        *table(header, rows), "", f"errors: {len(f['errors'])}", *(f"  {e}" for e in f["errors"][:20]),
-    ])
+    title = (f"S1 idle sockets: {config.sockets} authenticated sockets per system "
+             f"({config.sockets // 2} users x 2, one device on each server process), "
+             f"{config.concurrency} opening at once")
+    return report(f, title, [], header, rows,
+                  "RSS: both server processes together; idle CPU: both, % of one core over "
+                  f"{config.idle_s:g} s with the sockets open; loop stalls: ticks of the nodes' 25 ms "
+                  "loop-lag timer that ran over 20 ms late in that time, and the garbage collector's passes "
+                  "over 20 ms (Chorus exports both)")
 
 
 async def main(args: argparse.Namespace, workdir: Path) -> tuple[Figures, str]:

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtest.fanout_bench import _pct, machine
+from loadtest.fanout_bench import _pct
 from loadtest.peers import install
 from loadtest.procs import REPO_ROOT
 from loadtest.scenarios.common import (
@@ -44,8 +44,8 @@ from loadtest.scenarios.common import (
     each_system,
     open_devices,
     opened_figures,
+    report,
     systems,
-    table,
 )
 
 Figures = dict[str, Any]
@@ -233,17 +233,12 @@ def render(f: Figures, config: S2Config) -> str:
                          f"{r['redis_us_per_delivery']:.1f}", f"{r['publisher_us_per_event']:.1f}",
                          f"{r['loadgen_us_per_delivery']:.1f}", f"{r['load_before']:.2f}"])
     opened = [f"  {s}: {r['sockets']} sockets opened in {r['open_s']:.1f} s" for s, r in f["systems"].items()]
-    return "\n".join([
-        f"S2 fan-out: {config.users} users x 2 devices (A on server process 1, B on 2), "
-        f"{config.payload_bytes}-byte events to random users, {config.step_s:g} s per rate, "
-        f"{config.loadgens} load-generator processes",
-        f"  machine        {machine()}",
-        f"  load average   {f.get('load_before', 0):.2f} before, {f.get('load_after', 0):.2f} after",
-        *opened, "",
-        "us/dlv: CPU-microseconds per delivery (psutil user+system over the step and its drain); "
-        "load: 1-min load average before the step",
-        *table(header, rows), "", f"errors: {len(f['errors'])}", *(f"  {e}" for e in f["errors"][:20]),
-    ])
+    title = (f"S2 fan-out: {config.users} users x 2 devices (A on server process 1, B on 2), "
+             f"{config.payload_bytes}-byte events to random users, {config.step_s:g} s per rate, "
+             f"{config.loadgens} load-generator processes")
+    return report(f, title, opened, header, rows,
+                  "us/dlv: CPU-microseconds per delivery (psutil user+system over the step and its drain); "
+                  "load: 1-min load average before the step")
 
 
 def plot(figures: Figures, directory: Path) -> list[str]:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.fanout_bench import _pct, machine
+from loadtest.fanout_bench import _pct
 from loadtest.scenarios import s2
 from loadtest.scenarios.common import (
     SYSTEMS,
@@ -37,7 +37,7 @@ from loadtest.scenarios.common import (
     each_system,
     open_devices,
     opened_figures,
-    table,
+    report,
 )
 
 Figures = dict[str, Any]
@@ -130,18 +130,14 @@ def render(f: Figures, config: S4Config) -> str:
              f"{r['missing']}", f"{r['duplicates']}", f"{r['resyncs']}", f"{r['p99_ms']:.0f}",
              f"{r['server_us_per_delivery']:.1f}"]
             for system, r in f["systems"].items() if "dropped" in r]
-    return "\n".join([
-        f"S4 reconnect storm: {config.users} users x 2 devices; {config.rate} events/s to random users for "
-        f"{config.step_s:g} s; server process 1 SIGKILLed after {config.kill_at_s:g} s, its "
-        f"{config.users} devices reconnect at once to process 2"
-        + (f"; Chorus with {config.chorus_env}" if config.chorus_env else ""),
-        f"  machine        {machine()}",
-        f"  load average   {f.get('load_before', 0):.2f} before, {f.get('load_after', 0):.2f} after", "",
-        "p50/p99/last ms: from a device noticing its socket closed to its next socket being ready "
-        "(Chorus: hello); missing/dup: deliveries over the whole step (each event is due on both "
-        "devices); dlv p99: publish to arrival; survivor us/dlv: process 2's CPU per delivery",
-        *table(header, rows), "", f"errors: {len(f['errors'])}", *(f"  {e}" for e in f["errors"][:20]),
-    ])
+    title = (f"S4 reconnect storm: {config.users} users x 2 devices; {config.rate} events/s to random users "
+             f"for {config.step_s:g} s; server process 1 SIGKILLed after {config.kill_at_s:g} s, its "
+             f"{config.users} devices reconnect at once to process 2"
+             + (f"; Chorus with {config.chorus_env}" if config.chorus_env else ""))
+    return report(f, title, [], header, rows,
+                  "p50/p99/last ms: from a device noticing its socket closed to its next socket being ready "
+                  "(Chorus: hello); missing/dup: deliveries over the whole step (each event is due on both "
+                  "devices); dlv p99: publish to arrival; survivor us/dlv: process 2's CPU per delivery")
 
 
 async def main(args: argparse.Namespace, workdir: Path) -> tuple[Figures, str]:

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtest.fanout_bench import machine
 from loadtest.scenarios import s2
 from loadtest.scenarios.common import (
     SYSTEMS,
@@ -38,8 +37,8 @@ from loadtest.scenarios.common import (
     each_system,
     open_devices,
     opened_figures,
+    report,
     rss_bytes,
-    table,
 )
 
 Figures = dict[str, Any]
@@ -117,18 +116,14 @@ def render(f: Figures, config: S5Config) -> str:
              f"{r['slow_closed_by_server']}/{r['slow_sockets']}", f"{r['slow_frames_held']}",
              f"{r['rss_growth_mb']:+.1f}"]
             for system, r in f["systems"].items() if "slow_sockets" in r]
-    return "\n".join([
-        f"S5 slow consumers: {config.users} users x 2 healthy devices, {config.slow_users} of them with a "
-        f"third device never read; {config.rate} events/s of {config.payload_bytes} "
-        f"bytes to random users for {config.step_s:g} s"
-        + (f"; Chorus with {config.chorus_env}" if config.chorus_env else ""),
-        f"  machine        {machine()}",
-        f"  load average   {f.get('load_before', 0):.2f} before, {f.get('load_after', 0):.2f} after", "",
-        "healthy: devices A and B (missing/dup/latency as in S2); slow closed: stalled sockets the "
-        "server had closed by the end; frames held: what they still had to read; RSS growth: both "
-        "server processes over the step",
-        *table(header, rows), "", f"errors: {len(f['errors'])}", *(f"  {e}" for e in f["errors"][:20]),
-    ])
+    title = (f"S5 slow consumers: {config.users} users x 2 healthy devices, {config.slow_users} of them with "
+             f"a third device never read; {config.rate} events/s of {config.payload_bytes} bytes to random "
+             f"users for {config.step_s:g} s"
+             + (f"; Chorus with {config.chorus_env}" if config.chorus_env else ""))
+    return report(f, title, [], header, rows,
+                  "healthy: devices A and B (missing/dup/latency as in S2); slow closed: stalled sockets the "
+                  "server had closed by the end; frames held: what they still had to read; RSS growth: both "
+                  "server processes over the step")
 
 
 async def main(args: argparse.Namespace, workdir: Path) -> tuple[Figures, str]:
