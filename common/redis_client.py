@@ -68,7 +68,13 @@ class _Cluster(RedisCluster):
     """redis-py's cluster client, whose errors during a failover are all transient ones: a node
     that reset its connection (`_ResetAware`), and no node reachable while the topology is read
     again (a `RedisClusterException`, now a `ConnectionError`). Both came out of a worker
-    mid-answer when a primary was killed (tests/test_redis_cluster.py)."""
+    mid-answer when a primary was killed (tests/test_redis_cluster.py).
+
+    A command waits up to `pool_wait_s` for a free connection to its node, as `WaitingPool`'s do,
+    then fails with `PoolExhausted`: redis-py refuses at once (`MaxConnectionsError`, a
+    `ConnectionError` that Chorus would retry as Redis being away)."""
+
+    pool_wait_s = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -85,6 +91,21 @@ class _Cluster(RedisCluster):
             return await super().initialize(*args, **kwargs)
         except redis_errors.RedisClusterException as exc:
             raise redis_errors.ConnectionError(str(exc)) from exc
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline, pause_s = loop.time() + self.pool_wait_s, 0.002
+        while True:
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except redis_errors.MaxConnectionsError as exc:  # refused before anything was sent
+                if loop.time() >= deadline:
+                    raise PoolExhausted(f"no Redis connection to a node free within {self.pool_wait_s}s "
+                                        f"of {self.connection_kwargs['max_connections']}; raise "
+                                        "REDIS_POOL_SIZE") from exc
+            # redis-py's cluster nodes have nothing to wait on: poll, backing off to 50 ms
+            await asyncio.sleep(min(pause_s, max(0.0, deadline - loop.time())))
+            pause_s = min(pause_s * 2, 0.05)
 
 
 def connect(url: str, *, socket_timeout_s: float, pool_size: int, pool_wait_s: float, cluster: bool = False,
@@ -110,8 +131,9 @@ def connect(url: str, *, socket_timeout_s: float, pool_size: int, pool_wait_s: f
     if cluster:
         if sentinels:
             raise ValueError("a Redis Cluster has no Sentinels: set REDIS_CLUSTER or REDIS_SENTINELS")
-        client = _Cluster.from_url(url, decode_responses=True, socket_timeout=socket_timeout_s,
-                                   socket_connect_timeout=3, max_connections=pool_size)
+        client = cast(_Cluster, _Cluster.from_url(url, decode_responses=True, socket_timeout=socket_timeout_s,
+                                                  socket_connect_timeout=3, max_connections=pool_size))
+        client.pool_wait_s = pool_wait_s
         return cast(Redis, client)
     if sentinels:
         credentials: dict[str, Any] = {key: value for key, value in parse_url(url).items()

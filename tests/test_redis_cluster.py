@@ -18,7 +18,7 @@ import pytest
 from chorus_client.testing import RecordingClient as ChorusClient
 from redis.asyncio import RedisCluster
 
-from common.redis_client import TRANSIENT, connect
+from common.redis_client import TRANSIENT, PoolExhausted, connect
 from fanout.keys import StreamKeys
 from fanout.redis_broker import RedisBroker
 from loadtest.cluster import ClusterConfig, LocalCluster
@@ -110,6 +110,24 @@ async def test_users_are_spread_over_the_shards_and_each_gets_only_their_own(
             assert device.gaps == [] and device.duplicates == 0
     finally:
         await asyncio.gather(*(device.close() for device in devices))
+
+
+async def test_a_full_pool_makes_commands_wait_then_fail_as_exhausted(redis_cluster: RedisClusterServer) -> None:
+    """As on plain Redis (`WaitingPool`): with every connection to a node busy, a command waits for
+    one, and only after `pool_wait_s` fails, with `PoolExhausted`, never a `ConnectionError` that
+    would be retried as Redis being away (redis-py's cluster client refused at once)."""
+    key = unique("pool")
+    patient = connect(redis_cluster.url, socket_timeout_s=5, pool_size=2, pool_wait_s=5, cluster=True)
+    hasty = connect(redis_cluster.url, socket_timeout_s=5, pool_size=2, pool_wait_s=0.1, cluster=True)
+    try:
+        # Six 0.2 s BLPOPs through two connections: three rounds, all served.
+        assert await asyncio.gather(*(patient.blpop([key], timeout=0.2) for _ in range(6))) == [None] * 6
+        results = await asyncio.gather(*(hasty.blpop([key], timeout=1) for _ in range(4)),
+                                       return_exceptions=True)
+        assert results.count(None) == 2, results  # the two that got a connection waited out their BLPOP
+        assert all(isinstance(r, PoolExhausted) for r in results if r is not None), results
+    finally:
+        await asyncio.gather(patient.aclose(), hasty.aclose())
 
 
 async def test_a_primary_killed_under_load_raises_only_transient_errors(redis_cluster: RedisClusterServer) -> None:
