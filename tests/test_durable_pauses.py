@@ -10,6 +10,7 @@ against the fake LLM, an agent with `ask_user`."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -45,6 +46,16 @@ async def asked(device: ChorusClient, run: str) -> str:
     """The request id of the run's question, once the device saw it."""
     await device.wait_for(lambda: bool(of_run(device, run, "run.input_required")), 30)
     return str(of_run(device, run, "run.input_required")[0]["data"]["request"])
+
+
+async def stored_paused(http: aiohttp.ClientSession, base: str, token: str, run: str) -> None:
+    """Until the run's pause is stored: the worker publishes its question first, then pauses (in
+    Postgres, which publishes nothing of it: polled)."""
+    async with asyncio.timeout(10):
+        for _ in itertools.count():
+            if (await rest(http, base, token, "GET", f"/v1/runs/{run}"))[1]["status"] == "paused":
+                return
+            await asyncio.sleep(0.05)
 
 
 async def devices(cluster: LocalCluster, http: aiohttp.ClientSession, *names: str) -> list[ChorusClient]:
@@ -122,6 +133,7 @@ async def test_a_worker_killed_while_its_run_waits_loses_nothing_and_a_late_devi
         ack = await phone.send(ASK, agent="asker")
         run = ack["run"]
         request = await asked(phone, run)
+        await stored_paused(http, base, phone.token, run)
         [started] = of_run(phone, run, "run.started")
         holder = next(w for w in paused.workers if w.name == started["data"]["worker"])
         holder.kill()  # SIGKILL while the run waits: no worker held it anyway

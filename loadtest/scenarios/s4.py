@@ -123,7 +123,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def render(f: Figures, config: S4Config) -> str:
-    header = ["system", "dropped", "back", "failed", "p50 ms", "p99 ms", "last ms", "missing", "dup",
+    header = ["system", "dropped", "back", "never", "p50 ms", "p99 ms", "last ms", "missing", "dup",
               "resyncs", "dlv p99 ms", "survivor us/dlv"]
     rows = [[system, f"{r['dropped']}", f"{r['reconnected']}", f"{r['reconnect_failed']}",
              f"{r['reconnect_p50_ms']:.0f}", f"{r['reconnect_p99_ms']:.0f}", f"{r['all_back_ms']:.0f}",
