@@ -59,7 +59,8 @@ class RedisBroker:
         self._publish = redis.register_script(self._publish_lua)
         self._position = redis.register_script(_POSITION_LUA)
         # Publishes go through one pipelining connection (fanout.resp_pipe): a fifth of redis-py's
-        # CPU per publish, many per write. TLS (rediss://) and clusters keep redis-py's connections.
+        # CPU per publish, many per write; every socket's open reads its position and replay through
+        # it too. TLS (rediss://) and clusters keep redis-py's connections.
         self._pipe: RespPipe | None = None
         if self._lean(redis):
             pool = redis.connection_pool
@@ -91,9 +92,13 @@ class RedisBroker:
 
     async def position(self, user: str) -> Position:
         """The user's epoch and latest seq (creating the epoch for a new history)."""
-        reply: Any = await self._position(
-            keys=[self.keys.meta(user), self.keys.history(user)], args=[new_epoch(), self.ttl_s]
-        )
+        keys = [self.keys.meta(user), self.keys.history(user)]
+        args: list[str | int] = [new_epoch(), self.ttl_s]
+        reply: Any
+        if self._pipe is not None:  # every socket's open asks it: a reconnect storm asks it at once
+            reply = await self._pipe.evalsha(self._position.sha, _POSITION_LUA, keys, args)
+        else:
+            reply = await self._position(keys=keys, args=args)
         epoch, seq, first = reply
         return Position(epoch=as_text(epoch), seq=int(seq), first_seq=int(first))
 
@@ -101,9 +106,14 @@ class RedisBroker:
         """Frames with `after` < seq (at least through `upto`, the seq the caller knows exists),
         oldest first; None when history no longer reaches back to `after` (trimmed or lost), so
         the caller resyncs instead of replaying with a hole."""
-        entries: Any = await self.redis.xrange(
-            self.keys.history(user), min=f"{after + 1}-0", max="+", count=self.history_max + 1000
-        )
+        key, first, count = self.keys.history(user), f"{after + 1}-0", self.history_max + 1000
+        entries: list[tuple[Any, Any]]
+        if self._pipe is not None:  # entry: [id, [field, value, ...]], the frame under "f"
+            flat: list[list[Any]] = await self._pipe.execute("XRANGE", key, first, "+", "COUNT", count)
+            entries = [(entry_id, dict(zip(fields[::2], fields[1::2], strict=True)))
+                       for entry_id, fields in flat]
+        else:
+            entries = await self.redis.xrange(key, min=first, max="+", count=count)  # type: ignore[assignment]
         if upto > after and (not entries or int(as_text(entries[0][0]).split("-")[0]) != after + 1):
             return None
         return [as_text(fields["f"]) for _, fields in entries]
