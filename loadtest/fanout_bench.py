@@ -29,9 +29,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -45,6 +46,7 @@ from protocol import Event, FrameType
 
 CONNECT_CONCURRENCY = 100
 CONNECT_ATTEMPTS = 5
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,17 +86,25 @@ async def _open(session: aiohttp.ClientSession, url: str) -> aiohttp.ClientWebSo
 async def open_with_hello(
     session: aiohttp.ClientSession, url: str, *, attempts: int = CONNECT_ATTEMPTS
 ) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
-    """A Chorus socket once its `hello` arrived, and the hello; a refused or failed attempt is
-    tried again after 0.2 s, doubling (at most 2 s), `attempts` times in all."""
+    """A Chorus socket once its `hello` arrived, and the hello (retried as `retried` says)."""
+
+    async def once() -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+        ws = await session.ws_connect(url, heartbeat=None, max_msg_size=0)
+        hello: dict[str, Any] = orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)
+        if hello.get("type") != FrameType.HELLO:
+            raise RuntimeError(f"first frame {hello}")
+        return ws, hello
+
+    return await retried(once, attempts)
+
+
+async def retried(open_once: Callable[[], Awaitable[T]], attempts: int) -> T:
+    """`open_once()`, tried again after a refusal or failure (a node may rate-limit a burst of new
+    connections) after 0.2 s, doubling (at most 2 s), `attempts` times in all."""
     for attempt in itertools.count():
         try:
-            ws = await session.ws_connect(url, heartbeat=None, max_msg_size=0)
-            hello: dict[str, Any] = orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)
-            if hello.get("type") != FrameType.HELLO:
-                raise RuntimeError(f"first frame {hello}")
-            return ws, hello
+            return await open_once()
         except (aiohttp.ClientError, TimeoutError, RuntimeError):
-            # A node may rate-limit a burst of new connections; back off and try again.
             if attempt + 1 >= attempts:
                 raise
             await asyncio.sleep(min(2.0, 0.2 * 2**attempt))

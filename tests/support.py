@@ -87,6 +87,18 @@ async def get_agents(http: aiohttp.ClientSession, cluster: LocalCluster, token: 
     raise TimeoutError("no agents advertised")
 
 
+async def until(fetch: Callable[[], Awaitable[Any]], ok: Callable[[Any], bool], timeout_s: float,
+                poll_s: float = 0.2) -> Any:
+    """`fetch()` again until its answer is `ok` or `timeout_s` passed; its last answer. For state
+    that is written without an event to wait on (heartbeats, presence, rows in Postgres)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = await fetch()
+        if ok(answer) or time.monotonic() > deadline:
+            return answer
+        await asyncio.sleep(poll_s)
+
+
 async def assert_answer_survived(devices: Sequence[ChorusClient], run: str, text: str,
                                  timeout_s: float = 60) -> None:
     """Each device saw `run` complete with `text` and shows it once, with no duplicate; a hole is

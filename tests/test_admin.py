@@ -3,9 +3,8 @@ of a real situation (devices on two nodes, a run streaming, the worker, a dead-l
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ from persistence.store import Store
 from protocol.vocabulary import RunStatus
 from runs.lifecycle import Runs
 from runs.queue import Delivery, Job, MemoryRunQueue, RedisRunQueue
-from tests.support import node_ws, rest, unique
+from tests.support import node_ws, rest, unique, until
 from ws_node.app import create_app
 from ws_node.auth import has_role
 from ws_node.settings import NodeSettings
@@ -48,16 +47,6 @@ def token(cluster: LocalCluster, user: str, **claims: Any) -> str:
 
 def admin_token(cluster: LocalCluster) -> str:
     return token(cluster, unique("ops"), roles=["viewer", "chorus-admin"])
-
-
-async def until(fetch: Callable[[], Awaitable[Any]], ok: Callable[[Any], bool], timeout_s: float = POLL_S) -> Any:
-    """`fetch()` again until its answer is `ok` (heartbeats and presence are written periodically)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        answer = await fetch()
-        if ok(answer) or time.monotonic() > deadline:
-            return answer
-        await asyncio.sleep(0.2)
 
 
 # Who may call it
@@ -122,7 +111,7 @@ async def test_devices_on_two_nodes_and_the_nodes_sockets(cluster: LocalCluster,
         return (await rest(http, cluster.http_url, admin, "GET", f"/v1/admin/users/{user}/devices"))[1]
 
     try:
-        listed = await until(devices, lambda body: len(body["devices"]) == 2)
+        listed = await until(devices, lambda body: len(body["devices"]) == 2, POLL_S)
         assert listed == {"user": user, "devices": [
             {"device": "laptop", "node": "node-b", "node_alive": True},
             {"device": "phone", "node": "node-a", "node_alive": True},
@@ -131,7 +120,8 @@ async def test_devices_on_two_nodes_and_the_nodes_sockets(cluster: LocalCluster,
         async def nodes() -> Any:
             return (await rest(http, cluster.http_url, admin, "GET", "/v1/admin/nodes"))[1]
 
-        listed = await until(nodes, lambda body: all(n["sockets"] >= 1 and n["users"] >= 1 for n in body["nodes"]))
+        listed = await until(nodes, lambda body: all(n["sockets"] >= 1 and n["users"] >= 1 for n in body["nodes"]),
+                             POLL_S)
         assert [n["node"] for n in listed["nodes"]] == ["node-a", "node-b"]
         for node in listed["nodes"]:
             assert node["sockets"] >= 1 and node["users"] >= 1
@@ -142,7 +132,7 @@ async def test_devices_on_two_nodes_and_the_nodes_sockets(cluster: LocalCluster,
     finally:
         await phone.close()
         await laptop.close()
-    gone = await until(devices, lambda body: body["devices"] == [])
+    gone = await until(devices, lambda body: body["devices"] == [], POLL_S)
     assert gone == {"user": user, "devices": []}
 
 
@@ -170,7 +160,7 @@ async def test_a_run_in_flight_and_the_worker_running_it(cluster: LocalCluster, 
         async def workers() -> Any:
             return (await rest(http, cluster.http_url, admin, "GET", "/v1/admin/workers"))[1]
 
-        busy = await until(workers, lambda body: any(w["busy"] >= 1 for w in body["workers"]))
+        busy = await until(workers, lambda body: any(w["busy"] >= 1 for w in body["workers"]), POLL_S)
         [worker] = busy["workers"]
         assert worker["worker"] == "worker-1" and worker["agents"] == ["default"]
         assert worker["busy"] >= 1 and worker["concurrency"] == 8 and worker["draining"] is False

@@ -10,8 +10,6 @@ against the fake LLM, an agent with `ask_user`."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -24,7 +22,7 @@ from chorus_client.testing import RecordingClient as ChorusClient
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.procs import Proc
 from tests.fake_llm import FakeLLM
-from tests.support import get_agents, rest, unique
+from tests.support import get_agents, rest, unique, until
 
 ASK = '[[tool:ask_user:{"question": "Which city?"}]] plan my trip'
 
@@ -47,16 +45,6 @@ async def asked(device: ChorusClient, run: str) -> str:
     """The request id of the run's question, once the device saw it."""
     await device.wait_for(lambda: bool(of_run(device, run, "run.input_required")), 30)
     return str(of_run(device, run, "run.input_required")[0]["data"]["request"])
-
-
-async def stored_paused(http: aiohttp.ClientSession, base: str, token: str, run: str) -> None:
-    """Until the run's pause is stored: the worker publishes its question first, then pauses (in
-    Postgres, which publishes nothing of it: polled)."""
-    async with asyncio.timeout(10):
-        for _ in itertools.count():
-            if (await rest(http, base, token, "GET", f"/v1/runs/{run}"))[1]["status"] == "paused":
-                return
-            await asyncio.sleep(0.05)
 
 
 async def devices(cluster: LocalCluster, http: aiohttp.ClientSession, *names: str) -> list[ChorusClient]:
@@ -106,13 +94,7 @@ async def test_a_paused_run_holds_no_worker(paused: LocalCluster, http: aiohttp.
         assert status == 200 and view["status"] == "paused"
         # The plain run's worker lets its slot go just after publishing the end: give it a moment.
         # The paused runs would hold theirs for good.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(10):
-                for _ in itertools.count():
-                    if not await running_on(paused, http):
-                        break
-                    await asyncio.sleep(0.05)
-        assert await running_on(paused, http) == []
+        assert await until(lambda: running_on(paused, http), lambda holders: holders == [], 10, poll_s=0.05) == []
         await phone.respond(first["run"], requests[0], "Paris")
         # Over HTTP too (runs over HTTP): the answer, repeated harmlessly; a second device's is refused.
         path = f"/v1/runs/{second['run']}/input"
@@ -142,7 +124,11 @@ async def test_a_worker_killed_while_its_run_waits_loses_nothing_and_a_late_devi
         ack = await phone.send(ASK, agent="asker")
         run = ack["run"]
         request = await asked(phone, run)
-        await stored_paused(http, base, phone.token, run)
+        # The worker publishes its question first, then stores the pause (Postgres publishes
+        # nothing of it): kill it only once the run waits.
+        status = await until(lambda: rest(http, base, phone.token, "GET", f"/v1/runs/{run}"),
+                             lambda answer: answer[1]["status"] == "paused", 10, poll_s=0.05)
+        assert status[1]["status"] == "paused", status
         [started] = of_run(phone, run, "run.started")
         holder = next(w for w in paused.workers if w.name == started["data"]["worker"])
         holder.kill()  # SIGKILL while the run waits: no worker held it anyway

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import sys
 import time
 from array import array
@@ -41,7 +40,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from loadtest.fanout_bench import open_with_hello
+from loadtest.fanout_bench import open_with_hello, retried
 from loadtest.scenarios import eio
 
 OPEN_ATTEMPTS = 5
@@ -109,16 +108,10 @@ async def _open(session: aiohttp.ClientSession, device: dict[str, Any], *,
     if device["kind"] == "chorus":
         ws, hello = await open_with_hello(session, device["url"], attempts=attempts)
         return ws, {"seq": hello["seq"], "epoch": hello["epoch"]}
-    for attempt in itertools.count():
-        try:
-            if device["kind"] == "sio":
-                return await _open_sio(session, device), {}
-            return await session.ws_connect(device["url"], heartbeat=None, max_msg_size=0), {}
-        except (aiohttp.ClientError, TimeoutError, RuntimeError):
-            if attempt + 1 >= attempts:
-                raise
-            await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
-    raise AssertionError("unreachable")
+    if device["kind"] == "sio":
+        return await retried(lambda: _open_sio(session, device), attempts), {}
+    url = device["url"]
+    return await retried(lambda: session.ws_connect(url, heartbeat=None, max_msg_size=0), attempts), {}
 
 
 async def _read(ws: Socket, device: dict[str, Any], arrivals: Arrivals, position: dict[str, Any]) -> None:
@@ -204,13 +197,13 @@ class Generator:
         lost = time.monotonic()
         again = {**device, "url": _resuming(device["fallback"], position), "fallback": None}
         try:
-            ws, fresh = await _open(self.session, again, attempts=RECONNECT_ATTEMPTS)
+            ws, _ = await _open(self.session, again, attempts=RECONNECT_ATTEMPTS)
         except Exception:
             self.arrivals.reconnect_failed += 1
             return
         self.arrivals.reconnect_ms.append((time.monotonic() - lost) * 1000)
         self.sockets.append(ws)
-        await _read(ws, again, self.arrivals, position or fresh)
+        await _read(ws, again, self.arrivals, position)  # a resumed Chorus device goes on from it
 
     async def drain_slow(self) -> dict[str, Any]:
         drained = await asyncio.gather(*(_drain_slow(ws) for ws in self.slow))
