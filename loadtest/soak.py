@@ -267,12 +267,12 @@ class Soak:
             try:
                 return await client.send(text, conversation=conversation, id=client_id,
                                           timeout_s=min(10.0, max(left, 0.1)))
+            except (ConnectionError, TimeoutError, aiohttp.ClientError):
+                pass  # first: the socket closing before the reply (ConnectionLost) is a ClientError too
             except ClientError as exc:
                 if exc.code not in RETRYABLE_CODES:
                     self.report.sends_unacked.append(f"{client_id}: {exc}")
                     return None
-            except (ConnectionError, TimeoutError, aiohttp.ClientError):
-                pass
             self.report.send_retries += 1
             # Backoff before the retry (the reply was an error or the socket died: no event to await).
             await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
