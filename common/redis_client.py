@@ -16,11 +16,13 @@ from redis.backoff import NoBackoff
 from common.config import SharedSettings
 
 # Errors that mean Redis is unreachable right now (restarting, loading, network; on a Redis Cluster,
-# a failover in progress (CLUSTERDOWN) or a slot being resharded whose keys are half moved, which a
-# multi-key script cannot run on (TRYAGAIN)): the operation may or may not have run, so only what
-# is safe to repeat is retried on them.
+# a failover in progress (CLUSTERDOWN, or a slot map read mid-failover that leaves a slot without
+# an owner), a slot being resharded whose keys are half moved, which a multi-key script cannot run
+# on (TRYAGAIN), or redirections that did not settle within redis-py's 16 tries (ClusterError)):
+# the operation may or may not have run, so only what is safe to repeat is retried on them.
 TRANSIENT = (redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.BusyLoadingError, OSError,
-             redis_errors.TryAgainError, redis_errors.ClusterDownError)
+             redis_errors.TryAgainError, redis_errors.ClusterDownError, redis_errors.SlotNotCoveredError,
+             redis_errors.ClusterError)
 
 
 class PoolExhausted(Exception):

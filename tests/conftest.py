@@ -14,9 +14,11 @@ import pytest
 
 from common.keys import Keys
 from loadtest.cluster import ClusterConfig, LocalCluster
-from loadtest.procs import PostgresServer, RedisServer
+from loadtest.procs import PostgresServer, RedisClusterServer, RedisServer
 from tests.fake_llm import FakeLLM
 from tests.support import PRESENCE_DEBOUNCE_S
+
+LOG_LINES = 40  # of each process's log, under a failed test that ran against a cluster
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +75,22 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """A client session for REST calls and WebSockets of the test's own, closed after it."""
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """A failed test that ran against a cluster reports what its processes said, but for their
+    info lines: CI keeps no temp dirs, and a failure under load is often not seen again on a quiet
+    machine."""
+    report: pytest.TestReport = yield
+    if report.failed and call.when == "call":
+        for value in getattr(item, "funcargs", {}).values():
+            workdir = (value.workdir if isinstance(value, LocalCluster)
+                       else value.root.parent if isinstance(value, RedisClusterServer) else None)
+            for log in sorted(workdir.glob("*.log")) if workdir else ():
+                lines = [line[:400] for line in log.read_text(errors="replace").splitlines()
+                         if '"level":"info"' not in line]
+                if lines:
+                    report.sections.append((f"{log.name} (last {LOG_LINES} lines, no info)",
+                                            "\n".join(lines[-LOG_LINES:])))
+    return report

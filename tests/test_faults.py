@@ -35,21 +35,17 @@ from tests.fake_llm import FakeLLM
 from tests.faultproxy import ConnectionInfo, FaultProxy
 from tests.support import comparable_without_conversation, tokens, unique
 
-# Known bugs (reported to the lead), named in the failures they cause.
-# The first Redis call after a reconnect can fail on a pooled connection that died with the old
-# Redis; a catch-up that fails so is never retried.
+# Where a failure below points: bugs these tests found before, named in their messages.
 CATCH_UP_HINT = (
-    "ws_node/connection.py Connection._catch_up gives up on its first error after the hub's "
-    "resume(): a TRANSIENT one is logged 'catch-up for ... deferred' and waits for a resume() the hub "
-    "already sent; any other (a RuntimeError, see below) ends the task silently. Either way the device "
-    "stays parked for good."
+    "Look at ws_node/connection.py Connection._catch_up: after the hub's resume() it must retry a "
+    "TRANSIENT error until the stream is live again (it once gave up on the first, and the device "
+    "stayed parked for good) and close the socket (1011) on any other, so the device resumes."
 )
-# Under uvloop, redis-py reports a pooled connection that was reset as a bare RuntimeError.
 RST_HINT = (
     "Under uvloop, redis-py's first command on a pooled connection that was reset raises a bare "
     "RuntimeError ('unable to perform operation on <TCPTransport closed=True ...>; the handler is "
-    "closed'), which is not in common.redis_client.TRANSIENT: a node answers `internal` or its catch-up dies, "
-    "a worker fails the run."
+    "closed'); common.redis_client must retry it once on a fresh connection (or, on a cluster, "
+    "report it as a ConnectionError), else a node answers `internal`, or a worker fails the run."
 )
 
 

@@ -195,6 +195,30 @@ def small_queue_node(cluster: LocalCluster, tmp_path: Path) -> Iterator[int]:
         node.stop()
 
 
+async def test_a_catch_up_that_cannot_go_on_closes_the_socket_to_resume(cluster: LocalCluster,
+                                                                          http: aiohttp.ClientSession) -> None:
+    """A gap the node cannot fill, for an error that retrying will not mend (here the user's
+    stream key holds the wrong type), closes the socket with 1011 so the device reconnects and
+    resumes; it once ended the catch-up silently, and the device's stream stayed parked for good."""
+    redis = Redis.from_url(cluster.redis_url, decode_responses=True)
+    user, keys = unique("alice"), Keys()
+    try:
+        async with http.ws_connect(f"ws://127.0.0.1:{cluster.node_ports[0]}/ws"
+                                   f"?access_token={cluster.token(user)}&device=phone") as ws:
+            hello = await ws.receive_json(timeout=10)
+            assert hello["type"] == "hello"
+            assert (await ws.receive_json(timeout=10))["type"] == "snapshot"
+            await redis.delete(keys.meta(user))
+            await redis.set(keys.meta(user), "not a hash")
+            # Two ahead of the device: a gap, which the node fills from the (broken) stream.
+            await redis.publish(keys.channel(user), f'{{"seq":{hello["seq"] + 2},"event":"note"}}')
+            closed = await ws.receive(timeout=10)
+            assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE, 1011), closed
+    finally:
+        await redis.delete(keys.meta(user))
+        await redis.aclose()
+
+
 async def test_slow_consumer_is_closed_with_4008_and_others_keep_up(cluster: LocalCluster,
                                                                     small_queue_node: int) -> None:
     """A client that stops reading fills its bounded queue and is closed with 4008 (reconnect with

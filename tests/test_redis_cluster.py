@@ -18,6 +18,7 @@ import pytest
 from chorus_client.testing import RecordingClient as ChorusClient
 from redis.asyncio import RedisCluster
 
+from common.keys import Keys
 from common.redis_client import TRANSIENT, PoolExhausted, connect
 from fanout.keys import StreamKeys
 from fanout.redis_broker import RedisBroker
@@ -30,6 +31,7 @@ from tests.test_core import (
     test_laptop_moves_to_the_other_node_mid_answer_and_continues_exactly,
     test_phone_and_laptop_on_two_nodes_see_one_identical_stream,
 )
+from ws_node.presence import Presences
 
 __all__ = [  # collected here too, against the Redis Cluster (and `db`, the fixture one of them takes)
     "db",
@@ -110,6 +112,40 @@ async def test_users_are_spread_over_the_shards_and_each_gets_only_their_own(
             assert device.gaps == [] and device.duplicates == 0
     finally:
         await asyncio.gather(*(device.close() for device in devices))
+
+
+async def test_presence_is_refreshed_on_every_shard(redis_cluster: RedisClusterServer) -> None:
+    """A node's periodic refresh extends its devices' presence on whichever shard holds each user:
+    redis-py's cluster pipelines refuse scripts, and the refresh once failed there every time, so
+    devices dropped offline after the entries' TTL."""
+    client = connect(redis_cluster.url, socket_timeout_s=5, pool_size=4, pool_wait_s=5, cluster=True)
+    keys = Keys(prefix=unique("presence"))
+    presences = Presences(client, keys, lambda user: f"{keys.prefix}:{{u:{user}}}:ch", node="node-a",
+                          debounce_s=1)
+    users = [unique(f"user{i}") for i in range(40)]  # past one batch of script calls, on every shard
+    sockets = [(user, device, f"s-{user}-{device}") for user in users for device in ("phone", "laptop")]
+
+    async def expiries() -> dict[tuple[str, str], int]:
+        found = {}
+        for user in users:
+            for device, entry in (await client.hgetall(keys.presence(user))).items():
+                found[user, device] = int(entry.rsplit("|", 1)[1])
+        return found
+
+    try:
+        owners = {redis_cluster.slot_owner(client.keyslot(keys.presence(user))) for user in users}  # type: ignore[attr-defined]
+        assert len(owners) == 3
+        for user, device, socket in sockets:
+            await presences.join(user, device, socket)
+        joined = await expiries()
+        await asyncio.sleep(0.01)  # the refresh's clock is past the join's, in ms
+        await presences.refresh(sockets)
+        refreshed = await expiries()
+        assert joined.keys() == refreshed.keys() == {(user, device) for user, device, _ in sockets}
+        assert all(refreshed[key] > joined[key] for key in joined), "every entry was extended"
+    finally:
+        await presences.close()
+        await client.aclose()
 
 
 async def test_a_full_pool_makes_commands_wait_then_fail_as_exhausted(redis_cluster: RedisClusterServer) -> None:

@@ -240,7 +240,9 @@ class Connection:
     async def _catch_up(self) -> None:
         """Fill a gap from history, repeating while the parked frames still show one, and
         through Redis errors (after a restart the first command on each pooled connection
-        fails): nothing else would call it again, and the device's stream would stay parked."""
+        fails): nothing else would call it again, and the device's stream would stay parked.
+        Any other error closes the socket (`INTERNAL`), so the device reconnects and resumes from
+        its position instead of waiting, silently, on a stream that no longer moves."""
         delays = delays_s(base_s=0.05, cap_s=2.0)
         while self._parked is not None and self.close_code is None:
             try:
@@ -255,6 +257,9 @@ class Connection:
             except TRANSIENT as exc:
                 log.warning("catch-up for %s/%s failed, retrying: %r", self.user, self.device, exc)
                 await asyncio.sleep(next(delays))
+            except Exception:
+                log.exception("catch-up for %s/%s failed; closing to resume", self.user, self.device)
+                self.close(CloseCode.INTERNAL, "recovery failed; reconnect with after")
 
     async def _replay(self, position: Position) -> None:
         frames = await self.broker.read_after(self.user, self.gate.last, upto=position.seq)

@@ -29,7 +29,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from common.keys import Keys
-from common.redis_client import script_for
+from common.redis_client import is_cluster, script_for
 from protocol import DeviceOnline, Presence, encode
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ TTL_S = 3 * REFRESH_S
 CLOSE_TIMEOUT_S = 5.0
 CLOSED = "-"  # a closed socket's name starts with it (presence.lua)
 CLOSED_GRACE_S = 10.0
+CLUSTER_REFRESH_BATCH = 16  # script calls in flight at once on a Redis Cluster (no pipelines there)
 _LUA = resources.files("ws_node").joinpath("presence.lua").read_text()
 
 
@@ -94,6 +95,14 @@ class Presences:
     async def refresh(self, sockets: Iterable[tuple[str, str, str]]) -> None:
         """Extend the entries of (user, device, socket) held by this node's sockets."""
         now_ms = time.time() * 1000
+        if is_cluster(self._redis):
+            # redis-py's cluster pipelines refuse scripts (EVALSHA): a few calls at a time instead,
+            # each routed to its user's shard.
+            due = list(sockets)
+            for start in range(0, len(due), CLUSTER_REFRESH_BATCH):
+                batch = due[start:start + CLUSTER_REFRESH_BATCH]
+                await asyncio.gather(*(self._run("refresh", *ident, now_ms) for ident in batch))
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
             for user, device, socket in sockets:
                 await self._run("refresh", user, device, socket, now_ms, client=pipe)
