@@ -6,7 +6,7 @@ Plain helpers shared by the test modules are in tests/support.py.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -78,7 +78,8 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """A failed test that ran against a cluster reports what its processes said, but for their
     info lines: CI keeps no temp dirs, and a failure under load is often not seen again on a quiet
     machine."""
