@@ -3,7 +3,7 @@
 On a Redis Cluster (`common.redis_client.connect(..., cluster=True)`) the same, with sharded Pub/Sub:
 the scripts `SPUBLISH` (a user's channel is in the user's slot, as its keys are), the hub
 subscribes through `fanout.cluster_pubsub.ClusterPubSub`, and publishes go through redis-py's
-cluster client (the lean pipelining connection speaks to one server)."""
+cluster client, the scripts down a pipelining connection per primary (`fanout.cluster_pipe`)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from redis.asyncio.connection import SSLConnection
 from common.backoff import retrying
 from common.redis_client import TRANSIENT, as_text, is_cluster, is_sentinel, script_for
 from fanout.broker import Fenced, Position, PublishResult, PubSub
+from fanout.cluster_pipe import ClusterPipes
 from fanout.cluster_pubsub import ClusterPubSub
 from fanout.keys import StreamKeys
 from fanout.resp_pipe import RespPipe
@@ -33,6 +34,11 @@ _CANARY_SEARCH = 10_000
 
 def new_epoch() -> str:
     return secrets.token_hex(4)
+
+
+def _tls(connection_class: type) -> bool:
+    """Whether redis-py's connections of this class use TLS (the lean connections do not)."""
+    return issubclass(connection_class, SSLConnection)
 
 
 
@@ -60,12 +66,18 @@ class RedisBroker:
         self._position = redis.register_script(_POSITION_LUA)
         # Publishes go through one pipelining connection (fanout.resp_pipe): a fifth of redis-py's
         # CPU per publish, many per write; every socket's open reads its position and replay through
-        # it too. TLS (rediss://) and clusters keep redis-py's connections.
+        # it too. On a cluster, the scripts go through one per primary (fanout.cluster_pipe). TLS
+        # (rediss://) and Sentinels keep redis-py's connections.
         self._pipe: RespPipe | None = None
+        self._scripts: RespPipe | ClusterPipes | None = None
         if self._lean(redis):
-            pool = redis.connection_pool
-            params = pool.connection_kwargs
+            params = redis.connection_pool.connection_kwargs
             self._pipe = RespPipe(dict(params), timeout_s=params.get("socket_timeout") or 10.0)
+            self._scripts = self._pipe
+        elif self.cluster and not _tls(cast(RedisCluster, redis).connection_kwargs["connection_class"]):
+            cluster = cast(RedisCluster, redis)
+            timeout_s = cluster.connection_kwargs.get("socket_timeout") or 10.0
+            self._scripts = ClusterPipes(cluster, timeout_s=timeout_s)
 
     async def publish(
         self, user: str, payload: str, *, producer: str = "", pseq: int = 0, fence: str | None = None,
@@ -79,8 +91,8 @@ class RedisBroker:
         ]
 
         async def once() -> Any:
-            if self._pipe is not None:
-                return await self._pipe.evalsha(self._publish.sha, self._publish_lua, keys, args)
+            if self._scripts is not None:
+                return await self._scripts.evalsha(self._publish.sha, self._publish_lua, keys, args)
             return await self._publish(keys=keys, args=args)
 
         status, seq, epoch = await retrying(
@@ -95,8 +107,8 @@ class RedisBroker:
         keys = [self.keys.meta(user), self.keys.history(user)]
         args: list[str | int] = [new_epoch(), self.ttl_s]
         reply: Any
-        if self._pipe is not None:  # every socket's open asks it: a reconnect storm asks it at once
-            reply = await self._pipe.evalsha(self._position.sha, _POSITION_LUA, keys, args)
+        if self._scripts is not None:  # every socket's open asks it: a reconnect storm asks it at once
+            reply = await self._scripts.evalsha(self._position.sha, _POSITION_LUA, keys, args)
         else:
             reply = await self._position(keys=keys, args=args)
         epoch, seq, first = reply
@@ -164,12 +176,12 @@ class RedisBroker:
         redis-py's (a Sentinel pool asks for the primary's address on every new connection)."""
         if is_cluster(redis) or is_sentinel(redis):
             return False
-        return not issubclass(redis.connection_pool.connection_class, SSLConnection)
+        return not _tls(redis.connection_pool.connection_class)
 
     async def aclose(self) -> None:
         """Close the publishing connection (the Redis client is its owner's to close)."""
-        if self._pipe is not None:
-            await self._pipe.aclose()
+        if self._scripts is not None:
+            await self._scripts.aclose()
 
     async def signal(self, channel: str, data: str) -> None:
         if self.cluster:

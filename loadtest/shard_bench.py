@@ -42,10 +42,11 @@ PREFIX = "sbench"
 
 
 def _publisher(url: str, users: int, seconds: float, rate: float, seed: int, out: Any) -> None:
-    """One publisher process: publishes at `rate` events/s for `seconds`; sends the events done."""
+    """One publisher process: publishes at `rate` events/s for `seconds`; sends the events done and
+    the wall-clock window it published in (start-up, seconds of imports, is not in it)."""
     import uvloop
 
-    async def main() -> int:
+    async def main() -> tuple[int, float, float]:
         redis = connect(url, socket_timeout_s=10, pool_size=64, pool_wait_s=10, cluster=True)
         broker = RedisBroker(redis, Keys(PREFIX), history_max=1000)
         rng = random.Random(seed)
@@ -57,7 +58,7 @@ def _publisher(url: str, users: int, seconds: float, rate: float, seed: int, out
             in_flight.discard(task)
             done += 1
 
-        start = time.monotonic()
+        start, began = time.monotonic(), time.time()
         while (now := time.monotonic()) - start < seconds:
             due = int((now - start) * rate)
             while sent < due and len(in_flight) < 256:  # at most 256 in flight: no unbounded backlog
@@ -67,9 +68,10 @@ def _publisher(url: str, users: int, seconds: float, rate: float, seed: int, out
                 sent += 1
             await asyncio.sleep(0.002)
         await asyncio.gather(*in_flight, return_exceptions=True)
+        ended = time.time()
         await broker.aclose()
         await redis.aclose()
-        return done
+        return done, began, ended
 
     out.send(uvloop.run(main()))
 
@@ -106,7 +108,6 @@ async def run_shards(shards: int, args: argparse.Namespace) -> dict[str, Any]:
             before = {port: sum(p.cpu_times()[:2]) for port, p in procs.items()}
             ctx = multiprocessing.get_context("spawn")
             pipes, workers = [], []
-            started = time.monotonic()
             for index in range(args.processes):
                 receive, send = ctx.Pipe(duplex=False)
                 worker = ctx.Process(target=_publisher, args=(cluster.url, args.users, args.seconds,
@@ -114,10 +115,12 @@ async def run_shards(shards: int, args: argparse.Namespace) -> dict[str, Any]:
                 worker.start()
                 pipes.append(receive)
                 workers.append(worker)
-            published = sum(await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe in pipes)))
+            reports = await asyncio.gather(*(asyncio.to_thread(pipe.recv) for pipe in pipes))
             for worker in workers:
                 worker.join()
-            elapsed = time.monotonic() - started
+            published = sum(done for done, _, _ in reports)
+            # The window the publishers published in; Redis is idle while they start.
+            elapsed = max(ended for _, _, ended in reports) - min(began for _, began, _ in reports)
             await asyncio.sleep(0.5)  # the last deliveries
             stop.set()
             await reader

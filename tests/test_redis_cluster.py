@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
+import psutil
 import pytest
 from chorus_client.testing import RecordingClient as ChorusClient
+from redis import Redis
 from redis.asyncio import RedisCluster
 
 from common.keys import Keys
@@ -145,6 +147,47 @@ async def test_presence_is_refreshed_on_every_shard(redis_cluster: RedisClusterS
         assert all(refreshed[key] > joined[key] for key in joined), "every entry was extended"
     finally:
         await presences.close()
+        await client.aclose()
+
+
+async def test_publishes_go_down_a_pipe_per_primary(redis_cluster: RedisClusterServer) -> None:
+    """Once redis-py has read the slot map (the first round goes through its client), concurrent
+    publishes reach each user's primary down one pipelining connection to that primary, where
+    redis-py's pool would take a connection per publish in flight; every stream counts on."""
+    client = connect(redis_cluster.url, socket_timeout_s=5, pool_size=8, pool_wait_s=5, cluster=True)
+    broker = RedisBroker(client, StreamKeys(unique("pipes")))
+    users: list[str] = []
+    per_primary: dict[int, int] = {}
+    while len(users) < 12:  # four users on each of the three primaries
+        user = unique(f"user{len(users)}")
+        owner = redis_cluster.slot_owner(client.keyslot(broker.channel(user)))  # type: ignore[attr-defined]
+        if per_primary.get(owner, 0) < 4:
+            per_primary[owner] = per_primary.get(owner, 0) + 1
+            users.append(user)
+
+    def clients() -> dict[int, list[dict[str, str]]]:
+        """Per primary, CLIENT LIST."""
+        found = {}
+        for port in per_primary:
+            with Redis(port=port, decode_responses=True) as admin:
+                found[port] = admin.client_list()
+        return found
+
+    try:
+        earlier = {(port, entry["id"]) for port, entries in (await asyncio.to_thread(clients)).items()
+                   for entry in entries}
+        # With a producer, as Chorus's publishes have: redis-py's client, reading the slot map
+        # afresh on a MOVED, drops connections other calls are waiting on, and retries them.
+        rounds = [await asyncio.gather(*(broker.publish(user, '{"n":1}', producer="test", pseq=pseq)
+                                         for user in users)) for pseq in (1, 2, 3)]
+        assert [[result.seq for result in round_] for round_ in rounds] == [[1] * 12, [2] * 12, [3] * 12]
+        ours = {f"127.0.0.1:{conn.laddr.port}" for conn in psutil.Process().net_connections("tcp")}
+        scripted = {port: sum((port, entry["id"]) not in earlier and entry["addr"] in ours
+                              and entry["cmd"] == "evalsha" for entry in entries)
+                    for port, entries in (await asyncio.to_thread(clients)).items()}
+        assert scripted == dict.fromkeys(per_primary, 1), "one connection per primary ran the script"
+    finally:
+        await broker.aclose()
         await client.aclose()
 
 
