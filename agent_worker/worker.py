@@ -40,7 +40,7 @@ from agent_worker.settings import WorkerSettings
 from common import logs, tracing
 from common.backoff import delays_s, retrying
 from common.redis_client import TRANSIENT
-from fanout.broker import Fenced
+from fanout.broker import Fenced, Lost
 from persistence.records import Finished, Question, RunClaim
 from persistence.store import Store, Unavailable
 from protocol import events as ev
@@ -420,7 +420,7 @@ class RunExecution:
         self.last_seq = result.seq
         self.epoch = result.epoch
         self.shown = shown_text(self.shown, data.event, data.to_data())
-        if moved:
+        if moved and data.event != ev.RunResumed.event:
             await self.publish(ev.RunResumed(text=self.shown, attempt=c.attempts))
             self._checkpointed_at = 0.0  # checkpoint in the new epoch at once
         return result.seq
@@ -505,7 +505,17 @@ class RunExecution:
                         error=error, discarded=finished.discarded,
                         stopped_at=self.last_seq if status == RunStatus.CANCELLED else None,
                         usage=ev.TokenUsage(usage.prompt_tokens, usage.completion_tokens) if usage else None)
-        await worker.runs.end(c.user, c.conversation, c.run, ending)
+        try:
+            await worker.runs.end(c.user, c.conversation, c.run, ending,
+                                  follows=(self.producer, self.pseq) if self.pseq else None)
+        except Lost:
+            # Redis lost this attempt's last events (it restarted from an older snapshot): show
+            # the whole answer again first (its numbering's hole starts a new epoch), so no device
+            # shows the run cut short, then end it.
+            log.warning("run %s: its last events were lost by Redis; publishing the answer again", c.run)
+            with contextlib.suppress(Fenced):  # cancelled: the end says where it stopped
+                await self.publish(ev.RunResumed(text=self.shown, attempt=c.attempts))
+            await worker.runs.end(c.user, c.conversation, c.run, ending)
         try:
             await worker.forget(c.run)  # its graph state; the sweep deletes what this leaves
         except Exception as exc:

@@ -25,6 +25,11 @@ class Fenced(Exception):
     """The publish's fence tag was fenced: the stream refuses it (a cancelled run's events)."""
 
 
+class Lost(Exception):
+    """The stream no longer holds the publish this one follows: the broker lost writes it had
+    acknowledged (Redis restarted from an older snapshot). Nothing was published."""
+
+
 @dataclass(frozen=True)
 class PublishResult:
     """`duplicate`: this producer's publish was already done (a retry); `seq` is the earlier one."""
@@ -59,13 +64,16 @@ class Broker(Protocol):
 
     async def publish(
         self, user: str, payload: str, *, producer: str = "", pseq: int = 0, fence: str | None = None,
-        pass_fence: bool = False, producer_epoch: str = "",
+        pass_fence: bool = False, producer_epoch: str = "", follows: tuple[str, int] | None = None,
     ) -> PublishResult:
         """Append `payload` to `user`'s stream and publish it. Give each publish a (`producer`,
         `pseq`), numbered 1, 2, 3... per producer, so a retry is never doubled, and a hole in
         them (the broker lost writes it had acknowledged) starts a new epoch, unless the epoch
         already differs from `producer_epoch` (the epoch of the producer's previous publish, if
-        known). With `fence`, raise `Fenced` instead when that tag was fenced, unless `pass_fence`."""
+        known). With `fence`, raise `Fenced` instead when that tag was fenced, unless `pass_fence`.
+        With `follows` (another producer and its publish number), raise `Lost` instead when the
+        stream no longer holds that producer's publish: the same loss, seen by a producer whose
+        own numbering has no hole (its first publish)."""
 
     async def position(self, user: str) -> Position:
         """The user's epoch and latest seq (creating the epoch for a new history)."""

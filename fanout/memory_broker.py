@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from fanout.broker import Fenced, Position, PublishResult
+from fanout.broker import Fenced, Lost, Position, PublishResult
 
 
 @dataclass
@@ -94,13 +94,15 @@ class MemoryBroker:
 
     async def publish(
         self, user: str, payload: str, *, producer: str = "", pseq: int = 0, fence: str | None = None,
-        pass_fence: bool = False, producer_epoch: str = "",
+        pass_fence: bool = False, producer_epoch: str = "", follows: tuple[str, int] | None = None,
     ) -> PublishResult:
         stream = self._stream(user)
         if producer:
             last = stream.producers.get(producer)
             if last is not None and pseq <= last[0]:
                 return PublishResult(seq=last[1], epoch=stream.epoch, duplicate=True)
+        if follows is not None and stream.producers.get(follows[0], (0, 0))[0] < follows[1]:
+            raise Lost(follows)
         if fence is not None and not pass_fence and fence in stream.fences:
             raise Fenced(fence)
         stream.seq += 1

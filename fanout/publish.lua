@@ -3,9 +3,11 @@
 -- ARGV[1] channel, ARGV[2] payload (a non-empty JSON object), ARGV[3] history max length,
 -- ARGV[4] ttl seconds, ARGV[5] epoch to use if the history is new, ARGV[6] producer ('' = none),
 -- ARGV[7] producer seq, ARGV[8] fence tag to check ('' = none), ARGV[9] '1' to pass a fence,
--- ARGV[10] the epoch of the producer's previous publish ('' = unknown)
+-- ARGV[10] the epoch of the producer's previous publish ('' = unknown), ARGV[11] a producer whose
+-- publish number ARGV[12] this one follows ('' = none)
 -- Returns {status, seq, epoch}: status 1 published, 0 duplicate of an earlier publish (seq is the
--- earlier one), -1 refused because the fence tag is fenced (a cancelled run).
+-- earlier one), -1 refused because the fence tag is fenced (a cancelled run), -2 refused because
+-- the stream no longer holds the publish this one follows (Redis lost writes it had acknowledged).
 -- The frame is the payload opened with "seq":N, so the seq is always its first member.
 local meta, history, producers, fences = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local producer, pseq = ARGV[6], tonumber(ARGV[7])
@@ -29,6 +31,14 @@ end
 -- life can be reused in it, and a second new epoch would only split the devices between two
 -- (tests/test_faults.py, Redis restart without data).
 local lost_writes = producer ~= '' and pseq > last_pseq + 1 and (ARGV[10] == '' or ARGV[10] == epoch)
+-- The same loss seen through another producer: a run's end follows its worker's last token, and
+-- landing after a stream that lost those tokens it would show the run cut short.
+if ARGV[11] ~= '' then
+  local held = redis.call('HGET', producers, ARGV[11])
+  if not held or tonumber(string.sub(held, 1, string.find(held, ':', 1, true) - 1)) < tonumber(ARGV[12]) then
+    return {-2, 0, epoch or ''}
+  end
+end
 if ARGV[8] ~= '' and ARGV[9] ~= '1' and redis.call('HEXISTS', fences, ARGV[8]) == 1 then
   return {-1, 0, epoch or ''}
 end

@@ -17,7 +17,7 @@ from redis.asyncio.connection import SSLConnection
 
 from common.backoff import retrying
 from common.redis_client import TRANSIENT, as_text, is_cluster, is_sentinel, script_for
-from fanout.broker import Fenced, Position, PublishResult, PubSub
+from fanout.broker import Fenced, Lost, Position, PublishResult, PubSub
 from fanout.cluster_pipe import ClusterPipes
 from fanout.cluster_pubsub import ClusterPubSub
 from fanout.keys import StreamKeys
@@ -81,13 +81,14 @@ class RedisBroker:
 
     async def publish(
         self, user: str, payload: str, *, producer: str = "", pseq: int = 0, fence: str | None = None,
-        pass_fence: bool = False, producer_epoch: str = "",
+        pass_fence: bool = False, producer_epoch: str = "", follows: tuple[str, int] | None = None,
     ) -> PublishResult:
         k = self.keys
         keys = [k.meta(user), k.history(user), k.producers(user), k.fences(user)]
         args: list[str | int] = [
             k.channel(user), payload, self.history_max, self.ttl_s, new_epoch(),
             producer, pseq, fence or "", "1" if pass_fence else "0", producer_epoch,
+            *(follows or ("", 0)),
         ]
 
         async def once() -> Any:
@@ -100,6 +101,8 @@ class RedisBroker:
         )
         if status == -1:
             raise Fenced(fence)
+        if status == -2:
+            raise Lost(follows)
         return PublishResult(seq=int(seq), epoch=as_text(epoch), duplicate=status == 0)
 
     async def position(self, user: str) -> Position:

@@ -130,14 +130,15 @@ class Runs:
     async def publish(
         self, user: str, conversation: str, run: str | None, data: EventData, *, producer: str, pseq: int = 1,
         fenced: bool = False, pass_fence: bool = False, producer_epoch: str = "",
+        follows: tuple[str, int] | None = None,
     ) -> PublishResult:
         """Publish one event of `run` to `user`'s devices. `fenced`: refuse it (`Fenced`) once the
-        run was cancelled, unless `pass_fence` (the run's own end). `producer_epoch`: see
-        `fanout.broker.Broker.publish`."""
+        run was cancelled, unless `pass_fence` (the run's own end). `producer_epoch` and `follows`:
+        see `fanout.broker.Broker.publish`."""
         payload = event_body(conversation, run, data, int(time.time() * 1000), dumps=compact_json)
         return await self.broker.publish(user, payload, producer=producer, pseq=pseq,
                                          fence=run if fenced else None, pass_fence=pass_fence,
-                                         producer_epoch=producer_epoch)
+                                         producer_epoch=producer_epoch, follows=follows)
 
     # Sends
 
@@ -289,12 +290,15 @@ class Runs:
                                 stopped_at=paused["partial_seq"])
                 await self.end(user, paused["conversation_id"], run, ending)
 
-    async def end(self, user: str, conversation: str, run: str, ending: Ending) -> None:
+    async def end(self, user: str, conversation: str, run: str, ending: Ending, *,
+                  follows: tuple[str, int] | None = None) -> None:
         """Publish a run's one end event (its end is already stored), then start the conversation's
         next waiting run. The end's producer id is shared by every publisher of the run's end (a
-        worker, a later one, a node cancelling a queued run), so exactly one gets a seq."""
+        worker, a later one, a node cancelling a queued run), so exactly one gets a seq.
+        `follows`: the worker's producer and its last publish, which the end must come after
+        (`Lost` when Redis lost it: see `fanout.broker.Broker.publish`)."""
         published = await self.publish(user, conversation, run, ending.event(), producer=f"run:{run}:end",
-                                       fenced=True, pass_fence=True)
+                                       fenced=True, pass_fence=True, follows=follows)
 
         async def record() -> None:
             await self.store.set_terminal_seq(run, published.seq)

@@ -10,8 +10,9 @@ import pytest
 from redis.asyncio import Redis
 
 from common.keys import Keys
-from fanout.broker import Fenced
+from fanout.broker import Fenced, Lost
 from fanout.hub import Hub
+from fanout.memory_broker import MemoryBroker
 from fanout.recovery import frame_seq
 from fanout.redis_broker import RedisBroker
 from fanout.resp_pubsub import RespPubSub
@@ -239,6 +240,27 @@ async def test_lost_acknowledged_writes_start_a_new_epoch(redis: Redis, keys: Ke
     # an ordinary next publish keeps the new epoch
     fourth = await stream.publish("u", token(), producer="p", pseq=4)
     assert fourth.epoch == third.epoch and fourth.seq == third.seq + 1
+
+
+async def test_a_publish_that_follows_a_lost_one_is_refused(redis: Redis, keys: Keys) -> None:
+    """A run's end follows its worker's last token (`follows`): when the stream no longer holds
+    that token (Redis lost it), the end is refused (`Lost`) and nothing is published; the same in
+    the in-memory broker."""
+    memory = MemoryBroker()
+    for stream in (RedisBroker(redis, keys), memory):
+        first = await stream.publish("u", token(), producer="p", pseq=1)
+        await stream.publish("u", token(), producer="p", pseq=2)
+        end = await stream.publish("u", token(), producer="end", pseq=1, follows=("p", 2))
+        assert end.seq == first.seq + 2 and not end.duplicate
+        if stream is memory:  # roll back to just after the first publish, as a stale snapshot would
+            memory._stream("u").producers["p"] = (1, first.seq)
+        else:
+            await redis.hset(keys.producers("u"), "p", f"1:{first.seq}")
+        with pytest.raises(Lost):
+            await stream.publish("u", token(), producer="end2", pseq=1, follows=("p", 2))
+        assert (await stream.position("u")).seq == end.seq, "nothing was published"
+        again = await stream.publish("u", token(), producer="end", pseq=1, follows=("p", 2))
+        assert again.duplicate and again.seq == end.seq, "a retry of a published end is its duplicate"
 
 
 async def test_after_an_empty_restart_a_producer_joins_the_epoch_a_reader_started(redis: Redis, keys: Keys) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
@@ -18,6 +18,7 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
+from agent_worker.graph import Resumption, Text
 from agent_worker.settings import WorkerSettings
 from agent_worker.worker import Worker
 from common.keys import Keys
@@ -29,6 +30,7 @@ from persistence.store import Store
 from protocol import Event, RunStatus
 from runs.lifecycle import Ending, Runs
 from runs.queue import MemoryRunQueue
+from tests.support import until
 
 ANSWER = "the whole answer"
 
@@ -164,3 +166,53 @@ async def test_after_redis_came_back_empty_the_end_is_published_in_the_new_epoch
     assert [e["event"] for e in await stream(runs, user)] == [Event.RUN_RESUMED, Event.RUN_COMPLETED]
     assert await sweep.republish_lost_ends(settle_s=0.0) == 0
     assert [e["run"] for e in await stream(runs, user)] == [run, run]
+
+
+@pytest.mark.timeout(60)
+async def test_a_run_whose_last_tokens_redis_lost_is_shown_whole_before_its_end(
+    runs: Runs, fresh_redis: RedisServer
+) -> None:
+    """Redis restarts from a snapshot taken mid-answer, losing the last tokens it had acknowledged,
+    and nothing of the run is published until its end (whose producer has no hole to show the
+    loss). The end would land after a stream that cut the answer short; instead the worker sees
+    the loss, publishes the whole answer again (`run.resumed`, in a new epoch), then the end."""
+    user = f"cut-{uuid.uuid4().hex[:8]}"
+    saved, lost = asyncio.Event(), asyncio.Event()
+
+    async def answer(agent: str, history: Sequence[tuple[str, str]], thread: str,
+                     resume: Resumption | None) -> AsyncIterator[object]:
+        yield Text("the whole ")
+        await saved.wait()
+        yield Text("answer")
+        await lost.wait()
+
+    settings = WorkerSettings(redis_url="redis://unused", database_url="postgresql://unused", worker_id="w1",
+                              coalesce_s=0.0)
+    worker = Worker(settings=settings, runs=runs, answer=answer)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(worker.run(stop))
+
+    def tokens(events: list[dict[str, Any]]) -> str:
+        return "".join(e["data"]["text"] for e in events if e["event"] == Event.TOKEN)
+
+    try:
+        record, _ = await runs.accept_send(user, "phone", client_id="s1", text="hi", conversation=None,
+                                           agent=None, policy=None)
+        assert tokens(await until(lambda: stream(runs, user), lambda e: tokens(e) == "the whole ", 10)) == "the whole "
+        before = await runs.broker.position(user)
+        await asyncio.to_thread(lose_writes_after, fresh_redis, True)
+        saved.set()
+        assert tokens(await until(lambda: stream(runs, user), lambda e: tokens(e) == ANSWER, 10)) == ANSWER
+        await asyncio.to_thread(lose_writes_after, fresh_redis, False)
+        await reconnected(runs)
+        assert tokens(await stream(runs, user)) == "the whole ", "the last token was lost"
+        lost.set()
+        events = await until(lambda: stream(runs, user),
+                             lambda e: any(x["event"] == Event.RUN_COMPLETED for x in e), 20)
+        assert [(e["event"], e["data"].get("text")) for e in events] == [
+            (Event.RUN_RESUMED, ANSWER), (Event.RUN_COMPLETED, ANSWER)], "a new epoch: its history starts there"
+        assert (await runs.broker.position(user)).epoch != before.epoch
+        assert (await runs.store.run_state(record.run))["terminal_seq"] == events[-1]["seq"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 30)
