@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 
 import protocol
 from common import logs, metrics, redis_client
+from common.collector import Collector
 from common.keys import Keys
 from common.redis_client import TRANSIENT
 from fanout.hub import Hub
@@ -333,9 +334,12 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
         app[ADMISSION] = build_admission(settings, redis, keys)
         await hub.start()
         stats.loop_lag.start()
+        collector = Collector(every_s=settings.gc_freeze_s)
+        collector.start()
         refresher = asyncio.create_task(_presence_refresher(svc))
         yield
         refresher.cancel()
+        await collector.close()
         await presences.close()
         await stats.loop_lag.close()
         await hub.close()

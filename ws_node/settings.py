@@ -60,6 +60,11 @@ class NodeSettings(SharedSettings):
         "HEARTBEAT_SECONDS", "25", integer(1, 3600),
         "the node pings an idle socket this often and drops it when no pong comes within half of it; sent "
         "to clients in `hello` (1 to 3600)")
+    gc_freeze_s: float = setting(
+        "GC_FREEZE_SECONDS", "10", number(),
+        "every this many seconds, what the node has held since is frozen out of the garbage "
+        "collector's passes (`gc.freeze`), so a full pass walks only what is new, not every socket; "
+        "0: only at start-up (docs/operations.md, *Garbage collection*)")
     presence_debounce_s: float = setting(
         "PRESENCE_DEBOUNCE_SECONDS", "5", number(),
         "a device whose last socket closed is announced offline (`presence`) only if it has not come "
