@@ -178,5 +178,3 @@ class LoopLag:
                                     "How long each pass of the cyclic garbage collector held the process")
         yield gauge("chorus_gc_pause_max_seconds", "The longest garbage-collector pass since start",
                     self.gc_max_s)
-        yield gauge("chorus_gc_frozen_objects", "Objects frozen out of the garbage collector's passes "
-                    "(gc.freeze: at start-up, and on a node every GC_FREEZE_SECONDS)", gc.get_freeze_count())

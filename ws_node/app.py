@@ -334,7 +334,8 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
         app[ADMISSION] = build_admission(settings, redis, keys)
         await hub.start()
         stats.loop_lag.start()
-        collector = Collector(every_s=settings.gc_freeze_s)
+        collector = Collector(every_s=settings.gc_freeze_s, held=lambda: len(svc.connections),
+                              closed=lambda: sum(stats.closes.values()))
         collector.start()
         refresher = asyncio.create_task(_presence_refresher(svc))
         yield
