@@ -23,6 +23,9 @@ and, only when asked for with ``--faults``:
                    A run whose end was lost, or landed before a device resynced past it, gets
                    `run.resumed` and its end published again by the worker's sweep, once per
                    epoch (a device may so see an end twice, telling the same; counted apart).
+                   A run whose last tokens were lost has its end refused until the worker has
+                   published the whole answer again (`run.resumed`), so it is never shown cut
+                   short. CI runs this fault alone for 20 s (tests/test_soak.py).
 
 Then traffic and faults stop, every run seen must end, every device must reach its user's last
 seq, and the transcripts are checked:
