@@ -6,21 +6,25 @@ protocol, transport, response, reader and writer for each), and its full passes,
 half minute while idle, took 1-2.5 s (docs/performance.md). `gc.freeze()` moves every object
 tracked now into a permanent generation that no pass walks: done at start-up it only covers the
 modules; done every `every_s` (after a pass over the young generations) it keeps everything held
-that long out of the passes, which then walk only what was allocated since.
+that long out of the passes, which then walk only what was allocated since. Python's own full
+passes are off (`gc.set_threshold`'s third threshold): between two steps they would walk every
+object made since the last, 0.1-0.6 s while sockets open at 500 a second (issue 14, measured with
+the pass log of `common.metrics`); a step every second walks a second's worth, a few ms.
 
 The price: a frozen object that becomes cyclic garbage is not collected while frozen, and a
 closed aiohttp socket is such garbage (its transport, protocol, request and response refer to
 one another: ~34 objects a socket, most of its memory). So `step` unfreezes and collects
 everything (a stall as long as the old passes) once the sockets closed since the last such pass
 reach `closed_share` of those held (at least `closed_min`), keeping what closed sockets hold under
-that share of the live ones, or once the objects frozen since reach `growth` times those frozen
-by it (other garbage). A node whose sockets only open, or stay, makes none.
+that share of the live ones, or once the memory in use (`sys.getallocatedblocks()`) per socket
+held (counting at least `closed_min`) reaches `growth` times what the last full pass left (other
+garbage). A node whose sockets only open, or stay, makes none.
 
-Counting is by `len(gc.get_objects())` of what is not frozen, never `gc.get_freeze_count()`:
-that walks the whole frozen list (~20 ms at 160,000 objects, ~0.4 s at a node's millions). A
-step collects only the young generations: a pass over everything not frozen would walk every
-socket opened since the last step (~90 ms for 2,000), and what garbage it leaves to be frozen is
-counted towards the next full pass.
+Memory, not a count of the objects frozen, is the growth measure: a frozen object freed by its
+reference count (an idle socket's timer handles and read futures, replaced every heartbeat,
+~6,000 a second at 15,000 sockets) leaves no garbage, yet a count of what was frozen grows with
+it, and made a needless full pass every few minutes. `gc.get_freeze_count()` is never read: it
+walks the whole frozen list (~20 ms at 160,000 objects, ~0.4 s at a node's millions).
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+_NEVER = 2**31 - 1  # a third threshold no count reaches
 
 
 class Collector:
@@ -45,43 +51,47 @@ class Collector:
         self.growth = growth
         self._closed_at = 0  # `closed()` at the last full pass
         self.reclaims = 0  # full passes over everything, unfrozen
-        self._base = 0  # objects frozen by the last full pass (or at start)
-        self._since = 0  # objects frozen since
+        self._per_socket = 0.0  # memory blocks in use per socket after the last full pass (or at start)
+        self._thresholds = gc.get_threshold()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Freeze what start-up made (the modules, the app), counting it; then, unless `every_s`
         is 0, step every `every_s`."""
         gc.collect()
-        self._base = len(gc.get_objects())
+        self._per_socket = self._blocks_per_socket()
         gc.freeze()
         if self.every_s > 0:
+            young, middle, _ = self._thresholds
+            gc.set_threshold(young, middle, _NEVER)  # the steps freeze what would reach them
             self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+            gc.set_threshold(*self._thresholds)
 
     def step(self) -> None:
         """Collect the young generations and freeze what survived; then a full pass over
-        everything, unfrozen, once `growth` is reached."""
+        everything, unfrozen, once enough sockets closed or memory grew `growth` times."""
         gc.collect(1)
-        survivors = len(gc.get_objects())  # what is not frozen: newer than the last step
         gc.freeze()
-        self._since += survivors
         closed = self._closed()
         if (closed - self._closed_at >= max(self.closed_min, self.closed_share * self._held())
-                or self._since > self._base * self.growth):
+                or self._blocks_per_socket() > self._per_socket * self.growth):
             began = time.perf_counter()
             self._closed_at = closed
             gc.unfreeze()
-            gc.collect()
-            self._base, self._since = len(gc.get_objects()), 0
+            collected = gc.collect()
+            self._per_socket = self._blocks_per_socket()
             gc.freeze()
             self.reclaims += 1
-            log.info("full garbage-collector pass over %d objects: %.0f ms", self._base,
-                     (time.perf_counter() - began) * 1000)
+            log.info("full garbage-collector pass: %d objects collected, %.0f memory blocks per socket "
+                     "left, %.0f ms", collected, self._per_socket, (time.perf_counter() - began) * 1000)
+
+    def _blocks_per_socket(self) -> float:
+        return sys.getallocatedblocks() / max(self._held(), self.closed_min)
 
     async def _run(self) -> None:
         while True:

@@ -17,6 +17,7 @@ import asyncio
 import bisect
 import collections
 import gc
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -31,6 +32,11 @@ from prometheus_client.core import (
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+
+log = logging.getLogger(__name__)
+# A collector pass this long is logged, with its generation: the stalls it causes are the ones
+# operators chase (docs/operations.md, "Garbage collection and loop stalls").
+LONG_GC_PASS_S = 0.02
 
 # Seconds: from a millisecond to a minute (delivery lag, first token, loop lag, durations).
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -156,6 +162,9 @@ class LoopLag:
             return
         pause_s = time.perf_counter() - self._gc_began
         self.gc_pauses.observe(pause_s)
+        if pause_s > LONG_GC_PASS_S:
+            log.warning("garbage-collector pass of generation %d took %.0f ms (collected %d)",
+                        info["generation"], pause_s * 1000, info["collected"])
         if pause_s > self.gc_max_s:
             self.gc_max_s = pause_s
 

@@ -79,6 +79,12 @@ class RedisBroker:
             timeout_s = cluster.connection_kwargs.get("socket_timeout") or 10.0
             self._scripts = ClusterPipes(cluster, timeout_s=timeout_s)
 
+    @property
+    def scripts(self) -> RespPipe | ClusterPipes | None:
+        """The pipelined connection(s) the broker's scripts go through, for other scripts on the
+        same Redis (`evalsha`); None where redis-py's connections are kept (TLS, Sentinels)."""
+        return self._scripts
+
     async def publish(
         self, user: str, payload: str, *, producer: str = "", pseq: int = 0, fence: str | None = None,
         pass_fence: bool = False, producer_epoch: str = "", follows: tuple[str, int] | None = None,

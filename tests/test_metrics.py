@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
+import sys
 import time
 import weakref
 from collections.abc import Mapping
@@ -146,6 +147,42 @@ async def test_the_collector_keeps_held_objects_out_of_its_passes_and_reclaims_c
     finally:
         await collector.close()
         gc.unfreeze()
+
+
+async def test_the_collector_makes_a_full_pass_when_memory_per_socket_grows_and_restores_the_thresholds() -> None:
+    """Garbage that is not a closed socket's (here cycles already in the oldest generation, which
+    the steps leave alone) is reclaimed once memory per socket held reaches `growth` times what the
+    last full pass left; Python's own full passes are off while the collector steps, and back on
+    after it closes."""
+
+    class Node:
+        def __init__(self) -> None:
+            self.me = self
+
+    thresholds = gc.get_threshold()
+    collector = Collector(every_s=60, held=lambda: 100, closed=lambda: 0, closed_min=10, growth=1.5)
+    try:
+        collector.start()
+        assert gc.get_threshold()[:2] == thresholds[:2] and gc.get_threshold()[2] > 1_000_000
+        collector.step()
+        assert collector.reclaims == 0, "nothing grew"
+        junk: list[Node] = []
+        target = sys.getallocatedblocks() * 1.6
+        while sys.getallocatedblocks() < target:
+            junk.extend(Node() for _ in range(10_000))
+        gc.collect(1)  # the junk survives into the oldest generation, as a node's garbage does
+        gone = [weakref.ref(n) for n in junk[::1000]]
+        del junk
+        assert all(ref() is not None for ref in gone), "cycles wait for a full pass"
+        collector.step()
+        assert collector.reclaims == 1
+        assert all(ref() is None for ref in gone), "the full pass reclaimed them"
+        collector.step()
+        assert collector.reclaims == 1, "memory back where the full pass left it"
+    finally:
+        await collector.close()
+        gc.unfreeze()
+    assert gc.get_threshold() == thresholds
 
 
 # -- a real cluster ----------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import math
 import secrets
@@ -55,7 +54,7 @@ log = logging.getLogger(__name__)
 # Redis connections of a node when REDIS_POOL_SIZE is 0: each socket or command holds one only
 # for the duration of a command, so a burst of connects waits briefly instead of failing.
 NODE_POOL_SIZE = 256
-PRESENCE_SLICES = 30
+PRESENCE_TICK_S = 0.1  # a slice of the sockets' presence is refreshed this often
 
 
 async def ws_handler(request: web.Request) -> web.StreamResponse:
@@ -295,21 +294,26 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def _presence_refresher(svc: Services) -> None:
-    """Refresh the presence of this node's devices, a slice every second rather than all of them
-    every `presence.REFRESH_S`: in one go it stalled the loop 56-68 ms at 2,000 sockets and 559 ms
-    at 15,000, every deliveries' latency with it (issue 14). Each socket's slice is fixed, so each
-    is refreshed once per `REFRESH_S`."""
-    for tick in itertools.count():
-        await asyncio.sleep(presence.REFRESH_S / PRESENCE_SLICES)
-        slot = tick % PRESENCE_SLICES
-        due = [(c.user, c.device, socket_id(c)) for c in svc.connections
-               if c.serial % PRESENCE_SLICES == slot]
-        if not due:
-            continue
-        try:
-            await svc.presence.refresh(due)
-        except Exception as exc:
-            log.warning("presence refresh failed: %r", exc)
+    """Refresh the presence of this node's devices, a slice every `PRESENCE_TICK_S` rather than
+    all of them every `presence.REFRESH_S`: in one go it stalled the loop 56-68 ms at 2,000 sockets
+    and 559 ms at 15,000, every delivery's latency with it, and a slice a second (500 sockets at
+    15,000) still held it 20-30 ms (issue 14). Each socket's slice is fixed by its serial, so each
+    is refreshed once per `REFRESH_S`; the slices are dealt once per round, not looked for among
+    all the sockets every tick."""
+    ticks = max(1, round(presence.REFRESH_S / PRESENCE_TICK_S))
+    while True:
+        slices: list[list[Connection]] = [[] for _ in range(ticks)]
+        for conn in svc.connections:
+            slices[conn.serial % ticks].append(conn)
+        for due in slices:
+            await asyncio.sleep(presence.REFRESH_S / ticks)
+            sockets = [(c.user, c.device, socket_id(c)) for c in due if c in svc.connections]
+            if not sockets:
+                continue
+            try:
+                await svc.presence.refresh(sockets)
+            except Exception as exc:
+                log.warning("presence refresh failed: %r", exc)
 
 
 def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
@@ -327,7 +331,7 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
                     agents=agents, max_in_flight=settings.max_runs_in_flight,
                     max_queue_depth=settings.max_queue_depth, max_queue_age_s=settings.max_queue_age_s)
         presences = Presences(redis, keys, broker.channel, node=settings.node_id,
-                              debounce_s=settings.presence_debounce_s)
+                              debounce_s=settings.presence_debounce_s, scripts=broker.scripts)
         svc = Services(settings=settings, redis=redis, keys=keys, broker=broker, hub=hub, store=store,
                        runs=runs, agents=agents, presence=presences, stats=stats)
         app[SERVICES] = svc

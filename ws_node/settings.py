@@ -61,7 +61,7 @@ class NodeSettings(SharedSettings):
         "the node pings an idle socket this often and drops it when no pong comes within half of it; sent "
         "to clients in `hello` (1 to 3600)")
     gc_freeze_s: float = setting(
-        "GC_FREEZE_SECONDS", "10", number(),
+        "GC_FREEZE_SECONDS", "1", number(),
         "every this many seconds, what the node has held since is frozen out of the garbage "
         "collector's passes (`gc.freeze`), so a full pass walks only what is new, not every socket; "
         "0: only at start-up (docs/operations.md, *Garbage collection*)")
