@@ -376,13 +376,43 @@ class RedisClusterServer:
             capture_output=True, text=True, timeout=timeout_s, check=False)
         if create.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}{create.stderr}")
-        self.wait_ok(timeout_s, replicas=len(self.ports) - len(self.ports) // (1 + self.replicas))
+        self.wait_ok(timeout_s, replicas=self.replica_count)
 
     def start_node(self, port: int, timeout_s: float = 15) -> None:
         """Start (or restart) one node and wait for its PONG; it rejoins with its nodes.conf."""
         (self.root / str(port)).mkdir(parents=True, exist_ok=True)
         self.procs[port].start()
         _until(lambda: _pong(port), timeout_s, f"redis on :{port} answering PING")
+
+    @property
+    def replica_count(self) -> int:
+        return len(self.ports) - len(self.ports) // (1 + self.replicas)
+
+    def rejoin(self, port: int, timeout_s: float = 60) -> None:
+        """Restart a killed node and wait until the cluster is whole again, every replica attached
+        and synced. A killed primary whose replica took over comes back as a primary without slots,
+        which Redis made a replica again only 55 s later in one CI run: meanwhile the new primary
+        had no replica, and a test killing it next saw no failover. So it is told to replicate the
+        primary left without one (`CLUSTER REPLICATE`), as an operator would."""
+        self.start_node(port)
+        _until(lambda: self._replicating(port), timeout_s, f"redis on :{port} a replica again")
+        self.wait_ok(timeout_s, replicas=self.replica_count)
+
+    def _replicating(self, port: int) -> bool:
+        """Whether the node on `port` is a replica or serves slots, as another live node sees it;
+        if it is a primary without slots, tell it to replicate a primary that has no replica."""
+        seen = next(p for p in self.ports if p != port and self.procs[p].alive)
+        nodes = [line.split() for line in self._cli(seen, "cluster", "nodes").splitlines()]
+        mine = next(fields for fields in nodes if fields[1].split("@")[0].endswith(f":{port}"))
+        if "slave" in mine[2].split(",") or len(mine) > 8:
+            return True
+        followed = {fields[3] for fields in nodes if "slave" in fields[2].split(",")}
+        orphans = [fields[0] for fields in nodes if "master" in fields[2].split(",") and len(fields) > 8
+                   and "fail" not in fields[2] and fields[0] not in followed]
+        if orphans:
+            subprocess.run([self.cli, "-p", str(port), "cluster", "replicate", orphans[0]],
+                           capture_output=True, timeout=10, check=False)  # refused until it knows the others
+        return False
 
     def wait_ok(self, timeout_s: float = 30, *, replicas: int = 0) -> None:
         """Until every running node sees the cluster whole (all slots served, `cluster_state:ok`),

@@ -255,8 +255,7 @@ async def test_a_primary_killed_under_load_raises_only_transient_errors(redis_cl
         served_again.set()
         await asyncio.gather(*tasks)
         await client.aclose()
-        redis_cluster.start_node(victim)
-        redis_cluster.wait_ok(60)
+        redis_cluster.rejoin(victim)
 
 
 async def test_a_primary_killed_mid_answer_leaves_no_hole(
@@ -278,8 +277,7 @@ async def test_a_primary_killed_mid_answer_leaves_no_hole(
         assert victim not in redis_cluster.primaries()
     finally:
         await asyncio.gather(phone.close(), laptop.close())
-        redis_cluster.start_node(victim)  # it comes back as a replica
-        redis_cluster.wait_ok(60)
+        redis_cluster.rejoin(victim)  # it comes back as a replica
 
 
 async def test_a_user_resharded_mid_answer_follows_the_slot(
