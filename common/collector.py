@@ -12,13 +12,18 @@ object made since the last, 0.1-0.6 s while sockets open at 500 a second (issue 
 the pass log of `common.metrics`); a step every second walks a second's worth, a few ms.
 
 The price: a frozen object that becomes cyclic garbage is not collected while frozen, and a
-closed aiohttp socket is such garbage (its transport, protocol, request and response refer to
-one another: ~34 objects a socket, most of its memory). So `step` unfreezes and collects
-everything (a stall as long as the old passes) once the sockets closed since the last such pass
-reach `closed_share` of those held (at least `closed_min`), keeping what closed sockets hold under
-that share of the live ones, or once the memory in use (`sys.getallocatedblocks()`) per socket
-held (counting at least `closed_min`) reaches `growth` times what the last full pass left (other
-garbage). A node whose sockets only open, or stay, makes none.
+closed socket can be such garbage (aiohttp's transport, protocol, request and response refer to
+one another; an exception's traceback refers to its frames). So `step` unfreezes and collects
+everything (a stall as long as the old passes) when memory is left behind: the sockets closed
+since the last such pass reach `closed_share` of those held (at least `closed_min`) and the
+memory in use (`sys.getallocatedblocks()`) per socket held (counting at least `closed_min`) has
+grown `closed_growth` times since, or it has grown `growth` times whatever closed (other
+garbage); and either still holds `settle_steps` steps in a row with memory not falling. Sockets
+freed by their reference counts take their memory with them and need no pass (at 15,000 sockets
+closing at once, two passes of 0.6-1.1 s each collected nothing, issue 14), but not at once: a
+socket's handler, transport and presence entry go over a few seconds after it closed (at 3,000
+closed at once, most in 1.5 s, the rest in 5), and a busy node takes longer. A node whose
+sockets only open, or stay, makes none.
 
 Memory, not a count of the objects frozen, is the growth measure: a frozen object freed by its
 reference count (an idle socket's timer handles and read futures, replaced every heartbeat,
@@ -43,12 +48,14 @@ _NEVER = 2**31 - 1  # a third threshold no count reaches
 class Collector:
     def __init__(self, *, every_s: float, held: Callable[[], int] = lambda: 0,
                  closed: Callable[[], int] = lambda: 0, closed_share: float = 0.5, closed_min: int = 1000,
-                 growth: float = 4.0) -> None:
+                 closed_growth: float = 1.25, settle_steps: int = 10, growth: float = 4.0) -> None:
         """`held`: the sockets open now; `closed`: the sockets closed since start (a counter)."""
         self.every_s = every_s
         self._held, self._closed = held, closed
         self.closed_share, self.closed_min = closed_share, closed_min
-        self.growth = growth
+        self.closed_growth, self.settle_steps, self.growth = closed_growth, settle_steps, growth
+        self._unsettled = 0  # steps in a row that found memory left behind, and not falling
+        self._blocks = 0  # memory blocks in use at the last step
         self._closed_at = 0  # `closed()` at the last full pass
         self.reclaims = 0  # full passes over everything, unfrozen
         self._per_socket = 0.0  # memory blocks in use per socket after the last full pass (or at start)
@@ -59,7 +66,7 @@ class Collector:
         """Freeze what start-up made (the modules, the app), counting it; then, unless `every_s`
         is 0, step every `every_s`."""
         gc.collect()
-        self._per_socket = self._blocks_per_socket()
+        self._per_socket = self._per_socket_of(sys.getallocatedblocks())
         gc.freeze()
         if self.every_s > 0:
             young, middle, _ = self._thresholds
@@ -74,24 +81,31 @@ class Collector:
 
     def step(self) -> None:
         """Collect the young generations and freeze what survived; then a full pass over
-        everything, unfrozen, once enough sockets closed or memory grew `growth` times."""
+        everything, unfrozen, once memory has been left behind, and not falling, for
+        `settle_steps` steps."""
         gc.collect(1)
         gc.freeze()
         closed = self._closed()
-        if (closed - self._closed_at >= max(self.closed_min, self.closed_share * self._held())
-                or self._blocks_per_socket() > self._per_socket * self.growth):
+        blocks = sys.getallocatedblocks()
+        falling, self._blocks = blocks < self._blocks * 0.99, blocks
+        grown = self._per_socket_of(blocks) / self._per_socket
+        left_behind = grown > self.growth or (grown > self.closed_growth and closed - self._closed_at
+                                              >= max(self.closed_min, self.closed_share * self._held()))
+        self._unsettled = self._unsettled + 1 if left_behind and not falling else 0
+        if self._unsettled >= self.settle_steps:
+            self._unsettled = 0
             began = time.perf_counter()
             self._closed_at = closed
             gc.unfreeze()
             collected = gc.collect()
-            self._per_socket = self._blocks_per_socket()
+            self._per_socket = self._per_socket_of(sys.getallocatedblocks())
             gc.freeze()
             self.reclaims += 1
             log.info("full garbage-collector pass: %d objects collected, %.0f memory blocks per socket "
                      "left, %.0f ms", collected, self._per_socket, (time.perf_counter() - began) * 1000)
 
-    def _blocks_per_socket(self) -> float:
-        return sys.getallocatedblocks() / max(self._held(), self.closed_min)
+    def _per_socket_of(self, blocks: int) -> float:
+        return blocks / max(self._held(), self.closed_min)
 
     async def _run(self) -> None:
         while True:

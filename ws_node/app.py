@@ -338,7 +338,9 @@ def build_services_ctx(settings: NodeSettings):  # type: ignore[no-untyped-def]
         app[ADMISSION] = build_admission(settings, redis, keys)
         await hub.start()
         stats.loop_lag.start()
-        collector = Collector(every_s=settings.gc_freeze_s, held=lambda: len(svc.connections),
+        # Held: every socket whose handler still runs (opening, open or closing): a closing
+        # socket holds its memory until its handler ends, and only then counts as closed.
+        collector = Collector(every_s=settings.gc_freeze_s, held=lambda: svc.sockets,
                               closed=lambda: sum(stats.closes.values()))
         collector.start()
         refresher = asyncio.create_task(_presence_refresher(svc))

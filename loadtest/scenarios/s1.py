@@ -48,7 +48,9 @@ class S1Config:
     loadgens: int = 2
     concurrency: int = 100
     settle_s: float = 3.0
+    close_settle_s: float = 15.0  # past a node's collector settling after closes (10 steps of 1 s)
     idle_s: float = 5.0
+    loadgen_nice: int = 0
 
 
 def stall_figures(prefix: str, before: dict[float, float], after: dict[float, float]) -> Figures:
@@ -62,6 +64,16 @@ def stall_figures(prefix: str, before: dict[float, float], after: dict[float, fl
             f"{prefix}_worst_le_s": worst}
 
 
+def pause_figures(phase: str, before: dict[str, dict[float, float]] | None,
+                  after: dict[str, dict[float, float]] | None) -> Figures:
+    """The loop's stalls and the collector's passes between two reads of the nodes' histograms
+    (none for a system that exports neither)."""
+    if before is None or after is None:
+        return {}
+    return (stall_figures(f"{phase}stalls", before[LAG], after[LAG])
+            | stall_figures(f"{phase}gc", before[GC], after[GC]))
+
+
 def memory_figures(sockets: int, rss_before: int, rss_after: int, redis_before: int,
                    redis_after: int) -> Figures:
     per = max(sockets, 1)
@@ -73,12 +85,13 @@ def memory_figures(sockets: int, rss_before: int, rss_after: int, redis_before: 
 async def run_system(system: str, config: S1Config, workdir: Path) -> Figures:
     # A node accepts 500 new sockets a second by default (HTTP 429 beyond): S1 opens them as fast
     # as the peers take them, which is not what it measures.
-    async with deployed(system, workdir, config.loadgens,
-                        chorus_env={"NEW_CONNECTIONS_PER_SECOND": "0"}) as (dep, loadgens):
+    async with deployed(system, workdir, config.loadgens, chorus_env={"NEW_CONNECTIONS_PER_SECOND": "0"},
+                        loadgen_nice=config.loadgen_nice) as (dep, loadgens):
         await asyncio.sleep(1.0)  # let start-up allocations settle
         servers, redis = dep.server_pids, [dep.redis_pid]
         rss_before, redis_before = rss_bytes(servers), rss_bytes(redis)
         devices = [dep.device(f"u{i // 2}", i % 2) for i in range(config.sockets)]
+        pauses_start = await asyncio.to_thread(dep.histograms, LAG, GC)
         opened = await open_devices(loadgens, devices, config.concurrency)
         await asyncio.sleep(config.settle_s)
         rss_after, redis_after = rss_bytes(servers), rss_bytes(redis)
@@ -86,10 +99,14 @@ async def run_system(system: str, config: S1Config, workdir: Path) -> Figures:
         await asyncio.sleep(config.idle_s)
         idle_cpu_s = cpu_s(servers) - idle_before
         pauses_after = await asyncio.to_thread(dep.histograms, LAG, GC)
-        stalls: Figures = {}
-        if pauses_before is not None and pauses_after is not None:
-            stalls = (stall_figures("stalls", pauses_before[LAG], pauses_after[LAG])
-                      | stall_figures("gc", pauses_before[GC], pauses_after[GC]))
+        # The sockets closed at once, as in a node's drain or a client fleet's restart: the
+        # collector's steps (and any full pass they make) follow the closes.
+        await asyncio.gather(*(gen.close() for gen in loadgens))
+        await asyncio.sleep(config.close_settle_s)
+        pauses_closed = await asyncio.to_thread(dep.histograms, LAG, GC)
+        stalls = (pause_figures("open_", pauses_start, pauses_before)
+                  | pause_figures("", pauses_before, pauses_after)
+                  | pause_figures("close_", pauses_after, pauses_closed))
         figures: Figures = {**opened_figures(system, opened),
                             "sockets_per_s": opened["ok"] / max(opened["open_s"], 1e-9),
                             "idle_cpu_pct": idle_cpu_s / config.idle_s * 100, **stalls}
@@ -115,34 +132,38 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loadgens", type=int, default=2, help="load-generator processes")
     parser.add_argument("--concurrency", type=int, default=100, help="sockets being opened at once")
     parser.add_argument("--idle-s", type=float, default=5.0, help="seconds of idle CPU measured")
+    parser.add_argument("--loadgen-nice", type=int, default=0,
+                        help="the load generators' niceness: 10 leaves the servers a core when both want one")
 
 
 def render(f: Figures, config: S1Config) -> str:
-    def stalls(r: Figures, prefix: str) -> str:
-        if f"{prefix}_count" not in r:
+    def stalls(r: Figures, phase: str) -> str:
+        if f"{phase}stalls_count" not in r:
             return "n/a"
-        return (f"{r[f'{prefix}_over_20ms']} of {r[f'{prefix}_count']}, "
-                f"worst <= {r[f'{prefix}_worst_le_s'] * 1000:g} ms")
+        return "; ".join(f"{what} {r[f'{phase}{key}_over_20ms']} of {r[f'{phase}{key}_count']}, "
+                         f"worst <= {r[f'{phase}{key}_worst_le_s'] * 1000:g} ms"
+                         for what, key in (("loop", "stalls"), ("GC", "gc")))
 
     rows = [[s, f"{r['sockets']}", f"{r['open_s']:.1f}", f"{r['sockets_per_s']:.0f}",
              f"{r['rss_before_mb']:.1f}", f"{r['rss_after_mb']:.1f}", f"{r['kb_per_socket']:.1f}",
-             f"{r['redis_kb_per_socket']:.2f}", f"{r['idle_cpu_pct']:.2f}", stalls(r, "stalls"),
-             stalls(r, "gc")]
+             f"{r['redis_kb_per_socket']:.2f}", f"{r['idle_cpu_pct']:.2f}", stalls(r, "open_"),
+             stalls(r, ""), stalls(r, "close_")]
             for s, r in f["systems"].items()]
     header = ["system", "sockets", "open s", "opened/s", "RSS 0 MB", "RSS N MB", "KB/socket",
-              "Redis KB/socket", "idle CPU %", "loop stalls > 20 ms (idle)", "GC passes > 20 ms (idle)"]
+              "Redis KB/socket", "idle CPU %", "over 20 ms: opening", "idle", "closing"]
     title = (f"S1 idle sockets: {config.sockets} authenticated sockets per system "
              f"({config.sockets // 2} users x 2, one device on each server process), "
              f"{config.concurrency} opening at once")
     return report(f, title, [], header, rows,
                   "RSS: both server processes together; idle CPU: both, % of one core over "
-                  f"{config.idle_s:g} s with the sockets open; loop stalls: ticks of the nodes' 25 ms "
-                  "loop-lag timer that ran over 20 ms late in that time, and the garbage collector's passes "
-                  "over 20 ms (Chorus exports both)")
+                  f"{config.idle_s:g} s with the sockets open; over 20 ms: the ticks of the nodes' 25 ms "
+                  "loop-lag timer that ran over 20 ms late, and the garbage collector's passes over 20 ms "
+                  "(Chorus exports both), while the sockets opened (and settled), while idle, and as all "
+                  "closed at once (and settled)")
 
 
 async def main(args: argparse.Namespace, workdir: Path) -> tuple[Figures, str]:
     config = S1Config(sockets=args.sockets, systems=args.systems, loadgens=args.loadgens,
-                      concurrency=args.concurrency, idle_s=args.idle_s)
+                      concurrency=args.concurrency, idle_s=args.idle_s, loadgen_nice=args.loadgen_nice)
     figures = {"config": asdict(config), **await s1(config, workdir)}
     return figures, render(figures, config)
