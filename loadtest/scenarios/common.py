@@ -140,23 +140,7 @@ class Deployment:
     def histograms(self, *names: str) -> dict[str, dict[float, float]] | None:
         """The named histograms of Chorus's nodes, each summed over the nodes (bucket bound ->
         cumulative count); None for the peers, which export none."""
-        if self.cluster is None:
-            return None
-        found: dict[str, dict[float, float]] = {name: {} for name in names}
-        for process, port in self.cluster.internal_ports.items():
-            if not process.startswith("node-"):
-                continue
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-                text = response.read().decode()
-            for family in text_string_to_metric_families(text):
-                if family.name not in found:
-                    continue
-                buckets = found[family.name]
-                for sample in family.samples:
-                    if sample.name.endswith("_bucket"):
-                        bound = float(sample.labels["le"])
-                        buckets[bound] = buckets.get(bound, 0.0) + sample.value
-        return found
+        return None if self.cluster is None else node_histograms(self.cluster, *names)
 
     def start(self) -> None:
         if self.system == "chorus":
@@ -293,6 +277,26 @@ class LoadGen:
             if self.proc.returncode is None:
                 self.proc.kill()
         await self.proc.wait()
+
+
+def node_histograms(cluster: LocalCluster, *names: str) -> dict[str, dict[float, float]]:
+    """The named histograms of a local cluster's nodes (their /metrics), each summed over the
+    nodes: bucket bound -> cumulative count."""
+    found: dict[str, dict[float, float]] = {name: {} for name in names}
+    for process, port in cluster.internal_ports.items():
+        if not process.startswith("node-"):
+            continue
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name not in found:
+                continue
+            buckets = found[family.name]
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    bound = float(sample.labels["le"])
+                    buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return found
 
 
 @contextlib.asynccontextmanager
