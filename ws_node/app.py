@@ -68,6 +68,7 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
         ws = await _serve_socket(request)
         return ws
     finally:
+        _release(request, ws)
         svc.sockets -= 1
         if svc.sockets == 0:
             svc.idle.set()
@@ -75,6 +76,26 @@ async def ws_handler(request: web.Request) -> web.StreamResponse:
             svc.stats.closed(ws.close_code)
             duration_s = round(asyncio.get_running_loop().time() - started, 3)
             log.info("socket closed", extra={"code": ws.close_code, "duration_s": duration_s})
+
+
+def _release(request: web.Request, ws: web.StreamResponse | None) -> None:
+    """Let a finished socket go by reference counts, not wait for a full pass of the cyclic
+    collector, which a node makes rarely (`common/collector.py`): under churn, the cycles of closed
+    sockets cost a ~1 s pass every 15-20 s (issue 14, `loadtest/churn_bench.py`). aiohttp (3.14)
+    leaves two: the protocol keeps the response's data callback after the socket ends
+    (`RequestHandler._data_received_cb` -> `WebSocketResponse` -> `Request` -> the protocol, ~27
+    objects a socket); and a socket that ended in an error keeps it (`ws.exception()`), whose
+    traceback holds the frame of `WebSocketResponse.close`, which holds the response. Nothing reads
+    from the socket, or that traceback, once its handler is done."""
+    protocol = request.protocol
+    if getattr(protocol, "_data_received_cb", None) is not None:
+        protocol._data_received_cb = None
+    error = ws.exception() if isinstance(ws, web.WebSocketResponse) else None
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # and what it was raised while handling
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__context__
 
 
 async def _serve_socket(request: web.Request) -> web.StreamResponse:
