@@ -31,9 +31,19 @@ import psutil
 
 from loadtest.cluster import ClusterConfig, LocalCluster
 from loadtest.scenarios.common import node_histograms
-from loadtest.scenarios.s1 import GC, LAG, stall_figures
+from loadtest.scenarios.s1 import GC, LAG, pause_figures
 
 FULL_PASS = re.compile(r"full garbage-collector pass: (\d+) objects collected, .* (\d+) ms")
+
+
+async def close_socket(ws: aiohttp.ClientWebSocketResponse, *, abort: bool) -> None:
+    """Close `ws` with a close frame, or abort its TCP connection with none (the node meets a
+    reset, as from a phone that lost its network)."""
+    connection = ws._response.connection  # aiohttp keeps the transport there
+    if abort and connection is not None and connection.transport is not None:
+        connection.transport.abort()
+    else:
+        await ws.close()
 
 
 async def churn(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
@@ -51,13 +61,6 @@ async def churn(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, An
             await ws.receive()  # hello
             return ws
 
-    async def close_one(ws: aiohttp.ClientWebSocketResponse, abort: bool) -> None:
-        connection = ws._response.connection  # aiohttp keeps the transport there
-        if abort and connection is not None and connection.transport is not None:
-            connection.transport.abort()
-        else:
-            await ws.close()
-
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         sockets = list(await asyncio.gather(*(open_one(session) for _ in range(args.sockets))))
         rss_mb.append(node.memory_info().rss / 2**20)
@@ -67,7 +70,7 @@ async def churn(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, An
             random.shuffle(sockets)
             gone, sockets = sockets[:args.per_round], sockets[args.per_round:]
             aborts = round(len(gone) * args.abort_share)
-            await asyncio.gather(*(close_one(ws, index < aborts) for index, ws in enumerate(gone)))
+            await asyncio.gather(*(close_socket(ws, abort=index < aborts) for index, ws in enumerate(gone)))
             sockets += await asyncio.gather(*(open_one(session) for _ in gone))
             if round_ % 10 == 9:
                 rss_mb.append(node.memory_info().rss / 2**20)
@@ -80,7 +83,7 @@ async def churn(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, An
     passes = [(int(m[1]), int(m[2])) for m in FULL_PASS.finditer(log)]
     return {"rss_mb": rss_mb, "full_passes": len(passes), "collected": sum(c for c, _ in passes),
             "pass_ms": [ms for _, ms in passes],
-            **stall_figures("stalls", before[LAG], after[LAG]), **stall_figures("gc", before[GC], after[GC])}
+            **pause_figures("", before, after)}
 
 
 def main(argv: list[str] | None = None) -> int:

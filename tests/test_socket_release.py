@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from loadtest.churn_bench import close_socket
 from loadtest.cluster import LocalCluster
 from loadtest.procs import free_port
 from ws_node.app import create_app
@@ -62,11 +63,7 @@ async def test_a_finished_socket_leaves_no_cycle(cluster: LocalCluster, aborted:
                 assert (await ws.receive_json(timeout=10))["type"] == "hello"
             freed = freed_when_all_go()
             for ws in sockets:
-                connection = ws._response.connection
-                if aborted and connection is not None and connection.transport is not None:
-                    connection.transport.abort()  # no close frame: the node meets a reset
-                else:
-                    await ws.close()
+                await close_socket(ws, abort=aborted)  # aborted: no close frame, the node meets a reset
             await asyncio.wait_for(svc.idle.wait(), 10)  # every handler done
         await asyncio.wait_for(freed.wait(), 10)  # their transports' connection_lost follows
     finally:
