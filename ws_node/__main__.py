@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import math
@@ -14,8 +15,10 @@ from aiohttp import web
 
 from common import process
 from ws_node.app import create_app, create_internal_app, drain
+from ws_node.lean import Front
 from ws_node.services import SERVICES
 from ws_node.settings import NodeSettings
+from ws_node.sockets import WireSession
 
 log = logging.getLogger("ws_node")
 
@@ -28,7 +31,15 @@ async def serve(settings: NodeSettings) -> None:
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=2,
                            timeout_ceil_threshold=math.inf)
     await runner.setup()
-    await web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True).start()
+    loop = asyncio.get_running_loop()
+    server: asyncio.Server | None = None
+    if settings.lean_sockets:  # `/ws` upgrades without compression by ws_node.lean, the rest by aiohttp
+        http, upgrade = runner.server, functools.partial(WireSession.start, app)
+        assert http is not None
+        server = await loop.create_server(lambda: Front(http, upgrade), settings.host, settings.port,
+                                          backlog=4096, reuse_address=True)
+    else:
+        await web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True).start()
     internal_runner = None
     if settings.internal_port:
         internal_runner = web.AppRunner(create_internal_app(app), handle_signals=False, access_log=None)
@@ -41,12 +52,13 @@ async def serve(settings: NodeSettings) -> None:
     gc.freeze()
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("draining over %.1fs", settings.drain_s)
     await drain(app[SERVICES])
+    if server is not None:
+        server.close()
     if internal_runner is not None:
         await internal_runner.cleanup()
     await runner.cleanup()

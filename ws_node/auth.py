@@ -203,20 +203,24 @@ def _load_public_key(pem: str) -> Any:
     return load_pem_public_key(pem.encode())
 
 
-def token_of(request: web.Request, query: Mapping[str, str] | None = None) -> str | None:
-    """The bearer token from the Authorization header, else the `access_token` query parameter
-    (of `query` when given: see `ws_query`)."""
-    header = request.headers.get("Authorization", "")
+def token_of(request: web.Request) -> str | None:
+    """The bearer token of a REST request: see `token_from`."""
+    return token_from(request.headers, request.query)
+
+
+def token_from(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """The bearer token from the Authorization header, else the `access_token` query parameter."""
+    header = headers.get("Authorization", "")
     if header[:7].lower() == "bearer ":
         return header[7:].strip() or None
-    return (request.query if query is None else query).get("access_token") or None
+    return query.get("access_token") or None
 
 
-def ws_query(request: web.Request) -> dict[str, str]:
+def ws_query(raw_query: str) -> dict[str, str]:
     """The query of a WebSocket request, parsed into a dict of its own (first value of each name):
     `request.query` would keep a parsed copy, token included, for the whole life of the socket."""
     query: dict[str, str] = {}
-    for name, value in parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True):
+    for name, value in parse_qsl(raw_query, keep_blank_values=True):
         query.setdefault(name, value)
     return query
 

@@ -18,12 +18,11 @@ import contextlib
 import contextvars
 import itertools
 import logging
-import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import orjson
-from aiohttp import web
 
 from common.backoff import delays_s
 from common.redis_client import TRANSIENT
@@ -32,17 +31,26 @@ from fanout.recovery import UNSEQUENCED, Gate, Offer, frame_seq, plan_resume
 from persistence.records import RunInFlight
 from protocol import CloseCode, DeviceOnline, Hello, Resync, ResyncReason, RunSnapshot, Snapshot, encode
 from runs import snapshot
-from ws_node import merge
+from ws_node import merge, wire
 from ws_node.metrics import NodeStats
 
 log = logging.getLogger(__name__)
 # Write frames at once only while the transport holds less than this (uvloop's default high-water
 # mark); past it the queue takes them and the writer waits for the client.
 WRITE_HIGH_WATER = 64 * 1024
-_TEXT_HEADER_SHORT = struct.Struct("!BB")
-_TEXT_HEADER_MEDIUM = struct.Struct("!BBH")
-_TEXT_HEADER_LONG = struct.Struct("!BBQ")
 _SERIALS = itertools.count(1)
+
+
+class Socket(Protocol):
+    """What a connection uses of its WebSocket: aiohttp's `WebSocketResponse` or `ws_node.lean`'s
+    `WireSocket`."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def send_str(self, data: str) -> None: ...
+
+    async def close(self, *, code: int = ..., message: bytes = ...) -> bool: ...
 
 
 class Connection:
@@ -56,7 +64,7 @@ class Connection:
     )
 
     def __init__(
-        self, ws: web.WebSocketResponse, *, user: str, device: str, broker: Broker, queue_max_frames: int,
+        self, ws: Socket, *, user: str, device: str, broker: Broker, queue_max_frames: int,
         runs_in_flight: Callable[[str], Awaitable[list[RunInFlight]]], stats: NodeStats,
         merged_token_max_chars: int = 65_536, transport: asyncio.Transport | None = None,
     ) -> None:
@@ -116,17 +124,10 @@ class Connection:
         if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
             return False
         data = frame.encode()
-        size = len(data)
-        if size < 126:
-            header = _TEXT_HEADER_SHORT.pack(0x81, size)
-        elif size < 65_536:
-            header = _TEXT_HEADER_MEDIUM.pack(0x81, 126, size)
-        else:
-            header = _TEXT_HEADER_LONG.pack(0x81, 127, size)
-        transport.write(header + data)
+        transport.write(wire.frame(wire.Opcode.TEXT, data))
         stats = self.stats
         stats.delivered += 1
-        stats.sent_bytes += size
+        stats.sent_bytes += len(data)
         return True
 
     def close(self, code: CloseCode, reason: str) -> None:

@@ -82,6 +82,10 @@ class NodeSettings(SharedSettings):
         "MAX_FRAME_BYTES", "65536", integer(low=1024),
         "largest WebSocket message (larger: close 1009) and largest REST body accepted (at least 1024)")
     max_text_chars: int = setting("MAX_TEXT_CHARS", "8000", integer(low=1), "longest `send` text")
+    lean_sockets: bool = setting(
+        "LEAN_SOCKETS", "true", boolean,
+        "serve `/ws` upgrades that offer no compression with the node's own WebSocket code "
+        "(`ws_node.lean`: ~6 KB a socket where aiohttp's takes ~19); false: every socket through aiohttp")
     dev: bool = setting(
         "CHORUS_DEV", "false", boolean, "development mode: disables the `Origin` check. Never in production")
     web_root: str | None = optional(

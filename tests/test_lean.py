@@ -1,0 +1,170 @@
+"""The node's own WebSocket code (`ws_node.lean`) on a real node: what it serves and what it hands
+to aiohttp, its one heartbeat timer, and the parts of RFC 6455 clients rarely exercise."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import struct
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from loadtest.cluster import LocalCluster
+from loadtest.procs import Proc, free_port, wait_http_ok
+from tests.support import unique
+from tests.test_wire import client_frame
+
+
+class Client:
+    """A raw client: the upgrade head and any frames sent in one write, frames read one by one."""
+
+    def __init__(self, port: int, path: str, *, then: bytes = b"", extra: str = "") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode() + then)
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        self.head = head.decode()
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed by the node")
+        return chunk
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            self.buffer += self._recv()
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def frame(self) -> tuple[int, bytes]:
+        first, second = self._read(2)
+        size = second & 0x7F
+        if size == 126:
+            size = struct.unpack("!H", self._read(2))[0]
+        elif size == 127:
+            size = struct.unpack("!Q", self._read(8))[0]
+        return first & 0x0F, self._read(size)
+
+    def json(self) -> dict[str, object]:
+        """The next text frame, parsed; control frames before it are skipped."""
+        while True:
+            opcode, payload = self.frame()
+            if opcode == 0x1:
+                return json.loads(payload)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def quick_heartbeat_node(cluster: LocalCluster, tmp_path: Path) -> Iterator[int]:
+    """A node that pings sockets idle for a second."""
+    port = free_port()
+    node = Proc("heartbeat-node", [sys.executable, "-m", "ws_node"], workdir=tmp_path, env={
+        "REDIS_URL": cluster.redis_url, "DATABASE_URL": cluster.database_url,
+        "AUTH_JWT_SECRET": cluster.config.jwt_secret, "PORT": str(port), "NODE_ID": "heartbeat-node",
+        "HOST": "127.0.0.1", "HEARTBEAT_SECONDS": "1",
+    })
+    node.start()
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/readyz", 30)
+        yield port
+    finally:
+        node.stop()
+
+
+def test_a_socket_that_stops_answering_pings_is_dropped_and_one_that_answers_stays(
+    cluster: LocalCluster, quick_heartbeat_node: int
+) -> None:
+    token = cluster.token(unique("alice"))
+    silent = Client(quick_heartbeat_node, f"/ws?access_token={token}&device=silent")
+    lively = Client(quick_heartbeat_node, f"/ws?access_token={token}&device=lively")
+    try:
+        assert silent.json()["type"] == "hello" and lively.json()["type"] == "hello"
+        pings = 0
+        while pings < 4:  # four pings answered: it outlived two intervals of silence several times
+            opcode, payload = lively.frame()
+            if opcode == 0x9:
+                lively.sock.sendall(client_frame(0xA, payload))
+                pings += 1
+        opcodes = []
+        with pytest.raises(ConnectionError):  # the node ends it: no pong came
+            while True:
+                opcodes.append(silent.frame()[0])
+        assert 0x9 in opcodes, "pinged before being dropped"
+        lively.sock.sendall(client_frame(0x1, b'{"type":"ping","id":"p1"}'))
+        while (reply := lively.json())["type"] != "pong":  # presence frames: the silent one went offline
+            pass
+        assert reply == {"type": "pong", "id": "p1"}
+    finally:
+        silent.close()
+        lively.close()
+
+
+def test_fragments_control_frames_and_a_frame_sent_with_the_upgrade_are_served(cluster: LocalCluster) -> None:
+    token = cluster.token(unique("alice"))
+    auth = client_frame(0x1, json.dumps({"type": "auth", "id": "a1", "token": token}).encode())
+    client = Client(cluster.node_ports[0], "/ws?auth=frame", then=auth)  # the auth frame rides with the head
+    try:
+        assert "Server:" not in client.head, "served by the node's own code, not aiohttp"
+        assert client.json()["type"] == "ack"
+        assert client.json()["type"] == "hello"
+        command = b'{"type":"ping","id":"split"}'
+        client.sock.sendall(client_frame(0x1, command[:5], fin=False) + client_frame(0x9, b"between")
+                            + client_frame(0x0, command[5:12], fin=False) + client_frame(0x0, command[12:]))
+        assert client.frame() == (0xA, b"between")  # the ping is answered in the middle of the message
+        while (reply := client.json())["type"] != "pong":
+            pass
+        assert reply == {"type": "pong", "id": "split"}
+        client.sock.sendall(client_frame(0x2, b"\x00"))
+        assert client.json()["code"] == "bad_request"
+        client.sock.sendall(client_frame(0x8, struct.pack("!H", 1000)))
+        opcode, payload = client.frame()
+        assert opcode == 0x8 and struct.unpack("!H", payload[:2])[0] == 1000  # the close answered
+    finally:
+        client.close()
+
+
+def test_an_unmasked_frame_fails_the_socket_with_1002(cluster: LocalCluster) -> None:
+    client = Client(cluster.node_ports[0], f"/ws?access_token={cluster.token(unique('alice'))}")
+    try:
+        client.sock.sendall(client_frame(0x1, b'{"type":"ping"}', masked=False))
+        while (frame := client.frame())[0] != 0x8:
+            pass
+        assert struct.unpack("!H", frame[1][:2])[0] == 1002
+    finally:
+        client.close()
+
+
+async def test_a_compression_offer_and_everything_else_go_to_aiohttp(cluster: LocalCluster,
+                                                                    http: aiohttp.ClientSession) -> None:
+    """A client offering permessage-deflate (every browser) is served by aiohttp, compressed; a
+    plain upgrade by the node's own code; both get the same stream. REST on the same port is aiohttp's."""
+    user = unique("alice")
+    url = f"ws://127.0.0.1:{cluster.node_ports[0]}/ws?access_token={cluster.token(user)}"
+    async with http.ws_connect(url + "&device=deflate", compress=15) as deflated, \
+            http.ws_connect(url + "&device=plain") as plain:
+        assert deflated.compress == 15 and "Server" in deflated._response.headers
+        assert plain.compress == 0 and "Server" not in plain._response.headers
+        hellos = [await ws.receive_json(timeout=5) for ws in (deflated, plain)]
+        assert [hello["type"] for hello in hellos] == ["hello", "hello"]
+        for ws in (deflated, plain):
+            await ws.send_json({"type": "ping", "id": "both"})
+            while (reply := await ws.receive_json(timeout=5))["type"] != "pong":
+                pass
+            assert reply["id"] == "both"
+    async with http.get(f"http://127.0.0.1:{cluster.node_ports[0]}/healthz") as response:
+        assert response.status == 200 and "Server" in response.headers
+    async with http.get(f"http://127.0.0.1:{cluster.node_ports[0]}/ws?device=x") as response:
+        assert response.status in (400, 401)  # not an upgrade: aiohttp answers it
