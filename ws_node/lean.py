@@ -166,8 +166,8 @@ class WireSocket(asyncio.Protocol):
     client's close frame when it is done with the socket (the handler calls `close` or `end`), so a
     client that waits for that answer finds the device gone from presence when it reconnects."""
 
-    __slots__ = ("_drained", "_ended", "_reader", "close_code", "closing", "handler", "lost", "notified",
-                 "peer_closed", "pinged", "seen", "transport")
+    __slots__ = ("__weakref__", "_drained", "_ended", "_reader", "close_code", "closing", "due", "handler",
+                 "lost", "notified", "peer_closed", "pinged", "seen", "transport")
 
     def __init__(self, transport: asyncio.Transport, handler: Handler, *, max_size: int) -> None:
         self.transport = transport
@@ -180,6 +180,7 @@ class WireSocket(asyncio.Protocol):
         self.notified = False  # the handler heard of the end
         self.seen = True  # read something since the last heartbeat check
         self.pinged = False
+        self.due = 0  # the second of its next heartbeat look (`Heartbeats`)
         self._drained: asyncio.Future[None] | None = None  # while the transport is over its high-water mark
         self._ended: asyncio.Future[None] | None = None  # while the node waits for the client's close
 
@@ -298,7 +299,7 @@ class Heartbeats:
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
-        self._slots: dict[int, list[WireSocket]] = {}
+        self._slots: dict[int, set[WireSocket]] = {}
         self._cursor = 0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -309,8 +310,15 @@ class Heartbeats:
             self._timer = loop.call_at(self._cursor, self._tick)
         self._put(sock, loop.time() + self.interval_s)
 
+    def remove(self, sock: WireSocket) -> None:
+        """`sock` is done: let it go now, not at its next look."""
+        slot = self._slots.get(sock.due)
+        if slot is not None:
+            slot.discard(sock)
+
     def _put(self, sock: WireSocket, when: float) -> None:
-        self._slots.setdefault(max(int(when), self._cursor + 1), []).append(sock)
+        sock.due = max(int(when), self._cursor + 1)
+        self._slots.setdefault(sock.due, set()).add(sock)
 
     def _tick(self) -> None:
         loop = asyncio.get_running_loop()

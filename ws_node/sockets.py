@@ -270,12 +270,17 @@ class WireSession:
         finally:
             if sock is not None:
                 sock.end()
+                svc.heartbeats.remove(sock)
                 svc.stats.closed(sock.close_code)
                 duration_s = round(asyncio.get_running_loop().time() - self.started, 3)
                 log.info("socket closed", extra={"code": sock.close_code, "duration_s": duration_s})
             svc.sockets -= 1
             if svc.sockets == 0:
                 svc.idle.set()
+            # The socket holds this session (its handler) and the connection holds the socket:
+            # without these links none of the three is in a cycle, so all go by reference counts
+            # once the transport lets go, not in a full pass of the collector (common/collector.py).
+            self.sock = self.conn = self.lease = None
 
 
 def _connect(svc: Services, guard: Admission, ws: Socket, transport: asyncio.Transport | None,

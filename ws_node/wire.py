@@ -103,11 +103,11 @@ class FrameReader:
     """Client frames to events. Masking, control frames inside fragmented messages, the size
     limit of a whole message and UTF-8 of text are all checked here."""
 
-    __slots__ = ("_buffer", "_fragments", "_fragments_size", "_message_opcode", "failed", "max_size")
+    __slots__ = ("_buffer", "_fragments", "_fragments_size", "_message_opcode", "broken", "max_size")
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self.failed = False
+        self.broken = False
         self._buffer = b""
         self._fragments: list[bytes] | None = None  # a fragmented message so far
         self._fragments_size = 0
@@ -115,7 +115,7 @@ class FrameReader:
 
     def feed(self, data: bytes) -> list[Event]:
         """The events in `data` and what was left of the last call; stops at a `Failure`."""
-        if self.failed:
+        if self.broken:
             return []
         buffer = self._buffer + data if self._buffer else data
         events: list[Event] = []
@@ -129,7 +129,7 @@ class FrameReader:
                 continue
             events.append(event)
             if isinstance(event, Failure):
-                self.failed = True
+                self.broken = True
                 self._buffer = b""
                 return events
         self._buffer = buffer[offset:]
