@@ -75,6 +75,7 @@ class RespPubSub(asyncio.Protocol):
         self._messages: collections.deque[dict[str, Any]] = collections.deque() if sink is None else sink
         self._replies: collections.deque[asyncio.Future[Any]] = collections.deque()  # AUTH, PING
         self._transport: asyncio.Transport | None = None
+        self._unsent: list[bytes] = []  # this loop iteration's commands, written together at its end
         self._waker = Waker()
         self._lost: Exception | None = None
 
@@ -160,9 +161,17 @@ class RespPubSub(asyncio.Protocol):
             return await future
 
     def _write(self, command: bytes) -> None:
+        """Send `command` with the others of this loop iteration in one write: as 15,000 sockets
+        opened or closed, one SUBSCRIBE or UNSUBSCRIBE write each was 8% of a node's CPU (issue 14)."""
         self._check()
-        assert self._transport is not None
-        self._transport.write(command)
+        if not self._unsent:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._unsent.append(command)
+
+    def _flush(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        if self._transport is not None and self._lost is None:
+            self._transport.write(b"".join(unsent))
 
     def _check(self) -> None:
         if self._lost is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -348,3 +349,30 @@ class Heartbeats:
             self._timer.cancel()
             self._timer = None
         self._slots.clear()
+
+
+class Paced:
+    """Work started at most `per_turn` items per turn of the event loop, in the order it came.
+    When 10,000 sockets of a node close at once (a client fleet restarting, a network blip), their
+    teardowns (hub, presence, log line: ~100 µs each) started together held the loop for up to a
+    second, every other socket's deliveries with it (issue 14, S1's closing phase)."""
+
+    def __init__(self, per_turn: int = 64) -> None:
+        self.per_turn = per_turn
+        self._due: deque[Callable[[], object]] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, start: Callable[[], object]) -> None:
+        self._due.append(start)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        due = self._due
+        try:
+            while due:
+                for _ in range(min(self.per_turn, len(due))):
+                    due.popleft()()
+                await asyncio.sleep(0)
+        finally:
+            self._task = None

@@ -17,7 +17,7 @@ from runs.agents import AgentDirectory
 from runs.lifecycle import Runs
 from ws_node.auth import Verifier
 from ws_node.connection import Connection
-from ws_node.lean import Heartbeats
+from ws_node.lean import Heartbeats, Paced
 from ws_node.limits import LocalBucket, RedisBuckets
 from ws_node.metrics import NodeStats
 from ws_node.presence import Presences
@@ -36,6 +36,7 @@ class Services:
     agents: AgentDirectory
     presence: Presences
     heartbeats: Heartbeats  # of the sockets `ws_node.lean` serves
+    teardowns: Paced = field(default_factory=Paced)  # theirs, when they end
     stats: NodeStats = field(default_factory=NodeStats)
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False

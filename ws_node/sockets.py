@@ -235,7 +235,10 @@ class WireSession:
             self._waiter.set_result(None)
         if self.live:
             self.live = False
-            self._spawn(self._finish())
+            self.svc.teardowns.add(self._begin_finish)
+
+    def _begin_finish(self) -> None:
+        self._spawn(self._finish())
 
     # Serving
 
