@@ -67,14 +67,13 @@ class Client:
         self.sock.close()
 
 
-@pytest.fixture
-def quick_heartbeat_node(cluster: LocalCluster, tmp_path: Path) -> Iterator[int]:
-    """A node that pings sockets idle for a second."""
+def extra_node(cluster: LocalCluster, workdir: Path, name: str, **env: str) -> Iterator[int]:
+    """A node of the cluster's with settings of its own; its port."""
     port = free_port()
-    node = Proc("heartbeat-node", [sys.executable, "-m", "ws_node"], workdir=tmp_path, env={
+    node = Proc(name, [sys.executable, "-m", "ws_node"], workdir=workdir, env={
         "REDIS_URL": cluster.redis_url, "DATABASE_URL": cluster.database_url,
-        "AUTH_JWT_SECRET": cluster.config.jwt_secret, "PORT": str(port), "NODE_ID": "heartbeat-node",
-        "HOST": "127.0.0.1", "HEARTBEAT_SECONDS": "1",
+        "AUTH_JWT_SECRET": cluster.config.jwt_secret, "PORT": str(port), "NODE_ID": name,
+        "HOST": "127.0.0.1", **env,
     })
     node.start()
     try:
@@ -82,6 +81,18 @@ def quick_heartbeat_node(cluster: LocalCluster, tmp_path: Path) -> Iterator[int]
         yield port
     finally:
         node.stop()
+
+
+@pytest.fixture
+def quick_heartbeat_node(cluster: LocalCluster, tmp_path: Path) -> Iterator[int]:
+    """A node that pings sockets idle for a second."""
+    yield from extra_node(cluster, tmp_path, "heartbeat-node", HEARTBEAT_SECONDS="1")
+
+
+@pytest.fixture
+def compressing_node(cluster: LocalCluster, tmp_path: Path) -> Iterator[int]:
+    """A node that accepts permessage-deflate."""
+    yield from extra_node(cluster, tmp_path, "compressing-node", WS_COMPRESSION="true")
 
 
 def test_a_socket_that_stops_answering_pings_is_dropped_and_one_that_answers_stays(
@@ -147,15 +158,19 @@ def test_an_unmasked_frame_fails_the_socket_with_1002(cluster: LocalCluster) -> 
         client.close()
 
 
-async def test_a_compression_offer_and_everything_else_go_to_aiohttp(cluster: LocalCluster,
-                                                                    http: aiohttp.ClientSession) -> None:
-    """A client offering permessage-deflate (every browser) is served by aiohttp, compressed; a
-    plain upgrade by the node's own code; both get the same stream. REST on the same port is aiohttp's."""
+@pytest.mark.parametrize("compression", [False, True], ids=["declined", "accepted"])
+async def test_a_compression_offer_and_everything_else(cluster: LocalCluster, compressing_node: int,
+                                                      http: aiohttp.ClientSession, compression: bool) -> None:
+    """A client offering permessage-deflate (every browser does) is served by the node's own code
+    with the offer declined, or with `WS_COMPRESSION` by aiohttp, compressed; a plain upgrade by the
+    node's own code; all get the same stream. REST on the same port is aiohttp's."""
     user = unique("alice")
-    url = f"ws://127.0.0.1:{cluster.node_ports[0]}/ws?access_token={cluster.token(user)}"
+    port = compressing_node if compression else cluster.node_ports[0]
+    url = f"ws://127.0.0.1:{port}/ws?access_token={cluster.token(user)}"
     async with http.ws_connect(url + "&device=deflate", compress=15) as deflated, \
             http.ws_connect(url + "&device=plain") as plain:
-        assert deflated.compress == 15 and "Server" in deflated._response.headers
+        assert deflated.compress == (15 if compression else 0)
+        assert ("Server" in deflated._response.headers) is compression  # aiohttp names itself
         assert plain.compress == 0 and "Server" not in plain._response.headers
         hellos = [await ws.receive_json(timeout=5) for ws in (deflated, plain)]
         assert [hello["type"] for hello in hellos] == ["hello", "hello"]
@@ -164,7 +179,7 @@ async def test_a_compression_offer_and_everything_else_go_to_aiohttp(cluster: Lo
             while (reply := await ws.receive_json(timeout=5))["type"] != "pong":
                 pass
             assert reply["id"] == "both"
-    async with http.get(f"http://127.0.0.1:{cluster.node_ports[0]}/healthz") as response:
+    async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
         assert response.status == 200 and "Server" in response.headers
-    async with http.get(f"http://127.0.0.1:{cluster.node_ports[0]}/ws?device=x") as response:
+    async with http.get(f"http://127.0.0.1:{port}/ws?device=x") as response:
         assert response.status in (400, 401)  # not an upgrade: aiohttp answers it

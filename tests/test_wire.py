@@ -119,7 +119,7 @@ UPGRADE = ("GET /ws?access_token=t&device=phone HTTP/1.1\r\nHost: a\r\nUpgrade: 
     (UPGRADE.replace("GET /ws?", "GET /wsx?"), False),
     (UPGRADE.replace("GET", "POST"), False),
     (UPGRADE.replace("HTTP/1.1", "HTTP/1.0"), False),
-    (UPGRADE + "\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits", False),
+    (UPGRADE + "\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits", True),  # declined
     (UPGRADE + "\r\nContent-Length: 3", False),
     (UPGRADE.replace("Upgrade: websocket\r\n", ""), False),
     (UPGRADE.replace("device=phone", "device=tél"), False),  # not ASCII: aiohttp decides
@@ -132,6 +132,16 @@ def test_which_requests_the_node_serves_itself(head: str, lean_serves: bool) -> 
     if upgrade is not None:
         assert upgrade.raw_query == "access_token=t&device=phone"
         assert upgrade.headers["sec-websocket-key"] == "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def test_a_compression_offer_goes_to_aiohttp_only_when_compression_is_on() -> None:
+    offer = (UPGRADE + "\r\nSec-WebSocket-Extensions: permessage-deflate").encode()
+    assert lean.parse_upgrade(offer, compression=True) is None
+    assert lean.parse_upgrade(UPGRADE.encode(), compression=True) is not None
+    upgrade = lean.parse_upgrade(offer)
+    assert upgrade is not None
+    reply = lean.handshake(upgrade)
+    assert isinstance(reply, bytes) and b"Extensions" not in reply  # declined: no extension named
 
 
 def test_the_handshake_answers_101_or_what_aiohttp_would() -> None:

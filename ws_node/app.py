@@ -176,8 +176,9 @@ def create_app(settings: NodeSettings) -> web.Application:
 
 
 async def listen(app: web.Application, settings: NodeSettings) -> tuple[web.AppRunner, asyncio.Server | None]:
-    """Serve `app` on the node's port: `/ws` upgrades without compression by `ws_node.lean`
-    (`LEAN_SOCKETS`), the rest by aiohttp. The server returned is lean's, to close after the drain."""
+    """Serve `app` on the node's port: `/ws` upgrades by `ws_node.lean` (`LEAN_SOCKETS`; those
+    offering compression by aiohttp when `WS_COMPRESSION` accepts it), the rest by aiohttp. The
+    server returned is lean's, to close after the drain."""
     # aiohttp rounds every timeout of 5 s or more up to a whole second, to wake less often; with
     # the sockets' 25 s heartbeats that fired every socket due in a second at once (600 pings at
     # 15,000 sockets, a 30-50 ms stall each second): unrounded, they stay spread as the sockets are.
@@ -189,8 +190,10 @@ async def listen(app: web.Application, settings: NodeSettings) -> tuple[web.AppR
         return runner, None
     http, upgrade = runner.server, functools.partial(sockets.WireSession.start, app)
     assert http is not None
+    compression = settings.ws_compression
     server = await asyncio.get_running_loop().create_server(
-        lambda: Front(http, upgrade), settings.host, settings.port, backlog=4096, reuse_address=True)
+        lambda: Front(http, upgrade, compression=compression), settings.host, settings.port, backlog=4096,
+        reuse_address=True)
     return runner, server
 
 

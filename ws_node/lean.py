@@ -3,10 +3,11 @@ per socket while it is idle (issue 14: an aiohttp socket held ~19 KB of Python o
 request, parser, response, reader, writer, timers and a handler coroutine awaiting the next frame).
 
 `Front` is the protocol of every accepted connection. It reads the request head: a plain
-`GET /ws` upgrade (no body, no permessage-deflate offered) is handed to `on_upgrade`, which admits
-it and puts a `WireSocket` on the transport; anything else goes, bytes and all, to aiohttp, which
-serves it exactly as before (REST, the page, /ws with compression, and malformed requests, which
-aiohttp answers). `Heartbeats` pings all of a node's wire sockets from one timer.
+`GET /ws` upgrade (no body; a permessage-deflate offer declined unless `WS_COMPRESSION`) is handed
+to `on_upgrade`, which admits it and puts a `WireSocket` on the transport; anything else goes,
+bytes and all, to aiohttp, which serves it exactly as before (REST, the page, /ws with compression,
+and malformed requests, which aiohttp answers). `Heartbeats` pings all of a node's wire sockets
+from one timer.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ class Upgrade:
     lost: bool = False  # the client went away while it was being admitted
 
 
-def parse_upgrade(head: bytes) -> Upgrade | None:
+def parse_upgrade(head: bytes, *, compression: bool = False) -> Upgrade | None:
     """The upgrade in a request head (without its blank line), or None for anything aiohttp should
-    serve: another path or method, a body, a compression offer, non-ASCII, an over-long line."""
+    serve: another path or method, a body, non-ASCII, an over-long line, and with `compression` a
+    permessage-deflate offer (without it the offer is declined: the 101 names no extension)."""
     if not head.isascii():
         return None
     lines = head.decode().split("\r\n")
@@ -62,7 +64,7 @@ def parse_upgrade(head: bytes) -> Upgrade | None:
             return None
         headers.add(name, value.strip(" \t"))
     if ("content-length" in headers or "transfer-encoding" in headers
-            or "permessage-deflate" in headers.get("sec-websocket-extensions", "").lower()
+            or (compression and "permessage-deflate" in headers.get("sec-websocket-extensions", "").lower())
             or headers.get("upgrade", "").lower() != "websocket"):
         return None
     return Upgrade(headers, query)
@@ -103,11 +105,14 @@ def handshake(upgrade: Upgrade) -> bytes | web.HTTPException:
 class Front(asyncio.Protocol):
     """Every connection's first protocol: it reads the request head and hands the connection on."""
 
-    __slots__ = ("_buffer", "_http", "_on_upgrade", "_transport", "_upgrade")
+    __slots__ = ("_buffer", "_compression", "_http", "_on_upgrade", "_transport", "_upgrade")
 
     def __init__(self, http: Callable[[], asyncio.Protocol],
-                 on_upgrade: Callable[[asyncio.Transport, Upgrade], None]) -> None:
+                 on_upgrade: Callable[[asyncio.Transport, Upgrade], None], *,
+                 compression: bool = False) -> None:
+        """`compression`: upgrades offering permessage-deflate go to aiohttp, which accepts it."""
         self._http = http
+        self._compression = compression
         self._on_upgrade = on_upgrade
         self._buffer = b""
         self._transport: asyncio.Transport | None = None
@@ -126,7 +131,7 @@ class Front(asyncio.Protocol):
         if end < 0 and len(buffer) <= MAX_HEAD_BYTES:
             self._buffer = buffer
             return
-        upgrade = parse_upgrade(buffer[:end]) if end >= 0 else None
+        upgrade = parse_upgrade(buffer[:end], compression=self._compression) if end >= 0 else None
         if upgrade is None:
             self._hand_over(buffer)
             return

@@ -84,8 +84,13 @@ class NodeSettings(SharedSettings):
     max_text_chars: int = setting("MAX_TEXT_CHARS", "8000", integer(low=1), "longest `send` text")
     lean_sockets: bool = setting(
         "LEAN_SOCKETS", "true", boolean,
-        "serve `/ws` upgrades that offer no compression with the node's own WebSocket code "
-        "(`ws_node.lean`: ~6 KB a socket where aiohttp's takes ~19); false: every socket through aiohttp")
+        "serve `/ws` upgrades with the node's own WebSocket code (`ws_node.lean`: ~5 KB a socket where "
+        "aiohttp's takes ~20); false: every socket through aiohttp")
+    ws_compression: bool = setting(
+        "WS_COMPRESSION", "false", boolean,
+        "accept permessage-deflate from clients that offer it (every browser does): less traffic for long "
+        "answers, but ~200 KB of zlib state per such socket, which aiohttp then serves; false: the offer "
+        "is declined, as Socket.IO and Centrifugo do by default")
     dev: bool = setting(
         "CHORUS_DEV", "false", boolean, "development mode: disables the `Origin` check. Never in production")
     web_root: str | None = optional(

@@ -96,7 +96,8 @@ async def _serve_socket(request: web.Request) -> web.StreamResponse:
     admitted = await _admit(request.headers, request.rel_url.raw_query_string, svc, guard)
     device, after, client_epoch, ident = admitted
 
-    ws = web.WebSocketResponse(heartbeat=settings.heartbeat_s, max_msg_size=settings.max_frame_bytes)
+    ws = web.WebSocketResponse(heartbeat=settings.heartbeat_s, max_msg_size=settings.max_frame_bytes,
+                               compress=settings.ws_compression)
     await ws.prepare(request)
     svc.stats.connects += 1
     auth_id = None
