@@ -77,6 +77,7 @@ class ClusterPubSub:
         return message
 
     async def aclose(self) -> None:
+        self._waker.close()
         await asyncio.gather(*(shard.aclose() for shard in self._shards.values()))
 
     def _by_slot(self, channels: tuple[str, ...]) -> list[tuple[RespPubSub, list[str]]]:

@@ -32,29 +32,46 @@ _PUSHED = {"message": "message", "subscribe": "subscribe", "unsubscribe": "unsub
 
 
 class Waker:
-    """What a reader waits on until something arrives (`wake`) or `timeout` passes.
+    """What a reader waits on until something arrives (`wake`) or `timeout` passes, or sooner.
 
     A bare future and a timer, not asyncio.wait_for: on Python 3.11, wait_for swallows a
     cancellation that lands as the future completes, and the hub's read loop then never ends (a
-    hang in Hub.close, seen under load)."""
+    hang in Hub.close, seen under load). The timer outlives the wait that set it and serves the
+    next ones (a wait may so end early, with nothing arrived, which a reader takes as a timeout):
+    one timer set and cancelled per message was a tenth of the read loop's cost (issue 14)."""
 
     def __init__(self) -> None:
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
 
     async def wait(self, timeout: float | None) -> None:  # noqa: ASYNC109
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, self.wake) if timeout is not None else None
+        if timeout is not None:
+            due = loop.time() + timeout
+            if self._timer is not None and self._timer_due > due:
+                self._timer.cancel()
+                self._timer = None
+            if self._timer is None:
+                self._timer, self._timer_due = loop.call_at(due, self._expired), due
         try:
             await self._waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _expired(self) -> None:
+        self._timer = None
+        self.wake()
 
     def wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class RespPubSub(asyncio.Protocol):
@@ -144,6 +161,7 @@ class RespPubSub(asyncio.Protocol):
         return self._messages.popleft()
 
     async def aclose(self) -> None:
+        self._waker.close()
         if self._transport is not None:
             self._transport.close()
         self._lost = self._lost or ConnectionError("redis pubsub connection closed")
