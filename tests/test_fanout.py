@@ -18,7 +18,7 @@ from fanout.redis_broker import RedisBroker
 from fanout.resp_pubsub import RespPubSub
 from loadtest.procs import RedisServer
 from protocol.events import RunCancelled, Token, event_body
-from tests.support import Recorder
+from tests.support import WAIT_S, Recorder
 
 
 @pytest.fixture
@@ -297,6 +297,43 @@ async def test_the_lean_pubsub_reads_every_message_in_order_and_reports_a_lost_c
     await pubsub.aclose()
     with pytest.raises(ConnectionError):
         await pubsub.get_message(timeout=1)
+
+
+async def test_the_lean_pubsub_dispatches_as_it_reads_and_a_failing_handler_ends_the_connection(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """With `dispatch`, messages go to the handler as they are read, with no `get_message` call;
+    the reader only waits, and learns of an error in the handler as a lost connection, so the hub
+    connects again (as when its own loop raised)."""
+    pubsub = RespPubSub.from_url(redis_server.url)
+    handled: list[object] = []
+    done = asyncio.Event()
+
+    def handle(message: dict[str, object]) -> None:
+        handled.append(message["data"])
+        if message["data"] == "boom":
+            raise ValueError("a bad message")
+        if len(handled) == 301:  # the subscription's confirmation and 300 messages
+            done.set()
+
+    await pubsub.ping()
+    pubsub.dispatch(handle)
+    await pubsub.subscribe("dispatched")
+    for n in range(300):
+        await redis.publish("dispatched", f"m{n}")
+    await asyncio.wait_for(done.wait(), 5)
+    assert handled == [1, *(f"m{n}" for n in range(300))]
+    assert await pubsub.get_message(timeout=0.05) is None  # nothing was queued for the reader
+    await redis.publish("dispatched", "boom")
+
+    async def read_until_lost() -> None:
+        while True:
+            await pubsub.get_message(timeout=5)
+
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(read_until_lost(), WAIT_S)
+    assert handled[-1] == "boom"
+    await pubsub.aclose()
 
 
 async def test_the_lean_pubsub_authenticates_and_refuses_a_wrong_password(fresh_redis: RedisServer) -> None:
