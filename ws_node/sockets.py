@@ -50,22 +50,36 @@ CloseWith = Callable[[int, bytes], Awaitable[object]]
 async def ws_handler(request: web.Request) -> web.StreamResponse:
     """One device's socket, counted from the first byte (a drain waits for sockets still opening)."""
     svc = request.app[SERVICES]
-    svc.sockets += 1
-    svc.idle.clear()
-    started = asyncio.get_running_loop().time()
+    started = _begun(svc)
     ws: web.StreamResponse | None = None
     try:
         ws = await _serve_socket(request)
         return ws
     finally:
         _release(request, ws)
-        svc.sockets -= 1
-        if svc.sockets == 0:
-            svc.idle.set()
-        if isinstance(ws, web.WebSocketResponse) and ws.prepared:
-            svc.stats.closed(ws.close_code)
-            duration_s = round(asyncio.get_running_loop().time() - started, 3)
-            log.info("socket closed", extra={"code": ws.close_code, "duration_s": duration_s})
+        if isinstance(ws, web.WebSocketResponse):
+            _ended(svc, started, ws.close_code, upgraded=ws.prepared)
+        else:
+            _ended(svc, started, None, upgraded=False)
+
+
+def _begun(svc: Services) -> float:
+    """A socket's request arrived: counted from its first byte (a drain waits for sockets still
+    opening); when."""
+    svc.sockets += 1
+    svc.idle.clear()
+    return asyncio.get_running_loop().time()
+
+
+def _ended(svc: Services, started: float, code: int | None, *, upgraded: bool) -> None:
+    """A socket's request is done; `upgraded`: it was a socket, closed with `code`."""
+    svc.sockets -= 1
+    if svc.sockets == 0:
+        svc.idle.set()
+    if upgraded:
+        svc.stats.closed(code)
+        duration_s = round(asyncio.get_running_loop().time() - started, 3)
+        log.info("socket closed", extra={"code": code, "duration_s": duration_s})
 
 
 def _release(request: web.Request, ws: web.StreamResponse | None) -> None:
@@ -159,10 +173,7 @@ class WireSession:
         return asyncio.get_running_loop().create_task(coro, context=self._context)  # type: ignore[arg-type]
 
     async def _run(self, transport: asyncio.Transport, upgrade: lean.Upgrade) -> None:
-        svc = self.svc
-        svc.sockets += 1  # counted from the first byte, as `ws_handler` does
-        svc.idle.clear()
-        self.started = asyncio.get_running_loop().time()
+        self.started = _begun(self.svc)
         try:
             await self._open(transport, upgrade)
         except Exception:
@@ -275,12 +286,7 @@ class WireSession:
             if sock is not None:
                 sock.end()
                 svc.heartbeats.remove(sock)
-                svc.stats.closed(sock.close_code)
-                duration_s = round(asyncio.get_running_loop().time() - self.started, 3)
-                log.info("socket closed", extra={"code": sock.close_code, "duration_s": duration_s})
-            svc.sockets -= 1
-            if svc.sockets == 0:
-                svc.idle.set()
+            _ended(svc, self.started, sock.close_code if sock else None, upgraded=sock is not None)
             # The socket holds this session (its handler) and the connection holds the socket:
             # without these links none of the three is in a cycle, so all go by reference counts
             # once the transport lets go, not in a full pass of the collector (common/collector.py).
