@@ -823,8 +823,14 @@ def test_ingress_keeps_websockets_open(rendered: dict[str, list[Manifest]]) -> N
     assert ingress["spec"]["tls"] == [{"hosts": ["chat.example.com"], "secretName": "chorus-tls"}]
     (rule,) = ingress["spec"]["rules"]
     assert [path["path"] for path in rule["http"]["paths"]] == ["/ws", "/v1"]
-    for path in rule["http"]["paths"]:
-        assert path["backend"]["service"] == {"name": f"{RELEASE}-chorus", "port": {"name": "http"}}
+    # /ws through the sockets' own Service: no upstream connection kept from REST carries an upgrade
+    services = {path["path"]: path["backend"]["service"] for path in rule["http"]["paths"]}
+    assert services == {"/ws": {"name": f"{RELEASE}-chorus-sockets", "port": {"name": "http"}},
+                        "/v1": {"name": f"{RELEASE}-chorus", "port": {"name": "http"}}}
+    public, sockets = one(rendered["production"], "Service", f"{RELEASE}-chorus"), one(
+        rendered["production"], "Service", f"{RELEASE}-chorus-sockets")
+    assert sockets["spec"]["selector"] == public["spec"]["selector"]
+    assert [p["port"] for p in sockets["spec"]["ports"]] == [p["port"] for p in public["spec"]["ports"]]
 
 
 def test_autoscalers_target_the_deployments(rendered: dict[str, list[Manifest]]) -> None:
@@ -973,7 +979,8 @@ def test_pool_selectors_never_select_another_workers_pods(rendered: dict[str, li
         for obj in find(objects, kind):
             name = obj["metadata"]["name"]
             # Each selects the pods of the Deployment of its name (the public Service: the nodes').
-            own = {f"{RELEASE}-chorus": f"{RELEASE}-chorus-ws-node"}.get(name, name.removesuffix("-internal"))
+            own = {f"{RELEASE}-chorus": f"{RELEASE}-chorus-ws-node", f"{RELEASE}-chorus-sockets": f"{RELEASE}-chorus-ws-node"
+                   }.get(name, name.removesuffix("-internal"))
             assert pods_selected(objects, selector_of(obj)) == [own], (kind, name)
     budgets = {pdb["metadata"]["name"] for pdb in find(objects, "PodDisruptionBudget")}
     assert budgets == {f"{RELEASE}-chorus-worker", POOLS["researchers"]}  # the canary turned its off
