@@ -148,6 +148,23 @@ def test_fragments_control_frames_and_a_frame_sent_with_the_upgrade_are_served(c
         client.close()
 
 
+def test_frames_sent_with_the_upgrade_beyond_a_heads_worth_are_all_served(cluster: LocalCluster) -> None:
+    """A client that sends 2,000 commands (~70 KB) behind its upgrade: the node stops reading while
+    it admits the socket, then serves every one (a reply each: `pong`, or `rate_limited`)."""
+    commands = b"".join(client_frame(0x1, f'{{"type":"ping","id":"p{n}"}}'.encode()) for n in range(2000))
+    assert len(commands) > 32 * 1024
+    client = Client(cluster.node_ports[0], f"/ws?access_token={cluster.token(unique('alice'))}", then=commands)
+    try:
+        replies: set[object] = set()
+        while len(replies) < 2000:
+            reply = client.json()
+            if reply["type"] in ("pong", "error"):
+                replies.add(reply["id"])
+        assert replies == {f"p{n}" for n in range(2000)}
+    finally:
+        client.close()
+
+
 def test_an_unmasked_frame_fails_the_socket_with_1002(cluster: LocalCluster) -> None:
     client = Client(cluster.node_ports[0], f"/ws?access_token={cluster.token(unique('alice'))}")
     try:

@@ -40,6 +40,7 @@ class Upgrade:
     raw_query: str
     rest: bytearray = field(default_factory=bytearray)
     lost: bool = False  # the client went away while it was being admitted
+    paused: bool = False  # reading stopped: the client sent more than a head's worth meanwhile
 
 
 def parse_upgrade(head: bytes, *, compression: bool = False) -> Upgrade | None:
@@ -125,6 +126,9 @@ class Front(asyncio.Protocol):
         assert self._transport is not None
         if self._upgrade is not None:  # being admitted: the socket will read it
             self._upgrade.rest += data
+            if len(self._upgrade.rest) > MAX_HEAD_BYTES and not self._upgrade.paused:
+                self._upgrade.paused = True  # no more until it is a socket
+                self._transport.pause_reading()
             return
         buffer = self._buffer + data
         end = buffer.find(b"\r\n\r\n")
@@ -157,7 +161,7 @@ class Front(asyncio.Protocol):
 
 
 class Handler(Protocol):
-    """What a `WireSocket` tells its owner (`ws_node.app`'s session)."""
+    """What a `WireSocket` tells its owner (`ws_node.sockets.WireSession`)."""
 
     def on_message(self, data: str | bytes) -> None: ...
 

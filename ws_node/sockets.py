@@ -201,6 +201,8 @@ class WireSession:
         transport.set_protocol(sock)
         svc.stats.connects += 1
         svc.heartbeats.add(sock)
+        if upgrade.paused:  # before the bytes held: serving them may pause it again
+            transport.resume_reading()
         if upgrade.rest:
             sock.data_received(bytes(upgrade.rest))
         auth_id = None
