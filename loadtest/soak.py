@@ -349,13 +349,19 @@ class Soak:
         redis = Redis.from_url(self.cluster.redis_url, decode_responses=True)
         try:
             broker = RedisBroker(redis, Keys())
-            waits = []
-            for user, devices in self.devices.items():
-                last = self.final_seq[user] = (await broker.position(user)).seq
-                for device in devices:
-                    waits.append(device.client.wait_for(_at_seq(device.client, last),
-                                                        max(0.1, deadline - time.monotonic())))
-            await asyncio.gather(*waits, return_exceptions=True)
+            # Until the streams stand still: the workers' sweep may still publish (a lost run end
+            # published again in a new epoch, `redis_lossy`) after the devices reached a position
+            # read earlier, and they then rightly go past it.
+            while True:
+                finals = {user: (await broker.position(user)).seq for user in self.devices}
+                waits = [device.client.wait_for(_at_seq(device.client, finals[user]),
+                                                max(0.1, deadline - time.monotonic()))
+                         for user, devices in self.devices.items() for device in devices]
+                await asyncio.gather(*waits, return_exceptions=True)
+                now = {user: (await broker.position(user)).seq for user in self.devices}
+                self.final_seq = now
+                if now == finals or time.monotonic() >= deadline:
+                    break
         finally:
             await redis.aclose()
 
