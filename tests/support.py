@@ -13,16 +13,19 @@ import json
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from chorus_client.testing import RecordingClient as ChorusClient
 
 from loadtest.cluster import LocalCluster
+from loadtest.procs import Proc, free_port, wait_http_ok
 
 if TYPE_CHECKING:
     import uvicorn
@@ -146,6 +149,22 @@ def comparable(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 def comparable_without_conversation(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     """`comparable` without the conversation id."""
     return [(e["seq"], e["event"], e["run"], e["data"]) for e in events]
+
+
+def extra_node(cluster: LocalCluster, workdir: Path, name: str, **env: str) -> Iterator[int]:
+    """A node of the cluster's with settings of its own, for a fixture to yield from; its port."""
+    port = free_port()
+    node = Proc(name, [sys.executable, "-m", "ws_node"], workdir=workdir, env={
+        "REDIS_URL": cluster.redis_url, "DATABASE_URL": cluster.database_url,
+        "AUTH_JWT_SECRET": cluster.config.jwt_secret, "PORT": str(port), "NODE_ID": name,
+        "HOST": "127.0.0.1", **env,
+    })
+    node.start()
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/readyz", 30)
+        yield port
+    finally:
+        node.stop()
 
 
 class RawSocket:

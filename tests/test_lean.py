@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import struct
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +15,7 @@ import aiohttp
 import pytest
 
 from loadtest.cluster import LocalCluster
-from loadtest.procs import Proc, free_port, wait_http_ok
-from tests.support import unique
+from tests.support import extra_node, unique
 from tests.test_wire import client_frame
 
 
@@ -65,22 +63,6 @@ class Client:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def extra_node(cluster: LocalCluster, workdir: Path, name: str, **env: str) -> Iterator[int]:
-    """A node of the cluster's with settings of its own; its port."""
-    port = free_port()
-    node = Proc(name, [sys.executable, "-m", "ws_node"], workdir=workdir, env={
-        "REDIS_URL": cluster.redis_url, "DATABASE_URL": cluster.database_url,
-        "AUTH_JWT_SECRET": cluster.config.jwt_secret, "PORT": str(port), "NODE_ID": name,
-        "HOST": "127.0.0.1", **env,
-    })
-    node.start()
-    try:
-        wait_http_ok(f"http://127.0.0.1:{port}/readyz", 30)
-        yield port
-    finally:
-        node.stop()
 
 
 @pytest.fixture

@@ -21,8 +21,7 @@ from redis.asyncio import Redis
 from common.keys import Keys
 from fanout.redis_broker import RedisBroker
 from loadtest.cluster import LocalCluster
-from loadtest.procs import Proc, free_port, wait_http_ok
-from tests.support import RawSocket, event_payload, send_frame, unique
+from tests.support import RawSocket, event_payload, extra_node, send_frame, unique
 
 
 def node_url(cluster: LocalCluster, path: str, index: int = 0) -> str:
@@ -181,18 +180,8 @@ def test_a_bad_setting_stops_the_process_naming_the_variable(module: str, env: d
 @pytest.fixture
 def small_queue_node(cluster: LocalCluster, tmp_path: Path) -> Iterator[int]:
     """A node whose sockets may queue only 64 frames."""
-    port = free_port()
-    node = Proc("slow-node", [sys.executable, "-m", "ws_node"], workdir=tmp_path, env={
-        "REDIS_URL": cluster.redis_url, "DATABASE_URL": cluster.database_url,
-        "AUTH_JWT_SECRET": cluster.config.jwt_secret, "PORT": str(port), "NODE_ID": "slow-node",
-        "HOST": "127.0.0.1", "SEND_QUEUE_MAX_FRAMES": "64", "MERGED_TOKEN_MAX_CHARS": "262144",
-    })
-    node.start()
-    try:
-        wait_http_ok(f"http://127.0.0.1:{port}/readyz", 30)
-        yield port
-    finally:
-        node.stop()
+    yield from extra_node(cluster, tmp_path, "slow-node", SEND_QUEUE_MAX_FRAMES="64",
+                          MERGED_TOKEN_MAX_CHARS="262144")
 
 
 async def test_a_catch_up_that_cannot_go_on_closes_the_socket_to_resume(cluster: LocalCluster,
