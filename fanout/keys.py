@@ -16,9 +16,14 @@ class StreamKeys:
 
     prefix: str = "chorus"
 
+    def user_prefix(self, user: str) -> str:
+        """What every key of `user`'s starts with. The publish script (`fanout/publish.lua`) is
+        given only this and builds the stream's keys and channel from it with the suffixes below."""
+        return f"{self.prefix}:{{u:{user}}}:"
+
     def user_key(self, user: str, suffix: str) -> str:
         """A key in `user`'s hash slot."""
-        return f"{self.prefix}:{{u:{user}}}:{suffix}"
+        return self.user_prefix(user) + suffix
 
     def meta(self, user: str) -> str:
         """Hash: ``epoch`` (changes when history is lost) and ``seq`` (the user's last seq)."""

@@ -21,6 +21,7 @@ from fanout.broker import Fenced, Lost, Position, PublishResult, PubSub
 from fanout.cluster_pipe import ClusterPipes
 from fanout.cluster_pubsub import ClusterPubSub
 from fanout.keys import StreamKeys
+from fanout.publish_batch import PublishBatch, replies
 from fanout.resp_pipe import RespPipe
 from fanout.resp_pubsub import RespPubSub
 
@@ -78,6 +79,9 @@ class RedisBroker:
             cluster = cast(RedisCluster, redis)
             timeout_s = cluster.connection_kwargs.get("socket_timeout") or 10.0
             self._scripts = ClusterPipes(cluster, timeout_s=timeout_s)
+        # On one Redis server, the publishes of a loop turn go as one call of the script.
+        self._batch = (PublishBatch(self._pipe, self._publish.sha, self._publish_lua, self._head)
+                       if self._pipe is not None else None)
 
     @property
     def scripts(self) -> RespPipe | ClusterPipes | None:
@@ -89,18 +93,24 @@ class RedisBroker:
         self, user: str, payload: str, *, producer: str = "", pseq: int = 0, fence: str | None = None,
         pass_fence: bool = False, producer_epoch: str = "", follows: tuple[str, int] | None = None,
     ) -> PublishResult:
-        k = self.keys
-        keys = [k.meta(user), k.history(user), k.producers(user), k.fences(user)]
-        args: list[str | int] = [
-            k.channel(user), payload, self.history_max, self.ttl_s, new_epoch(),
-            producer, pseq, fence or "", "1" if pass_fence else "0", producer_epoch,
-            *(follows or ("", 0)),
-        ]
+        prefix = self.keys.user_prefix(user)
+        options: list[str | int] = []  # publish.lua's per-event options: none for a bare publish
+        if producer or fence or follows:
+            options = [producer, pseq, fence or "", "1" if pass_fence else "0", producer_epoch,
+                       *(follows or ("", 0)), new_epoch()]
 
-        async def once() -> Any:
+        async def once() -> tuple[int, int, str]:
+            if self._batch is not None:
+                return await self._batch.publish(prefix, payload, options)
+            args = [*self._head(), payload, len(options), *options]
             if self._scripts is not None:
-                return await self._scripts.evalsha(self._publish.sha, self._publish_lua, keys, args)
-            return await self._publish(keys=keys, args=args)
+                flat = await self._scripts.evalsha(self._publish.sha, self._publish_lua, [prefix], args)
+            else:
+                flat = await self._publish(keys=[prefix], args=args)
+            reply = replies([as_text(part) if isinstance(part, bytes) else part for part in flat])[0]
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
 
         status, seq, epoch = await retrying(
             once, retry_on=TRANSIENT, deadline_s=self.retry_for_s, what=f"publish to {user}"
@@ -110,6 +120,10 @@ class RedisBroker:
         if status == -2:
             raise Lost(follows)
         return PublishResult(seq=int(seq), epoch=as_text(epoch), duplicate=status == 0)
+
+    def _head(self) -> list[str | int]:
+        """The publish script's first arguments, for one call."""
+        return [self.history_max, self.ttl_s, new_epoch()]
 
     async def position(self, user: str) -> Position:
         """The user's epoch and latest seq (creating the epoch for a new history)."""

@@ -29,6 +29,13 @@ from redis.asyncio.connection import parse_url
 from fanout import resp
 
 
+def error(reply: hiredis.ReplyError | str) -> redis_errors.RedisError:
+    """redis-py's exception for an error reply: LOADING (a restarting Redis) is a
+    BusyLoadingError, which callers retry as an outage, NOSCRIPT a NoScriptError, READONLY a
+    ReadOnlyError..."""
+    return cast(redis_errors.RedisError, BaseParser.parse_error(str(reply)))  # type: ignore[no-untyped-call]
+
+
 class RespPipe(asyncio.Protocol):
     def __init__(self, params: dict[str, Any], *, timeout_s: float = 10.0) -> None:
         """`params`: `host` and `port`, or `path`; `username`, `password`, `db` (parse_url's)."""
@@ -48,20 +55,28 @@ class RespPipe(asyncio.Protocol):
 
     async def execute(self, *parts: str | bytes | int) -> Any:
         """Send one command (pipelined with the others of this loop iteration); its reply."""
+        await self.ready()
+        reply = await self.send(*parts)
+        if isinstance(reply, hiredis.ReplyError):
+            raise error(reply)
+        return reply
+
+    async def ready(self) -> None:
+        """Connect, if the pipe is not connected."""
         if self._transport is None or self._transport.is_closing():
             await self._connect()
+
+    def send(self, *parts: str | bytes | int) -> asyncio.Future[Any]:
+        """Queue one command; the future of its reply, a `hiredis.ReplyError` for an error reply
+        (`error` makes it redis-py's exception). For callers that answer in a callback; others
+        use `execute`."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._waiting.append((future, loop.time()))
         if not self._out:
             loop.call_soon(self._flush)
         self._out.append(resp.command(*parts))
-        reply = await future
-        if isinstance(reply, hiredis.ReplyError):
-            # redis-py's own mapping: LOADING (a restarting Redis) is a BusyLoadingError, which
-            # callers retry as an outage, NOSCRIPT a NoScriptError, READONLY a ReadOnlyError...
-            raise BaseParser.parse_error(str(reply))  # type: ignore[no-untyped-call]
-        return reply
+        return future
 
     async def evalsha(self, sha: str, script: str, keys: list[str], args: list[str | int]) -> Any:
         """Run a Lua script by its sha, loading it (EVAL) when this Redis does not have it."""

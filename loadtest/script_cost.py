@@ -6,8 +6,10 @@ sending `--commands` of each kind, `--pipeline` at a time, one kind after the ot
 of a ~150-byte payload; `EVALSHA` of a script that only returns, with no arguments and with the
 publish script's 16 (4 keys, 12 arguments: each becomes a Lua string); the history append
 (`XADD ... MAXLEN ~`) and the seq (`HINCRBY`) alone; and the publish script itself
-(`fanout/publish.lua`) on one user. It tells what trimming the script could save against the
-goal of issue 14 (Redis CPU per delivery at most 2x a plain PUBLISH's): docs/performance.md.
+(`fanout/publish.lua`) with 1, 4, 16 and 64 events per call, each to a user of its own (the
+broker sends a loop turn's publishes as one call: `fanout.publish_batch`). Figures are per event.
+It tells what a publish costs Redis against the goal of issue 14 (Redis CPU per delivery at most
+2x a plain PUBLISH's): docs/performance.md.
 """
 
 from __future__ import annotations
@@ -26,31 +28,38 @@ from redis import Redis
 from loadtest.procs import RedisServer
 
 PAYLOAD = '{"event":"token","run":"r_0123456789abcdef","text":"' + "x" * 96 + '"}'
-SCRIPT_ARGS = ["1000", "86400", "e1", "", "0", "", "0", "", "", "0"]  # publish.lua's ARGV[3..12]
+OLD_ARGS = ["1000", "86400", "e1", "", "0", "", "0", "", "", "0"]  # the old script's ARGV[3..12]
+HEAD = ["1000", "86400", "e1"]  # publish.lua's ARGV[1..3]: history length, TTL, new epoch
+BATCHES = (1, 4, 16, 64)  # events per call of publish.lua
 
 
-def kinds(trivial: str, publish: str) -> list[tuple[str, list[str]]]:
-    """(what, the command): ``__rand_int__`` is a user among `--users`, drawn per occurrence."""
+def kinds(trivial: str, publish: str) -> list[tuple[str, int, list[str]]]:
+    """(what, events per command, the command): ``__rand_int__`` is a user among `--users`, drawn
+    per occurrence."""
     keys = ["m:__rand_int__", "h:__rand_int__", "p:__rand_int__", "f:__rand_int__"]
-    return [
-        ("PUBLISH", ["PUBLISH", "ch:__rand_int__", PAYLOAD]),
-        ("EVALSHA `return 1`, no arguments", ["EVALSHA", trivial, "0"]),
-        ("EVALSHA `return 1`, 16 arguments", ["EVALSHA", trivial, "4", *keys, "ch:__rand_int__", PAYLOAD,
-                                              *SCRIPT_ARGS]),
-        ("XADD MAXLEN ~ 1000", ["XADD", "h:__rand_int__", "MAXLEN", "~", "1000", "*", "f", PAYLOAD]),
-        ("HINCRBY", ["HINCRBY", "m:__rand_int__", "seq", "1"]),
-        # One user: the script's keys must be one user's (its seq is the history's entry id).
-        ("publish.lua, one user", ["EVALSHA", publish, "4", "m:1", "h:1", "p:1", "f:1", "ch:1", PAYLOAD,
-                                   *SCRIPT_ARGS]),
+    out = [
+        ("PUBLISH", 1, ["PUBLISH", "ch:__rand_int__", PAYLOAD]),
+        ("EVALSHA `return 1`, no arguments", 1, ["EVALSHA", trivial, "0"]),
+        ("EVALSHA `return 1`, 16 arguments", 1, ["EVALSHA", trivial, "4", *keys, "ch:__rand_int__", PAYLOAD,
+                                                 *OLD_ARGS]),
+        ("XADD MAXLEN ~ 1000", 1, ["XADD", "h:__rand_int__", "MAXLEN", "~", "1000", "*", "f", PAYLOAD]),
+        ("HINCRBY", 1, ["HINCRBY", "m:__rand_int__", "seq", "1"]),
     ]
+    for events in BATCHES:  # each event to a user drawn on its own: its keys are one prefix
+        users = ["c:{u:__rand_int__}:" for _ in range(events)]
+        per_event = [part for _ in range(events) for part in (PAYLOAD, "0")]
+        out.append((f"publish.lua, {events} per call", events,
+                    ["EVALSHA", publish, str(events), *users, *HEAD, *per_event]))
+    return out
 
 
-def measure(port: int, pid: int, command: list[str], args: argparse.Namespace) -> float:
-    """Redis CPU-nanoseconds per command over `args.commands` of `command`."""
+def measure(port: int, pid: int, events: int, command: list[str], args: argparse.Namespace) -> float:
+    """Redis CPU-nanoseconds per event over `args.commands` events of `command`."""
     redis_cpu = psutil.Process(pid)
     before: float = sum(redis_cpu.cpu_times()[:2])
-    subprocess.run([args.benchmark, "-p", str(port), "-q", "-n", str(args.commands), "-P", str(args.pipeline),
-                    "-r", str(args.users), *command], check=True, capture_output=True, timeout=600)
+    subprocess.run([args.benchmark, "-p", str(port), "-q", "-n", str(args.commands // events),
+                    "-P", str(args.pipeline), "-r", str(args.users), *command],
+                   check=True, capture_output=True, timeout=600)
     after: float = sum(redis_cpu.cpu_times()[:2])
     return (after - before) / int(args.commands) * 1e9  # CPU times tick in 10 ms: send 100,000 or more
 
@@ -64,8 +73,8 @@ def run(args: argparse.Namespace) -> list[tuple[str, float]]:
             trivial = client.script_load("return 1")
             publish = client.script_load(resources.files("fanout").joinpath("publish.lua").read_text())
             client.close()
-            return [(what, measure(server.port, server.proc.pid, command, args))
-                    for what, command in kinds(trivial, publish)]
+            return [(what, measure(server.port, server.proc.pid, events, command, args))
+                    for what, events, command in kinds(trivial, publish)]
         finally:
             server.stop()
 
@@ -80,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = run(args)
     publish_ns = rows[0][1]
-    print(f"Redis CPU per command, {args.commands} of each, {args.pipeline} pipelined, no subscribers")
+    print(f"Redis CPU per event, {args.commands} events of each kind, {args.pipeline} commands pipelined, "
+          "no subscribers")
     for what, ns in rows:
         print(f"  {what:<36} {ns / 1000:6.2f} us  {ns / publish_ns:5.1f}x PUBLISH")
     return 0

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from common.keys import Keys
-from fanout.broker import Fenced, Lost
+from fanout.broker import Fenced, Lost, PublishResult
 from fanout.hub import Hub
 from fanout.memory_broker import MemoryBroker
 from fanout.recovery import frame_seq
@@ -74,6 +75,44 @@ async def test_producer_dedupe_makes_a_retry_harmless(redis: Redis, keys: Keys) 
     nxt = await stream.publish("u", token(), producer="p", pseq=2)
     assert nxt.seq == 2
     assert (await stream.position("u")).seq == 2
+
+
+async def test_the_publishes_of_a_loop_turn_go_to_redis_as_few_calls(fresh_redis: RedisServer,
+                                                                      keys: Keys) -> None:
+    client = Redis.from_url(fresh_redis.url, decode_responses=True)
+    stream = RedisBroker(client, keys)
+    try:
+        await stream.publish("warm", token())  # the pipe's connection, and the script loaded
+        await client.config_resetstat()
+        users = [f"u{n % 50}" for n in range(300)]
+        results = await asyncio.gather(*(stream.publish(user, token(n)) for n, user in enumerate(users)))
+        seqs: dict[str, list[int]] = {}
+        for user, result in zip(users, results, strict=True):
+            seqs.setdefault(user, []).append(result.seq)
+        assert all(got == list(range(1, 7)) for got in seqs.values()), seqs  # in the order asked
+        assert (await stream.read_after("u7", 0, upto=6)) is not None
+        # 300 publishes asked in one loop turn: three calls of the script (128 a call at most).
+        stats = await client.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == 3, stats
+        # A Redis that lost its scripts (restarted, SCRIPT FLUSH) is sent the script's text.
+        await client.script_flush()
+        again = await asyncio.gather(*(stream.publish("u0", token(n)) for n in range(3)))
+        assert [r.seq for r in again] == [7, 8, 9]
+    finally:
+        await stream.aclose()
+        await client.aclose()
+
+
+async def test_one_publishs_redis_error_stays_with_it_in_a_shared_call(redis: Redis, keys: Keys) -> None:
+    stream = RedisBroker(redis, keys)
+    await redis.set(keys.meta("broken"), "not a hash")  # the script's first HGET on it fails
+    results = await asyncio.gather(*(stream.publish(user, token()) for user in ("a", "broken", "b")),
+                                   return_exceptions=True)
+    assert isinstance(results[1], ResponseError) and "WRONGTYPE" in str(results[1]), results
+    assert [r.seq for r in (results[0], results[2]) if isinstance(r, PublishResult)] == [1, 1], results
+    # A producer's repeat in the same call is still a duplicate of its first.
+    first, repeat = await asyncio.gather(*(stream.publish("a", token(), producer="p", pseq=1) for _ in range(2)))
+    assert (first.seq, first.duplicate, repeat.seq, repeat.duplicate) == (2, False, 2, True)
 
 
 async def test_fence_refuses_a_cancelled_runs_events(redis: Redis, keys: Keys) -> None:
