@@ -185,9 +185,10 @@ SELECT (SELECT count(*) FROM runs
         WHERE user_id = $1 AND status NOT IN ('completed', 'cancelled', 'failed')) AS in_flight,
        EXISTS (SELECT 1 FROM messages WHERE user_id = $1 AND client_id = $2) AS seen
 """
+# Of many users at once (the sockets opening in one loop turn), each user's oldest first.
 RUNS_IN_FLIGHT = """
-SELECT id, conversation_id, status, partial, partial_seq, partial_epoch, partial_tools, question FROM runs
-WHERE user_id = $1 AND status IN ('queued', 'running', 'paused') ORDER BY created_at
+SELECT user_id, id, conversation_id, status, partial, partial_seq, partial_epoch, partial_tools, question
+FROM runs WHERE user_id = ANY($1::text[]) AND status IN ('queued', 'running', 'paused') ORDER BY created_at
 """
 # Runs whose job may have been lost: queued for a while, or running on an expired lease.
 STALE_RUNS = """

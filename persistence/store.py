@@ -14,6 +14,7 @@ import asyncpg
 import orjson
 
 from common.backoff import delays_s
+from common.batching import Coalesced
 from persistence import sql
 from persistence.records import (
     Conversation,
@@ -77,6 +78,7 @@ class Store:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._in_flight: Coalesced[str, list[RunInFlight]] = Coalesced(self._runs_in_flight_of, missing=list)
 
     @classmethod
     async def connect(
@@ -406,15 +408,21 @@ class Store:
         return int(row["in_flight"]), bool(row["seen"])
 
     async def runs_in_flight(self, user: str) -> list[RunInFlight]:
+        """The user's runs not yet ended, oldest first. Every socket asks as it opens: the users
+        asked in one loop turn are read in one query (`common.batching`)."""
+        return await self._in_flight.get(user)
+
+    async def _runs_in_flight_of(self, users: list[str]) -> dict[str, list[RunInFlight]]:
         async with self._conn() as conn:
-            rows = await conn.fetch(sql.RUNS_IN_FLIGHT, user)
-        return [
-            RunInFlight(run=r["id"], conversation=r["conversation_id"], status=r["status"],
-                        partial=r["partial"], partial_seq=r["partial_seq"], partial_epoch=r["partial_epoch"],
-                        tools=tuple(orjson.loads(r["partial_tools"])),
-                        question=Question.from_json(orjson.loads(r["question"])) if r["question"] else None)
-            for r in rows
-        ]
+            rows = await conn.fetch(sql.RUNS_IN_FLIGHT, users)
+        runs: dict[str, list[RunInFlight]] = {}
+        for r in rows:
+            runs.setdefault(r["user_id"], []).append(RunInFlight(
+                run=r["id"], conversation=r["conversation_id"], status=r["status"], partial=r["partial"],
+                partial_seq=r["partial_seq"], partial_epoch=r["partial_epoch"],
+                tools=tuple(orjson.loads(r["partial_tools"])),
+                question=Question.from_json(orjson.loads(r["question"])) if r["question"] else None))
+        return runs
 
     async def stale_runs(self, *, queued_for_s: float, limit: int = 100) -> list[asyncpg.Record]:
         async with self._conn() as conn:

@@ -345,3 +345,12 @@ async def test_runs_waiting_for_a_worker_are_told_their_place_as_it_moves(
 
     history = await events(runs, user)
     assert (positions(a.run), positions(b.run), positions(c.run)) == ([], [2, 1], [3, 2, 1])
+
+
+async def test_runs_in_flight_of_users_asked_together_are_each_users_own(runs: Runs, user: str) -> None:
+    """Sockets of several users opening at once: their runs in flight are read in one query
+    (`common.batching`), and each user gets only their own."""
+    users = [f"{user}-a", f"{user}-b", f"{user}-c"]
+    sent = [await send(runs, someone, "hi") for someone in users[:2]]
+    got = await asyncio.gather(*(runs.store.runs_in_flight(someone) for someone in users))
+    assert [[r.run for r in mine] for mine in got] == [[sent[0][0].run], [sent[1][0].run], []]

@@ -36,7 +36,8 @@ class Services:
     agents: AgentDirectory
     presence: Presences
     heartbeats: Heartbeats  # of the sockets `ws_node.lean` serves
-    teardowns: Paced = field(default_factory=Paced)  # theirs, when they end
+    openings: Paced = field(default_factory=lambda: Paced(per_turn=16))  # theirs, as they open
+    teardowns: Paced = field(default_factory=Paced)  # and as they end
     stats: NodeStats = field(default_factory=NodeStats)
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False

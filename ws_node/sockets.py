@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import math
 import secrets
@@ -167,13 +168,16 @@ class WireSession:
     def start(cls, app: web.Application, transport: asyncio.Transport, upgrade: lean.Upgrade) -> None:
         """`lean.Front`'s hand-over: admit the upgrade and serve the socket."""
         session = cls(app[SERVICES], app[ADMISSION])
-        session._spawn(session._run(transport, upgrade))
+        session.started = _begun(session.svc)
+        session.svc.openings.add(functools.partial(session._begin, transport, upgrade))
+
+    def _begin(self, transport: asyncio.Transport, upgrade: lean.Upgrade) -> None:
+        self._spawn(self._run(transport, upgrade))
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(coro, context=self._context)  # type: ignore[arg-type]
 
     async def _run(self, transport: asyncio.Transport, upgrade: lean.Upgrade) -> None:
-        self.started = _begun(self.svc)
         try:
             await self._open(transport, upgrade)
         except Exception:
