@@ -65,16 +65,29 @@ async def _restart_stopped(cluster: LocalCluster) -> None:
 
 
 async def _wait_in_rotation(cluster: LocalCluster, http: aiohttp.ClientSession, timeout_s: float = 10) -> None:
-    # A node nginx saw fail is benched for fail_timeout (2 s locally) even once it is back up.
+    """Until nginx has routed both a request and a socket to every node. A node nginx saw fail is
+    benched for fail_timeout (2 s locally) even once it is back up, by each upstream on its own:
+    REST and `/ws` go through two (nginx/nginx.conf), so one may have taken a node back before
+    the other."""
     names = {node.name for node in cluster.nodes}
     seen: set[str] = set()
     deadline = time.monotonic() + timeout_s
     while seen != names:
-        assert time.monotonic() < deadline, f"nginx routed only to {seen} within {timeout_s}s"
+        assert time.monotonic() < deadline, f"nginx routed requests only to {seen} within {timeout_s}s"
         async with http.get(f"{cluster.http_url}/readyz") as response:
             if response.status == 200:
                 seen.add((await response.json())["node"])
         await asyncio.sleep(0.05)
+    if cluster.nginx is None:
+        return
+    seen = set()
+    while seen != names:
+        assert time.monotonic() < deadline, f"nginx routed sockets only to {seen} within {timeout_s}s"
+        device = ChorusClient(cluster.ws_url, cluster.token(unique("rotation")), device="probe")
+        try:
+            seen.add((await device.connect())["node"])  # the client retries a refused attempt itself
+        finally:
+            await device.close()
 
 
 async def get_agents(http: aiohttp.ClientSession, cluster: LocalCluster, token: str) -> list[dict[str, Any]]:
