@@ -18,8 +18,10 @@ import bisect
 import collections
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -34,9 +36,10 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 log = logging.getLogger(__name__)
-# A collector pass this long is logged, with its generation: the stalls it causes are the ones
-# operators chase (docs/operations.md, "Garbage collection and loop stalls").
-LONG_GC_PASS_S = 0.02
+# A stall this long is one a person notices in a stream of tokens. A collector pass this long is
+# logged, with its generation: the stalls it causes are the ones operators chase
+# (docs/operations.md, "Garbage collection and loop stalls").
+STALL_S = 0.02
 
 # Seconds: from a millisecond to a minute (delivery lag, first token, loop lag, durations).
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -60,6 +63,10 @@ class Histogram:
     @property
     def count(self) -> int:
         return sum(self.counts)
+
+    def since(self, counts: Sequence[int]) -> list[int]:
+        """What was observed since `counts` (a copy of `self.counts` taken then), per bucket."""
+        return [now - then for now, then in zip(self.counts, counts, strict=True)]
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
         cumulative, total = [], 0
@@ -126,6 +133,12 @@ def serve(app: web.Application, collect: Callable[[], Iterable[Metric]]) -> None
     app.router.add_get("/metrics", metrics)
 
 
+class Stalls(NamedTuple):
+    ticks: int
+    over: int
+    worst_le_s: float
+
+
 class LoopLag:
     """How late the loop runs a timer set every `interval_s`: while a callback holds the loop
     (a full GC, a slow presence pass, a burst of frames) every socket waits that long. The
@@ -156,13 +169,22 @@ class LoopLag:
         if self._gc in gc.callbacks:
             gc.callbacks.remove(self._gc)
 
+    def stalls_since(self, counts: Sequence[int], over_s: float = STALL_S) -> Stalls:
+        """The ticks since `counts` (a copy of `histogram.counts` taken then): how many, how many
+        ran over `over_s` late (a bucket bound), and the bound of the worst one's bucket (inf
+        past the last)."""
+        grew = self.histogram.since(counts)
+        bounds = (*self.histogram.bounds, math.inf)
+        worst = max((bound for bound, seen in zip(bounds, grew, strict=True) if seen), default=0.0)
+        return Stalls(sum(grew), sum(grew[bisect.bisect_right(bounds, over_s):]), worst)
+
     def _gc(self, phase: str, info: Mapping[str, int]) -> None:
         if phase == "start":
             self._gc_began = time.perf_counter()
             return
         pause_s = time.perf_counter() - self._gc_began
         self.gc_pauses.observe(pause_s)
-        if pause_s > LONG_GC_PASS_S:
+        if pause_s > STALL_S:
             log.warning("garbage-collector pass of generation %d took %.0f ms (collected %d)",
                         info["generation"], pause_s * 1000, info["collected"])
         if pause_s > self.gc_max_s:

@@ -15,6 +15,7 @@ is useless in CI.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import pwd
@@ -30,7 +31,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import orjson
 import psutil
 
 from common.process import free_port
@@ -218,6 +221,17 @@ class Proc:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def records(self, field: str) -> list[dict[str, Any]]:
+        """The process's JSON log records (its default format) that carry `field`, in order."""
+        found = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{") and f'"{field}"' in line:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    record = orjson.loads(line)
+                    if field in record:
+                        found.append(record)
+        return found
 
     def _kill_group(self) -> None:
         # Descendants first, listed before anything dies: postgres backends call setsid() and so

@@ -88,6 +88,7 @@ async def test_the_loop_lag_timer_measures_a_stall() -> None:
     lag = LoopLag(interval_s=0.01)
     lag.start()
     await asyncio.sleep(0.05)  # a few ticks on time
+    before = list(lag.histogram.counts)
     time.sleep(0.08)  # noqa: ASYNC251 - the stall under test: nothing else may run meanwhile
     await asyncio.sleep(0.03)
     await lag.close()
@@ -95,6 +96,11 @@ async def test_the_loop_lag_timer_measures_a_stall() -> None:
     assert lag.histogram.count >= 5
     late = {s.labels["le"]: s.value for s in lag.histogram.family("x", "x").samples if s.name == "x_bucket"}
     assert late["0.05"] < late["0.1"], "one tick was 50-100 ms late"
+    # What a drain logs: the ticks since a copy of the counts, the stall among them.
+    stalls = lag.stalls_since(before)
+    assert stalls.over == 1 and stalls.worst_le_s == 0.1
+    assert 1 <= stalls.ticks < lag.histogram.count
+    assert lag.stalls_since(lag.histogram.counts) == (0, 0, 0.0)
 
 
 async def test_garbage_collector_passes_are_timed() -> None:

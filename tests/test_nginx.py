@@ -200,6 +200,10 @@ async def test_drained_node_hands_its_devices_over_and_exits_within_drain_second
         exited_after_s = time.monotonic() - sigterm_at
         assert exit_code == 0
         assert exited_after_s <= DRAIN_S + EXIT_MARGIN_S
+        # The node's last word on the drain: how many it sent on, none left, and its loop's stalls.
+        drained = cluster.nodes[VICTIM].records("drained")[-1]
+        assert drained["drained"] == len(movers) and drained["left"] == 0, drained
+        assert drained["stall_ticks"] > 0 and drained["stalls_over_20ms"] <= drained["stall_ticks"]
 
         # Spread over the window, not all at once: len(movers) batches, DRAIN_S / batches apart.
         if len(movers) > 1:

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -222,6 +223,8 @@ async def drain(svc: Services) -> None:
     window so the other nodes are not hit by all of them at once. Sockets still opening when
     the drain began are sent on as soon as they are open (ws_handler checks `draining`)."""
     svc.draining = True
+    lag, began = svc.stats.loop_lag, time.monotonic()
+    ticks = list(lag.histogram.counts)
     connections = list(svc.connections)
     window_s = svc.settings.drain_s
     batches = max(1, min(len(connections), int(window_s * 10)))
@@ -233,3 +236,9 @@ async def drain(svc: Services) -> None:
         sockets.send_elsewhere(conn)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(svc.idle.wait(), 5)
+    stalls = lag.stalls_since(ticks)
+    log.info("drained %d sockets in %.1f s; the event loop ran late by over %g ms %d times in %d ticks, "
+             "the worst <= %g ms", len(connections), time.monotonic() - began, metrics.STALL_S * 1000,
+             stalls.over, stalls.ticks, stalls.worst_le_s * 1000,
+             extra={"drained": len(connections), "stall_ticks": stalls.ticks, "stalls_over_20ms": stalls.over,
+                    "worst_stall_le_s": stalls.worst_le_s, "left": len(svc.connections)})

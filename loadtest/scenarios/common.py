@@ -280,11 +280,12 @@ class LoadGen:
 
 
 def node_histograms(cluster: LocalCluster, *names: str) -> dict[str, dict[float, float]]:
-    """The named histograms of a local cluster's nodes (their /metrics), each summed over the
-    nodes: bucket bound -> cumulative count."""
+    """The named histograms of a local cluster's running nodes (their /metrics), each summed over
+    the nodes: bucket bound -> cumulative count."""
     found: dict[str, dict[float, float]] = {name: {} for name in names}
+    serving = {node.name for node in cluster.nodes if node.alive}
     for process, port in cluster.internal_ports.items():
-        if not process.startswith("node-"):
+        if process not in serving:  # a worker, or a node that was stopped (S1's drain)
             continue
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             text = response.read().decode()

@@ -10,8 +10,10 @@ namespace connect is acknowledged; the others: once the upgrade is answered), op
 ``--concurrency`` at a time by the load generators. Figures: the time to open them all; RSS per
 idle socket = (RSS of both server processes with N sockets, after ``--settle-s``, minus their RSS
 before the first socket) / N; Redis's RSS growth per socket (Chorus keeps presence there); and
-the servers' CPU while the N sockets sit idle for ``--idle-s``. No warm-up: what a server allocates
-lazily on its first connection is counted in, spread over N.
+the servers' CPU while the N sockets sit idle for ``--idle-s``; the nodes' event-loop stalls (Chorus
+exports a loop-lag histogram) while opening, idle, while Chorus's first node drains on SIGTERM with
+its half of the sockets, and as the rest close. No warm-up: what a server allocates lazily on its
+first connection is counted in, spread over N.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import argparse
 import asyncio
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.procs import Proc
 from loadtest.scenarios.common import (
     SYSTEMS,
     cpu_s,
@@ -39,6 +43,7 @@ from loadtest.scenarios.common import (
 Figures = dict[str, Any]
 STALL_S = 0.02  # the issue's bound on an event-loop stall (a loop-lag bucket bound)
 LAG, GC = "chorus_event_loop_lag_seconds", "chorus_gc_pause_seconds"
+DRAIN_TIMEOUT_S = 60  # a node's default drain is 10 s, then up to 5 s for its last sockets to close
 
 
 @dataclass(frozen=True)
@@ -99,14 +104,16 @@ async def run_system(system: str, config: S1Config, workdir: Path) -> Figures:
         await asyncio.sleep(config.idle_s)
         idle_cpu_s = cpu_s(servers) - idle_before
         pauses_after = await asyncio.to_thread(dep.histograms, LAG, GC)
-        # The sockets closed at once, as in a node's drain or a client fleet's restart: the
-        # collector's steps (and any full pass they make) follow the closes.
+        stalls = (pause_figures("open_", pauses_start, pauses_before)
+                  | pause_figures("", pauses_before, pauses_after))
+        if dep.cluster is not None:  # the first node drained (SIGTERM) with its half of the sockets
+            stalls |= await drained(dep.cluster.nodes[0])
+            pauses_after = await asyncio.to_thread(dep.histograms, LAG, GC)  # the other node's alone
+        # The sockets closed at once, as in a client fleet's restart: the collector's steps (and
+        # any full pass they make) follow the closes.
         await asyncio.gather(*(gen.close() for gen in loadgens))
         await asyncio.sleep(config.close_settle_s)
-        pauses_closed = await asyncio.to_thread(dep.histograms, LAG, GC)
-        stalls = (pause_figures("open_", pauses_start, pauses_before)
-                  | pause_figures("", pauses_before, pauses_after)
-                  | pause_figures("close_", pauses_after, pauses_closed))
+        stalls |= pause_figures("close_", pauses_after, await asyncio.to_thread(dep.histograms, LAG, GC))
         figures: Figures = {**opened_figures(system, opened),
                             "sockets_per_s": opened["ok"] / max(opened["open_s"], 1e-9),
                             "idle_cpu_pct": idle_cpu_s / config.idle_s * 100, **stalls}
@@ -114,6 +121,19 @@ async def run_system(system: str, config: S1Config, workdir: Path) -> Figures:
         print(f"  {system}: {opened['ok']} sockets in {opened['open_s']:.1f} s, "
               f"{figures['kb_per_socket']:.1f} KB per socket", file=sys.stderr, flush=True)
         return figures
+
+
+async def drained(node: Proc) -> Figures:
+    """SIGTERM a Chorus node and wait for it to exit: its drain (every socket told to reconnect
+    elsewhere over DRAIN_SECONDS, then closed) as the node logs it on the way out, with its
+    event loop's stalls meanwhile (its /metrics are gone by then)."""
+    began = time.monotonic()
+    node.terminate()
+    await asyncio.to_thread(node.wait, DRAIN_TIMEOUT_S)
+    record = node.records("drained")[-1]
+    return {"drain_s": time.monotonic() - began, "drained": record["drained"], "drain_left": record["left"],
+            "drain_stalls_count": record["stall_ticks"], "drain_stalls_over_20ms": record["stalls_over_20ms"],
+            "drain_stalls_worst_le_s": record["worst_stall_le_s"]}
 
 
 async def s1(config: S1Config, workdir: Path) -> Figures:
@@ -144,13 +164,20 @@ def render(f: Figures, config: S1Config) -> str:
                          f"worst <= {r[f'{phase}{key}_worst_le_s'] * 1000:g} ms"
                          for what, key in (("loop", "stalls"), ("GC", "gc")))
 
+    def drain(r: Figures) -> str:
+        if "drained" not in r:
+            return "n/a"
+        return (f"{r['drained']} in {r['drain_s']:.1f} s ({r['drain_left']} left); loop "
+                f"{r['drain_stalls_over_20ms']} of {r['drain_stalls_count']}, "
+                f"worst <= {r['drain_stalls_worst_le_s'] * 1000:g} ms")
+
     rows = [[s, f"{r['sockets']}", f"{r['open_s']:.1f}", f"{r['sockets_per_s']:.0f}",
              f"{r['rss_before_mb']:.1f}", f"{r['rss_after_mb']:.1f}", f"{r['kb_per_socket']:.1f}",
              f"{r['redis_kb_per_socket']:.2f}", f"{r['idle_cpu_pct']:.2f}", stalls(r, "open_"),
-             stalls(r, ""), stalls(r, "close_")]
+             stalls(r, ""), drain(r), stalls(r, "close_")]
             for s, r in f["systems"].items()]
     header = ["system", "sockets", "open s", "opened/s", "RSS 0 MB", "RSS N MB", "KB/socket",
-              "Redis KB/socket", "idle CPU %", "over 20 ms: opening", "idle", "closing"]
+              "Redis KB/socket", "idle CPU %", "over 20 ms: opening", "idle", "drain of server 1", "closing"]
     title = (f"S1 idle sockets: {config.sockets} authenticated sockets per system "
              f"({config.sockets // 2} users x 2, one device on each server process), "
              f"{config.concurrency} opening at once")
@@ -158,8 +185,10 @@ def render(f: Figures, config: S1Config) -> str:
                   "RSS: both server processes together; idle CPU: both, % of one core over "
                   f"{config.idle_s:g} s with the sockets open; over 20 ms: the ticks of the nodes' 25 ms "
                   "loop-lag timer that ran over 20 ms late, and the garbage collector's passes over 20 ms "
-                  "(Chorus exports both), while the sockets opened (and settled), while idle, and as all "
-                  "closed at once (and settled)")
+                  "(Chorus exports both), while the sockets opened (and settled), while idle, while "
+                  "Chorus's first node drained on SIGTERM (its half of the sockets told to reconnect "
+                  "elsewhere over DRAIN_SECONDS and closed, as the node logs it on the way out), and as all "
+                  "the rest closed at once (and settled)")
 
 
 async def main(args: argparse.Namespace, workdir: Path) -> tuple[Figures, str]:
