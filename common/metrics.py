@@ -76,6 +76,14 @@ class Histogram:
         return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.sum)
 
 
+def _beyond(counts: Sequence[int], bounds: Sequence[float], over_s: float) -> tuple[int, float]:
+    """Of a histogram's counts per bucket: how many are over `over_s` (a bucket bound), and the
+    bound of the highest bucket counting any (inf past the last; 0 when none)."""
+    above = sum(counts[bisect.bisect_right(bounds, over_s):])
+    worst = max((bound for bound, seen in zip((*bounds, math.inf), counts, strict=True) if seen), default=0.0)
+    return above, worst
+
+
 def _bound(value: float) -> str:
     return repr(float(value))
 
@@ -134,9 +142,14 @@ def serve(app: web.Application, collect: Callable[[], Iterable[Metric]]) -> None
 
 
 class Stalls(NamedTuple):
+    """A loop's ticks over a while: how many, how many ran late by over the bound and the worst
+    one's bucket bound, and the same of the lateness its own work accounts for (`LoopLag.busy`)."""
+
     ticks: int
     over: int
     worst_le_s: float
+    busy_over: int
+    busy_worst_le_s: float
 
 
 class LoopLag:
@@ -144,21 +157,33 @@ class LoopLag:
     (a full GC, a slow presence pass, a burst of frames) every socket waits that long. The
     histogram counts every tick (most are ~0), `max_s` keeps the worst seen. A bare timer
     callback, re-armed each tick: no task or future per tick. The cyclic garbage collector's
-    pauses, the usual suspect of a long stall, are timed too (`gc.callbacks`)."""
+    pauses, the usual suspect of a long stall, are timed too (`gc.callbacks`).
+
+    A tick is also late when the process waits for a CPU: the host is overloaded, or the pod hit
+    its CPU limit. On a 2-core box shared with Redis, Postgres and load generators, every tick
+    over 20 ms while S1 opened sockets was of that kind: 60-98 ms late with 5-14 ms of the
+    thread's CPU used since the tick before, the rest waited in the kernel's run queue
+    (/proc/thread-self/schedstat, issue 14). So `busy` counts each tick's lateness at most as
+    long as the CPU time the loop's thread used since the tick before: the part the process's
+    own work can account for. A stall there is the node's to fix; one only in `histogram` is
+    the machine's."""
 
     def __init__(self, interval_s: float = 0.025) -> None:
         self.interval_s = interval_s
         self.histogram = Histogram(LATENCY_BUCKETS_S)
+        self.busy = Histogram(LATENCY_BUCKETS_S)
         self.max_s = 0.0
         self.gc_pauses = Histogram(LATENCY_BUCKETS_S)
         self.gc_max_s = 0.0
         self._gc_began = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
+        self._cpu_s = 0.0  # the thread's CPU time at the last tick
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._due = loop.time() + self.interval_s
+        self._cpu_s = time.thread_time()
         self._timer = loop.call_at(self._due, self._tick, loop)
         gc.callbacks.append(self._gc)
 
@@ -169,14 +194,17 @@ class LoopLag:
         if self._gc in gc.callbacks:
             gc.callbacks.remove(self._gc)
 
-    def stalls_since(self, counts: Sequence[int], over_s: float = STALL_S) -> Stalls:
-        """The ticks since `counts` (a copy of `histogram.counts` taken then): how many, how many
-        ran over `over_s` late (a bucket bound), and the bound of the worst one's bucket (inf
-        past the last)."""
-        grew = self.histogram.since(counts)
-        bounds = (*self.histogram.bounds, math.inf)
-        worst = max((bound for bound, seen in zip(bounds, grew, strict=True) if seen), default=0.0)
-        return Stalls(sum(grew), sum(grew[bisect.bisect_right(bounds, over_s):]), worst)
+    def mark(self) -> tuple[list[int], list[int]]:
+        """Where the histograms stand now, for `stalls_since`."""
+        return list(self.histogram.counts), list(self.busy.counts)
+
+    def stalls_since(self, mark: tuple[list[int], list[int]], over_s: float = STALL_S) -> Stalls:
+        """The ticks since `mark`: how many, and of those late by over `over_s` (a bucket bound),
+        in all and counting only the loop's own work, how many and the worst one's bucket bound
+        (inf past the last)."""
+        late, busy = self.histogram.since(mark[0]), self.busy.since(mark[1])
+        return Stalls(sum(late), *_beyond(late, self.histogram.bounds, over_s),
+                      *_beyond(busy, self.busy.bounds, over_s))
 
     def _gc(self, phase: str, info: Mapping[str, int]) -> None:
         if phase == "start":
@@ -191,9 +219,11 @@ class LoopLag:
             self.gc_max_s = pause_s
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = loop.time()
+        now, cpu_s = loop.time(), time.thread_time()
         late_s = max(0.0, now - self._due)
         self.histogram.observe(late_s)
+        self.busy.observe(min(late_s, cpu_s - self._cpu_s))
+        self._cpu_s = cpu_s
         if late_s > self.max_s:
             self.max_s = late_s
         self._due = now + self.interval_s
@@ -205,6 +235,11 @@ class LoopLag:
             f"How late the event loop ran a timer due every {self.interval_s * 1000:g} ms (a stall)")
         yield gauge("chorus_event_loop_lag_max_seconds", "The longest event-loop stall since start",
                     self.max_s)
+        yield self.busy.family(
+            "chorus_event_loop_busy_lag_seconds",
+            "How late the event loop ran its timer, counting at most the CPU time its thread used since "
+            "the tick before: the part of a stall the process's own work accounts for (the rest it "
+            "waited for a CPU)")
         yield self.gc_pauses.family("chorus_gc_pause_seconds",
                                     "How long each pass of the cyclic garbage collector held the process")
         yield gauge("chorus_gc_pause_max_seconds", "The longest garbage-collector pass since start",

@@ -88,7 +88,7 @@ async def test_the_loop_lag_timer_measures_a_stall() -> None:
     lag = LoopLag(interval_s=0.01)
     lag.start()
     await asyncio.sleep(0.05)  # a few ticks on time
-    before = list(lag.histogram.counts)
+    mark = lag.mark()
     time.sleep(0.08)  # noqa: ASYNC251 - the stall under test: nothing else may run meanwhile
     await asyncio.sleep(0.03)
     await lag.close()
@@ -96,11 +96,28 @@ async def test_the_loop_lag_timer_measures_a_stall() -> None:
     assert lag.histogram.count >= 5
     late = {s.labels["le"]: s.value for s in lag.histogram.family("x", "x").samples if s.name == "x_bucket"}
     assert late["0.05"] < late["0.1"], "one tick was 50-100 ms late"
-    # What a drain logs: the ticks since a copy of the counts, the stall among them.
-    stalls = lag.stalls_since(before)
-    assert stalls.over == 1 and stalls.worst_le_s == 0.1
+    # What a drain logs: the ticks since a mark, the stall among them. The thread slept through
+    # it, as it would waiting for a CPU: none of it is the loop's own work.
+    stalls = lag.stalls_since(mark)
+    assert (stalls.over, stalls.worst_le_s) == (1, 0.1)
+    assert stalls.busy_over == 0 and stalls.busy_worst_le_s <= 0.005
     assert 1 <= stalls.ticks < lag.histogram.count
-    assert lag.stalls_since(lag.histogram.counts) == (0, 0, 0.0)
+    assert lag.stalls_since(lag.mark()) == (0, 0, 0.0, 0, 0.0)
+
+
+async def test_a_stall_the_loop_works_through_counts_as_its_own() -> None:
+    lag = LoopLag(interval_s=0.01)
+    lag.start()
+    await asyncio.sleep(0.03)
+    mark = lag.mark()
+    spin_until = time.thread_time() + 0.08
+    while time.thread_time() < spin_until:  # the loop's own work: its thread's CPU
+        pass
+    await asyncio.sleep(0.03)
+    await lag.close()
+    stalls = lag.stalls_since(mark)
+    assert (stalls.over, stalls.worst_le_s) == (1, 0.1)
+    assert (stalls.busy_over, stalls.busy_worst_le_s) == (1, 0.1)
 
 
 async def test_garbage_collector_passes_are_timed() -> None:

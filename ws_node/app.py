@@ -224,7 +224,7 @@ async def drain(svc: Services) -> None:
     the drain began are sent on as soon as they are open (ws_handler checks `draining`)."""
     svc.draining = True
     lag, began = svc.stats.loop_lag, time.monotonic()
-    ticks = list(lag.histogram.counts)
+    mark = lag.mark()
     connections = list(svc.connections)
     window_s = svc.settings.drain_s
     batches = max(1, min(len(connections), int(window_s * 10)))
@@ -236,9 +236,11 @@ async def drain(svc: Services) -> None:
         sockets.send_elsewhere(conn)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(svc.idle.wait(), 5)
-    stalls = lag.stalls_since(ticks)
-    log.info("drained %d sockets in %.1f s; the event loop ran late by over %g ms %d times in %d ticks, "
-             "the worst <= %g ms", len(connections), time.monotonic() - began, metrics.STALL_S * 1000,
-             stalls.over, stalls.ticks, stalls.worst_le_s * 1000,
+    stalls = lag.stalls_since(mark)
+    log.info("drained %d sockets in %.1f s; the event loop ran late by over %g ms %d times in %d ticks "
+             "(the worst <= %g ms), %d by its own work (the worst <= %g ms)", len(connections),
+             time.monotonic() - began, metrics.STALL_S * 1000, stalls.over, stalls.ticks,
+             stalls.worst_le_s * 1000, stalls.busy_over, stalls.busy_worst_le_s * 1000,
              extra={"drained": len(connections), "stall_ticks": stalls.ticks, "stalls_over_20ms": stalls.over,
-                    "worst_stall_le_s": stalls.worst_le_s, "left": len(svc.connections)})
+                    "worst_stall_le_s": stalls.worst_le_s, "busy_stalls_over_20ms": stalls.busy_over,
+                    "worst_busy_stall_le_s": stalls.busy_worst_le_s, "left": len(svc.connections)})

@@ -43,6 +43,7 @@ from loadtest.scenarios.common import (
 Figures = dict[str, Any]
 STALL_S = 0.02  # the issue's bound on an event-loop stall (a loop-lag bucket bound)
 LAG, GC = "chorus_event_loop_lag_seconds", "chorus_gc_pause_seconds"
+BUSY = "chorus_event_loop_busy_lag_seconds"  # the part of the lag the node's own work accounts for
 DRAIN_TIMEOUT_S = 60  # a node's default drain is 10 s, then up to 5 s for its last sockets to close
 
 
@@ -76,6 +77,7 @@ def pause_figures(phase: str, before: dict[str, dict[float, float]] | None,
     if before is None or after is None:
         return {}
     return (stall_figures(f"{phase}stalls", before[LAG], after[LAG])
+            | stall_figures(f"{phase}busy", before[BUSY], after[BUSY])
             | stall_figures(f"{phase}gc", before[GC], after[GC]))
 
 
@@ -96,24 +98,25 @@ async def run_system(system: str, config: S1Config, workdir: Path) -> Figures:
         servers, redis = dep.server_pids, [dep.redis_pid]
         rss_before, redis_before = rss_bytes(servers), rss_bytes(redis)
         devices = [dep.device(f"u{i // 2}", i % 2) for i in range(config.sockets)]
-        pauses_start = await asyncio.to_thread(dep.histograms, LAG, GC)
+        pauses_start = await asyncio.to_thread(dep.histograms, LAG, BUSY, GC)
         opened = await open_devices(loadgens, devices, config.concurrency)
         await asyncio.sleep(config.settle_s)
         rss_after, redis_after = rss_bytes(servers), rss_bytes(redis)
-        idle_before, pauses_before = cpu_s(servers), await asyncio.to_thread(dep.histograms, LAG, GC)
+        idle_before, pauses_before = cpu_s(servers), await asyncio.to_thread(dep.histograms, LAG, BUSY, GC)
         await asyncio.sleep(config.idle_s)
         idle_cpu_s = cpu_s(servers) - idle_before
-        pauses_after = await asyncio.to_thread(dep.histograms, LAG, GC)
+        pauses_after = await asyncio.to_thread(dep.histograms, LAG, BUSY, GC)
         stalls = (pause_figures("open_", pauses_start, pauses_before)
                   | pause_figures("", pauses_before, pauses_after))
         if dep.cluster is not None:  # the first node drained (SIGTERM) with its half of the sockets
             stalls |= await drained(dep.cluster.nodes[0])
-            pauses_after = await asyncio.to_thread(dep.histograms, LAG, GC)  # the other node's alone
+            pauses_after = await asyncio.to_thread(dep.histograms, LAG, BUSY, GC)  # the other node's alone
         # The sockets closed at once, as in a client fleet's restart: the collector's steps (and
         # any full pass they make) follow the closes.
         await asyncio.gather(*(gen.close() for gen in loadgens))
         await asyncio.sleep(config.close_settle_s)
-        stalls |= pause_figures("close_", pauses_after, await asyncio.to_thread(dep.histograms, LAG, GC))
+        pauses_closed = await asyncio.to_thread(dep.histograms, LAG, BUSY, GC)
+        stalls |= pause_figures("close_", pauses_after, pauses_closed)
         figures: Figures = {**opened_figures(system, opened),
                             "sockets_per_s": opened["ok"] / max(opened["open_s"], 1e-9),
                             "idle_cpu_pct": idle_cpu_s / config.idle_s * 100, **stalls}
@@ -133,7 +136,9 @@ async def drained(node: Proc) -> Figures:
     record = node.records("drained")[-1]
     return {"drain_s": time.monotonic() - began, "drained": record["drained"], "drain_left": record["left"],
             "drain_stalls_count": record["stall_ticks"], "drain_stalls_over_20ms": record["stalls_over_20ms"],
-            "drain_stalls_worst_le_s": record["worst_stall_le_s"]}
+            "drain_stalls_worst_le_s": record["worst_stall_le_s"], "drain_busy_count": record["stall_ticks"],
+            "drain_busy_over_20ms": record["busy_stalls_over_20ms"],
+            "drain_busy_worst_le_s": record["worst_busy_stall_le_s"]}
 
 
 async def s1(config: S1Config, workdir: Path) -> Figures:
@@ -157,19 +162,23 @@ def arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def render(f: Figures, config: S1Config) -> str:
+    def over(r: Figures, key: str) -> str:
+        worst_ms = r[f"{key}_worst_le_s"] * 1000
+        return f"{r[f'{key}_over_20ms']} of {r[f'{key}_count']}, worst <= {worst_ms:g} ms"
+
     def stalls(r: Figures, phase: str) -> str:
         if f"{phase}stalls_count" not in r:
             return "n/a"
-        return "; ".join(f"{what} {r[f'{phase}{key}_over_20ms']} of {r[f'{phase}{key}_count']}, "
-                         f"worst <= {r[f'{phase}{key}_worst_le_s'] * 1000:g} ms"
-                         for what, key in (("loop", "stalls"), ("GC", "gc")))
+        return f"{loop(r, phase)}; GC {over(r, f'{phase}gc')}"
+
+    def loop(r: Figures, phase: str) -> str:
+        return (f"loop {over(r, f'{phase}stalls')} (own work: {r[f'{phase}busy_over_20ms']}, "
+                f"worst <= {r[f'{phase}busy_worst_le_s'] * 1000:g} ms)")
 
     def drain(r: Figures) -> str:
         if "drained" not in r:
             return "n/a"
-        return (f"{r['drained']} in {r['drain_s']:.1f} s ({r['drain_left']} left); loop "
-                f"{r['drain_stalls_over_20ms']} of {r['drain_stalls_count']}, "
-                f"worst <= {r['drain_stalls_worst_le_s'] * 1000:g} ms")
+        return f"{r['drained']} in {r['drain_s']:.1f} s ({r['drain_left']} left); {loop(r, 'drain_')}"
 
     rows = [[s, f"{r['sockets']}", f"{r['open_s']:.1f}", f"{r['sockets_per_s']:.0f}",
              f"{r['rss_before_mb']:.1f}", f"{r['rss_after_mb']:.1f}", f"{r['kb_per_socket']:.1f}",
@@ -185,8 +194,10 @@ def render(f: Figures, config: S1Config) -> str:
                   "RSS: both server processes together; idle CPU: both, % of one core over "
                   f"{config.idle_s:g} s with the sockets open; over 20 ms: the ticks of the nodes' 25 ms "
                   "loop-lag timer that ran over 20 ms late, and the garbage collector's passes over 20 ms "
-                  "(Chorus exports both), while the sockets opened (and settled), while idle, while "
-                  "Chorus's first node drained on SIGTERM (its half of the sockets told to reconnect "
+                  "(Chorus exports both; 'own work': of those ticks, the ones late by over 20 ms counting "
+                  "at most the CPU time the node's loop used since the tick before, the rest of a stall "
+                  "being time it waited for a CPU), while the sockets opened (and settled), while idle, "
+                  "while Chorus's first node drained on SIGTERM (its half of the sockets told to reconnect "
                   "elsewhere over DRAIN_SECONDS and closed, as the node logs it on the way out), and as all "
                   "the rest closed at once (and settled)")
 
