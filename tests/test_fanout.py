@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator
 
 import orjson
@@ -16,7 +17,7 @@ from fanout.hub import Hub
 from fanout.memory_broker import MemoryBroker
 from fanout.recovery import frame_seq
 from fanout.redis_broker import RedisBroker
-from fanout.resp_pubsub import RespPubSub
+from fanout.resp_pubsub import DISPATCH_PER_TURN, RespPubSub
 from loadtest.procs import RedisServer
 from protocol.events import RunCancelled, Token, event_body
 from tests.support import WAIT_S, Recorder
@@ -336,6 +337,49 @@ async def test_the_lean_pubsub_reads_every_message_in_order_and_reports_a_lost_c
     await pubsub.aclose()
     with pytest.raises(ConnectionError):
         await pubsub.get_message(timeout=1)
+
+
+async def test_a_burst_is_handed_on_a_bounded_number_a_turn_in_order(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """One read can hold thousands of messages; the hub gets at most `DISPATCH_PER_TURN` of them
+    in one turn of the loop (reading pauses meanwhile), every one, in order."""
+    pubsub = RespPubSub.from_url(redis_server.url)
+    turn, turns = 0, []
+    handled: list[object] = []
+    done, after = asyncio.Event(), asyncio.Event()
+    count = 3000
+    loop = asyncio.get_running_loop()
+
+    def next_turn() -> None:  # runs once in every turn of the loop
+        nonlocal turn
+        turn += 1
+        if not done.is_set():
+            loop.call_soon(next_turn)
+
+    def handle(message: dict[str, object]) -> None:
+        handled.append(message["data"])
+        turns.append(turn)
+        if len(handled) == count + 1:
+            done.set()
+        if message["data"] == "after":
+            after.set()
+
+    await pubsub.ping()
+    pubsub.dispatch(handle)
+    await pubsub.subscribe("burst")
+    async with redis.pipeline(transaction=False) as pipe:
+        for n in range(count):
+            pipe.publish("burst", f"m{n}")
+        next_turn()
+        await pipe.execute()
+    await asyncio.wait_for(done.wait(), WAIT_S)
+    assert handled == [1, *(f"m{n}" for n in range(count))]
+    per_turn = collections.Counter(turns)
+    assert max(per_turn.values()) == DISPATCH_PER_TURN, "reads held more than a turn's worth"
+    await redis.publish("burst", "after")  # reading went on after the burst
+    await asyncio.wait_for(after.wait(), WAIT_S)
+    await pubsub.aclose()
 
 
 async def test_the_lean_pubsub_dispatches_as_it_reads_and_a_failing_handler_ends_the_connection(

@@ -183,3 +183,25 @@ async def test_a_compression_offer_and_everything_else(cluster: LocalCluster, co
         assert response.status == 200 and "Server" in response.headers
     async with http.get(f"http://127.0.0.1:{port}/ws?device=x") as response:
         assert response.status in (400, 401)  # not an upgrade: aiohttp answers it
+
+
+def test_a_client_that_shuts_its_side_without_a_close_frame_is_torn_down(cluster: LocalCluster) -> None:
+    """Its FIN is read (`eof_received`): the node keeps the transport until the socket's teardown,
+    then closes it; the device goes offline as after any close."""
+    token = cluster.token(unique("fin"))
+    port = cluster.node_ports[0]
+    leaver = Client(port, f"/ws?access_token={token}&device=leaver")
+    stayer = Client(port, f"/ws?access_token={token}&device=stayer")
+    try:
+        assert leaver.json()["type"] == "hello" and stayer.json()["type"] == "hello"
+        leaver.sock.shutdown(socket.SHUT_WR)
+        with pytest.raises(ConnectionError):  # the node closes its side too, with no frame after
+            while True:
+                opcode, _ = leaver.frame()
+                assert opcode != 0x8, "no close frame to a client that is gone"
+        while (frame := stayer.json())["type"] != "presence" or frame["online"]:
+            pass
+        assert frame["device"] == "leaver"
+    finally:
+        leaver.close()
+        stayer.close()
