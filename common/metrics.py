@@ -175,7 +175,7 @@ class LoopLag:
         self.max_s = 0.0
         self.gc_pauses = Histogram(LATENCY_BUCKETS_S)
         self.gc_max_s = 0.0
-        self._gc_began = 0.0
+        self._gc_began = self._gc_cpu_began = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
         self._cpu_s = 0.0  # the thread's CPU time at the last tick
@@ -208,13 +208,14 @@ class LoopLag:
 
     def _gc(self, phase: str, info: Mapping[str, int]) -> None:
         if phase == "start":
-            self._gc_began = time.perf_counter()
+            self._gc_began, self._gc_cpu_began = time.perf_counter(), time.thread_time()
             return
         pause_s = time.perf_counter() - self._gc_began
         self.gc_pauses.observe(pause_s)
-        if pause_s > STALL_S:
-            log.warning("garbage-collector pass of generation %d took %.0f ms (collected %d)",
-                        info["generation"], pause_s * 1000, info["collected"])
+        if pause_s > STALL_S:  # its CPU time tells a long pass from one that waited for a CPU
+            log.warning("garbage-collector pass of generation %d took %.0f ms, %.0f ms of it on a CPU "
+                        "(collected %d)", info["generation"], pause_s * 1000,
+                        (time.thread_time() - self._gc_cpu_began) * 1000, info["collected"])
         if pause_s > self.gc_max_s:
             self.gc_max_s = pause_s
 
