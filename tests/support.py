@@ -180,34 +180,58 @@ def extra_node(cluster: LocalCluster, workdir: Path, name: str, **env: str) -> I
         node.stop()
 
 
-class RawSocket:
-    """A WebSocket client with a tiny receive buffer that reads only when told: a slow phone."""
+def client_frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True, rsv: int = 0) -> bytes:
+    """A frame as a client sends it (masked unless told otherwise)."""
+    head = bytes([(0x80 if fin else 0) | rsv | opcode])
+    size = len(payload)
+    flag = 0x80 if masked else 0
+    if size < 126:
+        head += bytes([flag | size])
+    elif size < 65_536:
+        head += bytes([flag | 126]) + struct.pack("!H", size)
+    else:
+        head += bytes([flag | 127]) + struct.pack("!Q", size)
+    if not masked:
+        return head + payload
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
-    def __init__(self, port: int, path: str) -> None:
+
+class RawSocket:
+    """A WebSocket client on a bare socket: the upgrade head and any bytes `then` in one write,
+    frames read one by one, only when told. `receive_buffer`: a tiny one makes a slow phone."""
+
+    def __init__(self, port: int, path: str, *, then: bytes = b"", extra: str = "",
+                 receive_buffer: int | None = None) -> None:
         self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        if receive_buffer is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(20)
         self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode() + then)
         self.buffer = b""
         while b"\r\n\r\n" not in self.buffer:
-            self.buffer += self.sock.recv(4096)
+            self.buffer += self._recv()
         head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        assert b" 101 " in head.split(b"\r\n")[0]
+        self.head = head.decode()
+        assert " 101 " in self.head.split("\r\n")[0], self.head
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed by the node")
+        return chunk
 
     def _read(self, n: int) -> bytes:
         while len(self.buffer) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("closed")
-            self.buffer += chunk
+            self.buffer += self._recv()
         data, self.buffer = self.buffer[:n], self.buffer[n:]
         return data
 
     def frame(self) -> tuple[int, bytes]:
         """The next frame: (opcode, payload)."""
-        self.sock.settimeout(20)
         first, second = self._read(2)
         length = second & 0x7F
         if length == 126:
@@ -215,6 +239,16 @@ class RawSocket:
         elif length == 127:
             length = struct.unpack("!Q", self._read(8))[0]
         return first & 0x0F, self._read(length)
+
+    def json(self) -> dict[str, Any]:
+        """The next text frame, parsed; control frames before it are skipped."""
+        while True:
+            opcode, payload = self.frame()
+            if opcode == 0x1:
+                return json.loads(payload)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.sock.close()
 
     def frames_until_close(self) -> tuple[int, int]:
         """Read every frame; returns (text frames read, close code)."""

@@ -3,9 +3,7 @@ to aiohttp, its one heartbeat timer, and the parts of RFC 6455 clients rarely ex
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -15,54 +13,7 @@ import aiohttp
 import pytest
 
 from loadtest.cluster import LocalCluster
-from tests.support import extra_node, unique
-from tests.test_wire import client_frame
-
-
-class Client:
-    """A raw client: the upgrade head and any frames sent in one write, frames read one by one."""
-
-    def __init__(self, port: int, path: str, *, then: bytes = b"", extra: str = "") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n").encode() + then)
-        self.buffer = b""
-        while b"\r\n\r\n" not in self.buffer:
-            self.buffer += self._recv()
-        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-        self.head = head.decode()
-
-    def _recv(self) -> bytes:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed by the node")
-        return chunk
-
-    def _read(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            self.buffer += self._recv()
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
-
-    def frame(self) -> tuple[int, bytes]:
-        first, second = self._read(2)
-        size = second & 0x7F
-        if size == 126:
-            size = struct.unpack("!H", self._read(2))[0]
-        elif size == 127:
-            size = struct.unpack("!Q", self._read(8))[0]
-        return first & 0x0F, self._read(size)
-
-    def json(self) -> dict[str, object]:
-        """The next text frame, parsed; control frames before it are skipped."""
-        while True:
-            opcode, payload = self.frame()
-            if opcode == 0x1:
-                return json.loads(payload)  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        self.sock.close()
+from tests.support import RawSocket, client_frame, extra_node, unique
 
 
 @pytest.fixture
@@ -81,8 +32,8 @@ def test_a_socket_that_stops_answering_pings_is_dropped_and_one_that_answers_sta
     cluster: LocalCluster, quick_heartbeat_node: int
 ) -> None:
     token = cluster.token(unique("alice"))
-    silent = Client(quick_heartbeat_node, f"/ws?access_token={token}&device=silent")
-    lively = Client(quick_heartbeat_node, f"/ws?access_token={token}&device=lively")
+    silent = RawSocket(quick_heartbeat_node, f"/ws?access_token={token}&device=silent")
+    lively = RawSocket(quick_heartbeat_node, f"/ws?access_token={token}&device=lively")
     try:
         assert silent.json()["type"] == "hello" and lively.json()["type"] == "hello"
         pings = 0
@@ -108,7 +59,7 @@ def test_a_socket_that_stops_answering_pings_is_dropped_and_one_that_answers_sta
 def test_fragments_control_frames_and_a_frame_sent_with_the_upgrade_are_served(cluster: LocalCluster) -> None:
     token = cluster.token(unique("alice"))
     auth = client_frame(0x1, json.dumps({"type": "auth", "id": "a1", "token": token}).encode())
-    client = Client(cluster.node_ports[0], "/ws?auth=frame", then=auth)  # the auth frame rides with the head
+    client = RawSocket(cluster.node_ports[0], "/ws?auth=frame", then=auth)  # the auth frame rides with the head
     try:
         assert "Server:" not in client.head, "served by the node's own code, not aiohttp"
         assert client.json()["type"] == "ack"
@@ -135,7 +86,7 @@ def test_frames_sent_with_the_upgrade_beyond_a_heads_worth_are_all_served(cluste
     it admits the socket, then serves every one (a reply each: `pong`, or `rate_limited`)."""
     commands = b"".join(client_frame(0x1, f'{{"type":"ping","id":"p{n}"}}'.encode()) for n in range(2000))
     assert len(commands) > 32 * 1024
-    client = Client(cluster.node_ports[0], f"/ws?access_token={cluster.token(unique('alice'))}", then=commands)
+    client = RawSocket(cluster.node_ports[0], f"/ws?access_token={cluster.token(unique('alice'))}", then=commands)
     try:
         replies: set[object] = set()
         while len(replies) < 2000:
@@ -148,7 +99,7 @@ def test_frames_sent_with_the_upgrade_beyond_a_heads_worth_are_all_served(cluste
 
 
 def test_an_unmasked_frame_fails_the_socket_with_1002(cluster: LocalCluster) -> None:
-    client = Client(cluster.node_ports[0], f"/ws?access_token={cluster.token(unique('alice'))}")
+    client = RawSocket(cluster.node_ports[0], f"/ws?access_token={cluster.token(unique('alice'))}")
     try:
         client.sock.sendall(client_frame(0x1, b'{"type":"ping"}', masked=False))
         while (frame := client.frame())[0] != 0x8:
@@ -190,8 +141,8 @@ def test_a_client_that_shuts_its_side_without_a_close_frame_is_torn_down(cluster
     then closes it; the device goes offline as after any close."""
     token = cluster.token(unique("fin"))
     port = cluster.node_ports[0]
-    leaver = Client(port, f"/ws?access_token={token}&device=leaver")
-    stayer = Client(port, f"/ws?access_token={token}&device=stayer")
+    leaver = RawSocket(port, f"/ws?access_token={token}&device=leaver")
+    stayer = RawSocket(port, f"/ws?access_token={token}&device=stayer")
     try:
         assert leaver.json()["type"] == "hello" and stayer.json()["type"] == "hello"
         leaver.sock.shutdown(socket.SHUT_WR)

@@ -217,7 +217,7 @@ async def test_slow_consumer_is_closed_with_4008_and_others_keep_up(cluster: Loc
     try:
         user = unique("alice")
         token = cluster.token(user)
-        slow = await asyncio.to_thread(RawSocket, port, f"/ws?access_token={token}&device=slow")
+        slow = await asyncio.to_thread(RawSocket, port, f"/ws?access_token={token}&device=slow", receive_buffer=4096)
         healthy = ChorusClient(f"ws://127.0.0.1:{port}/ws", token, device="healthy", auto_reconnect=False)
         start = (await healthy.connect())["seq"]
         stream = RedisBroker(redis, Keys())
@@ -243,7 +243,8 @@ async def test_a_slow_devices_queued_tokens_are_merged_instead_of_closing_it(
     redis = Redis.from_url(cluster.redis_url, decode_responses=True)
     try:
         user = unique("alice")
-        slow = await asyncio.to_thread(RawSocket, port, f"/ws?access_token={cluster.token(user)}&device=slow")
+        slow = await asyncio.to_thread(RawSocket, port, f"/ws?access_token={cluster.token(user)}&device=slow",
+                                       receive_buffer=4096)
         for expected in ("hello", "snapshot"):  # the device is live once it has these
             _, payload = await asyncio.to_thread(slow.frame)
             assert json.loads(payload)["type"] == expected

@@ -12,9 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import re
-import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -38,7 +36,7 @@ from common.keys import Keys
 from loadtest.cluster import LocalCluster
 from loadtest.procs import REPO_ROOT, Proc, RedisServer, free_port, wait_http_ok
 from persistence.migrate import sqlalchemy_url, upgrade_head
-from tests.support import RawSocket, rest, send_frame, unique
+from tests.support import RawSocket, client_frame, rest, send_frame, unique
 from ws_node.auth import (
     AuthUnavailable,
     Identity,
@@ -816,23 +814,12 @@ async def test_nobody_reads_resumes_cancels_deletes_or_receives_another_users_th
 # Bad input
 
 
-def masked_frame(opcode: int, payload: bytes) -> bytes:
-    """One client frame (clients must mask), built by hand so it can carry anything."""
-    mask = os.urandom(4)
-    head = bytes([0x80 | opcode])
-    if len(payload) < 126:
-        head += bytes([0x80 | len(payload)])
-    else:
-        head += bytes([0x80 | 126]) + struct.pack("!H", len(payload))
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 def test_invalid_utf8_text_fails_the_socket_with_1007(cluster: LocalCluster) -> None:
     """RFC 6455 says a text frame that is not UTF-8 fails the connection: with 1007, before the
     node serves the frame (documented in docs/security.md). The node's own sockets (`ws_node.lean`)
     fail it as it arrives, here perhaps before the hello; the next socket is served as usual."""
     raw = RawSocket(cluster.node_ports[0], f"/ws?access_token={cluster.token(unique('alice'))}")
-    raw.sock.sendall(masked_frame(0x1, b'{"type":"ping","id":"\xc3\x28"}'))
+    raw.sock.sendall(client_frame(0x1, b'{"type":"ping","id":"\xc3\x28"}'))
     _, code = raw.frames_until_close()
     assert code == 1007
     again = RawSocket(cluster.node_ports[0], f"/ws?access_token={cluster.token(unique('alice'))}")

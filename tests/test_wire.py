@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import struct
 
 import pytest
 
+from tests.support import client_frame
 from ws_node import lean, wire
 from ws_node.wire import Close, Failure, Message, Ping, Pong
-
-
-def client_frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True, rsv: int = 0) -> bytes:
-    """A frame as a client sends it (masked unless told otherwise)."""
-    head = bytes([(0x80 if fin else 0) | rsv | opcode])
-    size = len(payload)
-    flag = 0x80 if masked else 0
-    if size < 126:
-        head += bytes([flag | size])
-    elif size < 65_536:
-        head += bytes([flag | 126]) + struct.pack("!H", size)
-    else:
-        head += bytes([flag | 127]) + struct.pack("!Q", size)
-    if not masked:
-        return head + payload
-    mask = os.urandom(4)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 def close_payload(code: int, reason: bytes = b"") -> bytes:

@@ -33,11 +33,9 @@ from protocol import CloseCode, DeviceOnline, Hello, Resync, ResyncReason, RunSn
 from runs import snapshot
 from ws_node import merge, wire
 from ws_node.metrics import NodeStats
+from ws_node.wire import WRITE_HIGH_WATER
 
 log = logging.getLogger(__name__)
-# Write frames at once only while the transport holds less than this (uvloop's default high-water
-# mark); past it the queue takes them and the writer waits for the client.
-WRITE_HIGH_WATER = 64 * 1024
 _SERIALS = itertools.count(1)
 
 

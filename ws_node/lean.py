@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 8190  # aiohttp's limit on a request line or a header line; longer heads go to it
 MAX_HEAD_BYTES = 32 * 1024
 CLOSE_WAIT_S = 5.0  # after its close frame, how long the node waits for the client's
-WRITE_HIGH_WATER = 64 * 1024  # a socket ending with more than this unwritten is aborted, not flushed
 
 
 @dataclass(slots=True)
@@ -274,7 +273,7 @@ class WireSocket(asyncio.Protocol):
             return
         if self.peer_closed:
             self._send_close(1000, "")
-        if self.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+        if self.transport.get_write_buffer_size() > wire.WRITE_HIGH_WATER:
             self.transport.abort()
         else:
             self.transport.close()

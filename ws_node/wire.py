@@ -15,6 +15,10 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
+# uvloop's default high-water mark of a transport: a node writes a frame at once only while the
+# socket holds less than this unwritten (else it queues, `ws_node.connection`), and aborts a socket
+# ending with more (`ws_node.lean`).
+WRITE_HIGH_WATER = 64 * 1024
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
