@@ -1,4 +1,5 @@
-"""The node's aiohttp application: `/ws` (`ws_node.sockets`), REST, health, and the drain on shutdown."""
+"""The node's aiohttp application: `/ws` (`ws_node.sockets`, `wire_session`, `aiohttp_socket`), REST, health,
+and the drain on shutdown."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from persistence.store import Store
 from runs.agents import AgentDirectory
 from runs.lifecycle import Runs
 from runs.queue import RedisRunQueue
-from ws_node import admin, http_runs, presence, rest, sockets
+from ws_node import admin, aiohttp_socket, http_runs, presence, rest, sockets, wire_session
 from ws_node import metrics as node_metrics
 from ws_node import web as chat_page
 from ws_node.auth import (
@@ -166,7 +167,7 @@ def create_app(settings: NodeSettings) -> web.Application:
     app = web.Application(middlewares=[rest.errors_middleware, auth_middleware, rest.rate_limit_middleware],
                           client_max_size=settings.max_frame_bytes)
     app.cleanup_ctx.append(build_services_ctx(settings))
-    app.router.add_get("/ws", sockets.ws_handler)
+    app.router.add_get("/ws", aiohttp_socket.ws_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     rest.add_routes(app)
@@ -189,7 +190,7 @@ async def listen(app: web.Application, settings: NodeSettings) -> tuple[web.AppR
     if not settings.lean_sockets:
         await web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_address=True).start()
         return runner, None
-    http, upgrade = runner.server, functools.partial(sockets.WireSession.start, app)
+    http, upgrade = runner.server, functools.partial(wire_session.WireSession.start, app)
     assert http is not None
     compression = settings.ws_compression
     server = await asyncio.get_running_loop().create_server(
@@ -221,7 +222,7 @@ def create_internal_app(main: web.Application) -> web.Application:
 async def drain(svc: Services) -> None:
     """Turn not-ready, then tell every socket to reconnect elsewhere, spread over the drain
     window so the other nodes are not hit by all of them at once. Sockets still opening when
-    the drain began are sent on as soon as they are open (ws_handler checks `draining`)."""
+    the drain began are sent on as soon as they are open (`sockets.open_stream` checks `draining`)."""
     svc.draining = True
     lag, began = svc.stats.loop_lag, time.monotonic()
     mark = lag.mark()

@@ -160,7 +160,7 @@ class Front(asyncio.Protocol):
 
 
 class Handler(Protocol):
-    """What a `WireSocket` tells its owner (`ws_node.sockets.WireSession`)."""
+    """What a `WireSocket` tells its owner (`ws_node.wire_session.WireSession`)."""
 
     def on_message(self, data: str | bytes) -> None: ...
 
