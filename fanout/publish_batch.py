@@ -24,12 +24,14 @@ from typing import Any
 import hiredis
 from redis import exceptions as redis_errors
 
+from common.batching import TurnQueue, settle
 from fanout.resp_pipe import RespPipe, error
 
 # Publishes per call at most: a call holds Redis for its whole length (~5 µs a publish).
 MAX_EVENTS = 128
 
 Reply = tuple[int, int, str]
+Event = tuple[str, str, list[str | int]]  # a user's key prefix, the payload, the options
 
 
 def replies(flat: list[Any]) -> list[Reply | redis_errors.RedisError]:
@@ -48,29 +50,18 @@ class PublishBatch:
         self._sha = sha
         self._script = script
         self._head = head
-        self._keys: list[str] = []
-        self._args: list[str | int] = []
-        self._waiting: list[asyncio.Future[Reply]] = []
+        self._queue: TurnQueue[Event, Reply] = TurnQueue(self._send, most=MAX_EVENTS)
 
     async def publish(self, prefix: str, payload: str, options: list[str | int]) -> Reply:
         """Queue one event (`fanout/publish.lua`'s per-event arguments) and wait for its reply."""
         await self._pipe.ready()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Reply] = loop.create_future()
-        if not self._waiting:
-            loop.call_soon(self._send)
-        self._keys.append(prefix)
-        self._args += (payload, len(options), *options)
-        self._waiting.append(future)
-        if len(self._waiting) >= MAX_EVENTS:
-            self._send()
-        return await future
+        return await self._queue.add((prefix, payload, options))
 
-    def _send(self) -> None:
-        if not self._waiting:
-            return  # sent when it filled up
-        keys, args, waiting = self._keys, [*self._head(), *self._args], self._waiting
-        self._keys, self._args, self._waiting = [], [], []
+    def _send(self, events: list[Event], waiting: list[asyncio.Future[Reply]]) -> None:
+        keys, args = [], self._head()
+        for prefix, payload, options in events:
+            keys.append(prefix)
+            args += (payload, len(options), *options)
         self._call("EVALSHA", self._sha, keys, args, waiting)
 
     def _call(self, verb: str, script: str, keys: list[str], args: list[str | int],
@@ -87,17 +78,7 @@ class PublishBatch:
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             self._call("EVAL", self._script, keys, args, waiting)  # a Redis without the script loaded
             return
-        self._answer(waiting, reply)
-
-    @staticmethod
-    def _answer(waiting: list[asyncio.Future[Reply]], reply: Any) -> None:
         if isinstance(reply, hiredis.ReplyError):
             reply = error(reply)
-        each: list[Any] = [reply] * len(waiting) if isinstance(reply, BaseException) else replies(reply)
-        for future, answer in zip(waiting, each, strict=True):
-            if future.done():
-                continue  # its caller gave up (cancelled); the publish was sent all the same
-            if isinstance(answer, BaseException):
-                future.set_exception(answer)
-            else:
-                future.set_result(answer)
+        # The publish was sent all the same for a caller that gave up (cancelled).
+        settle(waiting, [reply] * len(waiting) if isinstance(reply, BaseException) else replies(reply))

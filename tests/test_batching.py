@@ -1,5 +1,6 @@
 """`common.batching.Coalesced`: the lookups of one loop turn in one call (the store's runs in
-flight go through it: tests/test_lifecycle.py)."""
+flight go through it: tests/test_lifecycle.py; `PublishBatch`, the other user of the same queue,
+is tested in tests/test_fanout.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ async def test_the_keys_asked_in_one_loop_turn_are_fetched_in_one_call() -> None
     coalesced = Coalesced(fetch, missing=lambda: "-", max_keys=3)
     got = await asyncio.gather(*(coalesced.get(key) for key in ["a", "b", "a", "gone", "c"]))
     assert got == ["A", "B", "A", "-", "C"]
-    assert calls == [["a", "b", "gone"], ["c"]]  # a repeat is one key; at most 3 keys a call
+    assert calls == [["a", "b"], ["gone", "c"]]  # at most 3 asks a call; a key asked twice is fetched once
     assert await coalesced.get("d") == "D"
     assert calls[-1] == ["d"]
 
