@@ -382,6 +382,43 @@ async def test_a_burst_is_handed_on_a_bounded_number_a_turn_in_order(
     await pubsub.aclose()
 
 
+async def test_what_a_burst_left_unread_is_dropped_when_the_connection_is_lost(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    """A connection lost while a burst waits for its next turn hands on nothing more: the hub's
+    catch-up brings it from history after reconnecting, in order, where late messages of the old
+    connection would come after newer ones."""
+    pubsub = RespPubSub.from_url(redis_server.url)
+    handled: list[tuple[object, bool]] = []  # each message, and whether the loss was known then
+
+    def handle(message: dict[str, object]) -> None:
+        handled.append((message["data"], pubsub.lost is not None))
+        if message["data"] == "m0":
+            assert pubsub._transport is not None
+            pubsub._transport.abort()  # lost while this read is being handed on
+
+    await pubsub.ping()
+    pubsub.dispatch(handle)
+    await pubsub.subscribe("lost-burst")
+    async with redis.pipeline(transaction=False) as pipe:
+        for n in range(2000):
+            pipe.publish("lost-burst", f"m{n}")
+        await pipe.execute()
+
+    async def read_until_lost() -> None:
+        while True:
+            await pubsub.get_message(timeout=5)
+
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(read_until_lost(), WAIT_S)
+    for _ in range(3):  # turns in which a burst's rest would be handed on
+        await asyncio.sleep(0)
+    assert ("m0", False) in handled
+    assert not [data for data, lost in handled if lost], "handed on after the loss"
+    assert len(handled) <= DISPATCH_PER_TURN + 1, "at most the read being handed on when it was lost"
+    await pubsub.aclose()
+
+
 async def test_the_lean_pubsub_dispatches_as_it_reads_and_a_failing_handler_ends_the_connection(
     redis: Redis, redis_server: RedisServer
 ) -> None:
