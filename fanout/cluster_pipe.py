@@ -36,7 +36,7 @@ class ClusterPipes:
 
     async def evalsha(self, sha: str, script: str, keys: list[str], args: list[str | int]) -> Any:
         """Run a Lua script on the primary of `keys`' slot (see the module docstring)."""
-        pipe = self._pipe_for(keys[0])
+        pipe = self.pipe_for(keys[0])
         if pipe is not None:
             try:
                 return await pipe.evalsha(sha, script, keys, args)
@@ -48,7 +48,7 @@ class ClusterPipes:
         for pipe in self._pipes.values():
             await pipe.aclose()
 
-    def _pipe_for(self, key: str) -> RespPipe | None:
+    def pipe_for(self, key: str) -> RespPipe | None:
         """The pipe to the primary redis-py's slot map names for `key`; None before redis-py has
         read the map (its first command does)."""
         try:

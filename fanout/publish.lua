@@ -15,7 +15,18 @@
 -- (Redis lost writes it had acknowledged), -3 a Redis error (the third value is its message; that
 -- event's caller gets it, and the other events are done).
 -- The frame is the payload opened with "seq":N, so the seq is always its first member.
-local max_len, ttl, new_epoch = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local keys, argv = KEYS, ARGV
+if #KEYS == 0 then
+  -- A Redis Cluster's call of a turn's publishes to one primary (the text then opens with the
+  -- allow-cross-slot-keys flag, fanout.redis_broker): keys of many slots cannot be declared, so
+  -- ARGV opens with their count and the prefixes. A key whose slot is not this primary's fails
+  -- its event alone (a non-local key), which is then published alone, through redis-py.
+  local count = tonumber(ARGV[1])
+  keys, argv = {}, {}
+  for i = 1, count do keys[i] = ARGV[i + 1] end
+  for i = count + 2, #ARGV do argv[#argv + 1] = ARGV[i] end
+end
+local max_len, ttl, new_epoch = argv[1], tonumber(argv[2]), argv[3]
 -- The TTLs are refreshed when they have run down by a tenth (at most a minute), not on every
 -- publish: one TTL read instead of three EXPIREs (issue 14: the script cost Redis 5-7x a PUBLISH).
 -- A key created here without a TTL (a history XADD brought back) reads -1 and is refreshed at once.
@@ -82,13 +93,13 @@ end
 
 local replies = {}
 local at = 4
-for i = 1, #KEYS do
+for i = 1, #keys do
   local ok, status, seq, epoch
-  if ARGV[at + 1] == '0' then
-    ok, status, seq, epoch = pcall(publish, KEYS[i], ARGV[at], '', 0, '', '', '', '', 0, '')
+  if argv[at + 1] == '0' then
+    ok, status, seq, epoch = pcall(publish, keys[i], argv[at], '', 0, '', '', '', '', 0, '')
   else
-    ok, status, seq, epoch = pcall(publish, KEYS[i], ARGV[at], ARGV[at + 2], tonumber(ARGV[at + 3]),
-      ARGV[at + 4], ARGV[at + 5], ARGV[at + 6], ARGV[at + 7], tonumber(ARGV[at + 8]), ARGV[at + 9])
+    ok, status, seq, epoch = pcall(publish, keys[i], argv[at], argv[at + 2], tonumber(argv[at + 3]),
+      argv[at + 4], argv[at + 5], argv[at + 6], argv[at + 7], tonumber(argv[at + 8]), argv[at + 9])
   end
   if not ok then  -- the error of a redis.call (a table with err) or of the script itself
     status, seq, epoch = -3, 0, type(status) == 'table' and status.err or tostring(status)
@@ -96,6 +107,6 @@ for i = 1, #KEYS do
   replies[#replies + 1] = status
   replies[#replies + 1] = seq
   replies[#replies + 1] = epoch
-  at = at + 2 + tonumber(ARGV[at + 1])
+  at = at + 2 + tonumber(argv[at + 1])
 end
 return replies

@@ -44,12 +44,16 @@ def replies(flat: list[Any]) -> list[Reply | redis_errors.RedisError]:
 
 
 class PublishBatch:
-    def __init__(self, pipe: RespPipe, sha: str, script: str, head: Callable[[], list[str | int]]) -> None:
-        """`head`: the script's first arguments for one call (history length, TTL, new epoch)."""
+    def __init__(self, pipe: RespPipe, sha: str, script: str, head: Callable[[], list[str | int]], *,
+                 keys_as_args: bool = False) -> None:
+        """`head`: the script's first arguments for one call (history length, TTL, new epoch).
+        `keys_as_args`: the events' key prefixes go as the call's first arguments, after their
+        count, and no key is declared (a Redis Cluster's call to one primary, see publish.lua)."""
         self._pipe = pipe
         self._sha = sha
         self._script = script
         self._head = head
+        self._keys_as_args = keys_as_args
         self._queue: TurnQueue[Event, Reply] = TurnQueue(self._send, most=MAX_EVENTS)
 
     async def publish(self, prefix: str, payload: str, options: list[str | int]) -> Reply:
@@ -66,7 +70,10 @@ class PublishBatch:
 
     def _call(self, verb: str, script: str, keys: list[str], args: list[str | int],
               waiting: list[asyncio.Future[Reply]]) -> None:
-        sent = self._pipe.send(verb, script, len(keys), *keys, *args)
+        if self._keys_as_args:
+            sent = self._pipe.send(verb, script, 0, len(keys), *keys, *args)
+        else:
+            sent = self._pipe.send(verb, script, len(keys), *keys, *args)
         sent.add_done_callback(partial(self._answered, keys, args, waiting))
 
     def _answered(self, keys: list[str], args: list[str | int], waiting: list[asyncio.Future[Reply]],

@@ -7,11 +7,13 @@ cluster client, the scripts down a pipelining connection per primary (`fanout.cl
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from importlib import resources
 from typing import Any, cast
 
+from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import SSLConnection
 
@@ -27,6 +29,14 @@ from fanout.resp_pubsub import RespPubSub
 
 _PUBLISH_LUA = resources.files("fanout").joinpath("publish.lua").read_text()
 _POSITION_LUA = resources.files("fanout").joinpath("position.lua").read_text()
+# On a Redis Cluster one call carries the publishes of a loop turn bound for one primary, whatever
+# their slots: Redis 7's flag for a script whose keys span slots (all on the primary running it;
+# their prefixes come as arguments, as declared keys of many slots are refused all the same).
+_CROSS_SLOT = "#!lua flags=allow-cross-slot-keys\n"
+# What says a call of them did not run: its events are published one by one, through redis-py
+# where a slot moved (MOVED, ASK, CROSSSLOT: the keys are no longer all on that primary).
+_NOT_RUN = (redis_errors.MovedError, redis_errors.AskError, redis_errors.ClusterCrossSlotError, *TRANSIENT)
+_PRE_7 = "Error compiling script"  # a Redis before 7 reading the flag's line: no batches there
 
 
 # Names tried for the per-shard canaries: 16,384 slots over a few shards, found in a few dozen.
@@ -79,9 +89,14 @@ class RedisBroker:
             cluster = cast(RedisCluster, redis)
             timeout_s = cluster.connection_kwargs.get("socket_timeout") or 10.0
             self._scripts = ClusterPipes(cluster, timeout_s=timeout_s)
-        # On one Redis server, the publishes of a loop turn go as one call of the script.
+        # On one Redis server, the publishes of a loop turn go as one call of the script; on a
+        # cluster, one call for each primary they are bound for.
         self._batch = (PublishBatch(self._pipe, self._publish.sha, self._publish_lua, self._head)
                        if self._pipe is not None else None)
+        self._primaries: dict[RespPipe, PublishBatch] | None = (
+            {} if isinstance(self._scripts, ClusterPipes) else None)
+        self._cross_slot_lua = _CROSS_SLOT + self._publish_lua
+        self._cross_slot_sha = hashlib.sha1(self._cross_slot_lua.encode()).hexdigest()
 
     @property
     def scripts(self) -> RespPipe | ClusterPipes | None:
@@ -102,6 +117,12 @@ class RedisBroker:
         async def once() -> tuple[int, int, str]:
             if self._batch is not None:
                 return await self._batch.publish(prefix, payload, options)
+            if (batch := self._primary_batch(prefix)) is not None:
+                try:
+                    return await batch.publish(prefix, payload, options)
+                except redis_errors.RedisError as exc:
+                    if not self._alone_after(exc):
+                        raise
             args = [*self._head(), payload, len(options), *options]
             if self._scripts is not None:
                 flat = await self._scripts.evalsha(self._publish.sha, self._publish_lua, [prefix], args)
@@ -120,6 +141,30 @@ class RedisBroker:
         if status == -2:
             raise Lost(follows)
         return PublishResult(seq=int(seq), epoch=as_text(epoch), duplicate=status == 0)
+
+    def _primary_batch(self, prefix: str) -> PublishBatch | None:
+        """On a cluster, the batch of the turn's publishes to the primary of `prefix`'s slot; None
+        elsewhere, before redis-py has read the slot map, or on a Redis before 7."""
+        if self._primaries is None:
+            return None
+        pipe = cast(ClusterPipes, self._scripts).pipe_for(prefix)
+        if pipe is None:
+            return None
+        batch = self._primaries.get(pipe)
+        if batch is None:
+            batch = self._primaries[pipe] = PublishBatch(pipe, self._cross_slot_sha, self._cross_slot_lua,
+                                                         self._head, keys_as_args=True)
+        return batch
+
+    def _alone_after(self, exc: redis_errors.RedisError) -> bool:
+        """Whether a publish whose batch failed with `exc` is to be done again alone: the call did
+        not run (see `_NOT_RUN`), or one event of it met a key of a slot that moved."""
+        if isinstance(exc, _NOT_RUN):
+            return True
+        if isinstance(exc, redis_errors.ResponseError) and _PRE_7 in str(exc):
+            self._primaries = None
+            return True
+        return isinstance(exc, redis_errors.ResponseError) and "non local key" in str(exc)
 
     def _head(self) -> list[str | int]:
         """The publish script's first arguments, for one call."""

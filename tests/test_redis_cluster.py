@@ -166,7 +166,8 @@ async def test_presence_is_refreshed_on_every_shard(redis_cluster: RedisClusterS
 async def test_publishes_go_down_a_pipe_per_primary(redis_cluster: RedisClusterServer) -> None:
     """Once redis-py has read the slot map (the first round goes through its client), concurrent
     publishes reach each user's primary down one pipelining connection to that primary, where
-    redis-py's pool would take a connection per publish in flight; every stream counts on."""
+    redis-py's pool would take a connection per publish in flight, and those of one loop turn go
+    to a primary as one call of the script, whatever their slots; every stream counts on."""
     client = connect(redis_cluster.url, socket_timeout_s=5, pool_size=8, pool_wait_s=5, cluster=True)
     broker = RedisBroker(client, StreamKeys(unique("pipes")))
     users = await users_on_every_primary(redis_cluster, 4)
@@ -193,6 +194,23 @@ async def test_publishes_go_down_a_pipe_per_primary(redis_cluster: RedisClusterS
                               and entry["cmd"] == "evalsha" for entry in entries)
                     for port, entries in (await asyncio.to_thread(clients)).items()}
         assert scripted == dict.fromkeys(primaries, 1), "one connection per primary ran the script"
+
+        def script_calls() -> dict[int, int]:
+            """Per primary, the publish script's calls since its stats were reset."""
+            calls = {}
+            for port in primaries:
+                with Redis(port=port, decode_responses=True) as admin:
+                    stats = admin.info("commandstats")
+                calls[port] = sum(stats.get(f"cmdstat_{verb}", {}).get("calls", 0) for verb in ("evalsha", "eval"))
+            return calls
+
+        for port in primaries:
+            with Redis(port=port) as admin:
+                admin.config_resetstat()
+        # A turn's publishes to users of every slot: one call of the script per primary.
+        results = await asyncio.gather(*(broker.publish(user, '{"n":1}', producer="test", pseq=4) for user in users))
+        assert [result.seq for result in results] == [4] * 12
+        assert await asyncio.to_thread(script_calls) == dict.fromkeys(primaries, 1)
     finally:
         await broker.aclose()
         await client.aclose()
