@@ -10,8 +10,10 @@ keeps one event's Redis error to that event (-3). A lost connection or a refusal
 call (LOADING, BUSY, READONLY) fails every publish of the call, each of which its caller retries
 as before (the producer dedupe makes a repeat harmless).
 
-Only on one Redis server: a call's keys may belong to many users, which a Redis Cluster refuses
-unless they share a slot (there each publish is its own call).
+On a Redis Cluster (7 or later) there is a batch per primary (`fanout.redis_broker`): a call may
+not declare keys of many slots, so the events' key prefixes go as its first arguments
+(`keys_as_args`) and the script's text opens with the flag that lets it touch keys of many slots
+on the primary running it. Through Sentinels each publish stays a call of its own.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 On a Redis Cluster (`common.redis_client.connect(..., cluster=True)`) the same, with sharded Pub/Sub:
 the scripts `SPUBLISH` (a user's channel is in the user's slot, as its keys are), the hub
 subscribes through `fanout.cluster_pubsub.ClusterPubSub`, and publishes go through redis-py's
-cluster client, the scripts down a pipelining connection per primary (`fanout.cluster_pipe`)."""
+cluster client, the scripts down a pipelining connection per primary (`fanout.cluster_pipe`), a
+loop turn's publishes to one primary as one call (Redis 7 and later)."""
 
 from __future__ import annotations
 
